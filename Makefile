@@ -1,0 +1,27 @@
+# The README's two commands. Both create .venv, install torch==2.13.0 first (a bare `torch` requirement
+# would pull gigabytes of CUDA packages), then the package with what the target needs.
+PYTHON ?= python3
+VENV := .venv
+PIP := $(VENV)/bin/pip
+TORCH := torch==2.13.0
+
+.PHONY: demo test venv lint
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH)
+
+venv: $(VENV)/bin/python
+
+demo: venv
+	$(PIP) install --quiet "$(TORCH)" -e ".[recipes]"
+	$(VENV)/bin/steadyfit fit
+
+test: venv
+	$(PIP) install --quiet "$(TORCH)" -e ".[dev,optim,plot,tensorboard,mlflow,recipes]"
+	$(VENV)/bin/python -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check src tests bench examples
+	$(VENV)/bin/ruff format --check src tests bench examples

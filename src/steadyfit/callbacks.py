@@ -1,0 +1,97 @@
+"""User callbacks: eight events, a no-op base class, and dispatch only to callbacks that use an event.
+
+Where the events fire (see trainer.py for the loop itself)::
+
+    on_fit_start
+    for each epoch:
+        on_epoch_start
+        for each optimizer step:            (accumulation, clipping, guard, step: the loop's own)
+            on_step_end
+            [evaluate -> on_evaluate]       (best tracking, early stopping: the loop's own)
+            [save -> on_checkpoint_saved]
+        on_epoch_end
+    on_fit_end                              (on_exception instead, if anything raised)
+
+A callback stops training with ``trainer.request_stop(reason)`` (or ``state.should_stop = True``); the
+loop stops at the next step boundary, after the step's own evaluation and checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from steadyfit.state import TrainState
+    from steadyfit.trainer import Trainer
+
+EVENTS = (
+    "on_fit_start",
+    "on_epoch_start",
+    "on_step_end",
+    "on_evaluate",
+    "on_checkpoint_saved",
+    "on_epoch_end",
+    "on_fit_end",
+    "on_exception",
+)
+
+
+class Callback:
+    """Base class: override the events you need; each receives the trainer and its TrainState.
+
+    Example:
+        >>> class StopAt(Callback):
+        ...     def on_step_end(self, trainer, state):
+        ...         if state.step >= 100:
+        ...             trainer.request_stop("enough")
+    """
+
+    def on_fit_start(self, trainer: Trainer, state: TrainState) -> None:
+        """Before the first step (after a resume has restored the state)."""
+
+    def on_epoch_start(self, trainer: Trainer, state: TrainState) -> None:
+        """At the start of each epoch (also a resumed, partly consumed one)."""
+
+    def on_step_end(self, trainer: Trainer, state: TrainState) -> None:
+        """After each optimizer step (skipped non-finite steps do not count)."""
+
+    def on_evaluate(self, trainer: Trainer, state: TrainState, metrics: dict[str, float]) -> None:
+        """After each evaluation, with its ``eval_*`` metrics."""
+
+    def on_checkpoint_saved(self, trainer: Trainer, state: TrainState, path: str) -> None:
+        """After a checkpoint was committed (may run after later steps began: saving is asynchronous)."""
+
+    def on_epoch_end(self, trainer: Trainer, state: TrainState) -> None:
+        """After the last step of each epoch."""
+
+    def on_fit_end(self, trainer: Trainer, state: TrainState) -> None:
+        """After training ended normally (also by early stopping or a stop request)."""
+
+    def on_exception(self, trainer: Trainer, state: TrainState, exception: BaseException) -> None:
+        """When fit() is about to raise."""
+
+
+class CallbackList:
+    """Calls each event only on the callbacks that override it, so unused events cost nothing per step."""
+
+    def __init__(self, callbacks: Iterable[Callback]) -> None:
+        self.callbacks = list(callbacks)
+        for callback in self.callbacks:
+            if not isinstance(callback, Callback):
+                raise TypeError(f"callbacks: {callback!r} is not a steadyfit.Callback")
+        self._by_event = {
+            event: [
+                getattr(cb, event)
+                for cb in self.callbacks
+                if getattr(type(cb), event) is not getattr(Callback, event)
+            ]
+            for event in EVENTS
+        }
+
+    def has(self, event: str) -> bool:
+        return bool(self._by_event[event])
+
+    def fire(self, event: str, *args: Any) -> None:
+        for handler in self._by_event[event]:
+            handler(*args)

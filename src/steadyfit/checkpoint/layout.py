@@ -1,0 +1,79 @@
+"""Every file and directory name of the checkpoint layout, and the patterns that recognise our own names.
+
+Rotation and cleanup only ever touch entries whose names match these patterns, so anything a user puts in
+``RUN_DIR/checkpoints/`` under another name is left alone.
+"""
+
+from __future__ import annotations
+
+import re
+
+FORMAT_VERSION = 1
+
+CHECKPOINTS_DIR = "checkpoints"
+LOCK_FILE = ".lock"
+
+MODEL_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+COMPONENT_JSON_SUFFIX = ".json"
+COMPONENT_TENSORS_SUFFIX = ".safetensors"
+
+STEP_DIR_PREFIX = "step-"
+# A save in progress; a crash leaves it behind for cleanup_stray() to remove.
+TMP_DIR_PREFIX = ".tmp-step-"
+# A committed checkpoint moved aside while a save of the same step replaces it.
+OLD_DIR_PREFIX = ".old-step-"
+# A damaged checkpoint moved out of the way by a save of the same step; never deleted automatically.
+DAMAGED_DIR_PREFIX = "damaged-step-"
+
+STEP_DIR_RE = re.compile(r"^step-(\d{8,})$")
+TMP_DIR_RE = re.compile(r"^\.tmp-step-(\d{8,})-[0-9a-f]{8}$")
+OLD_DIR_RE = re.compile(r"^\.old-step-(\d{8,})-[0-9a-f]{8}$")
+
+# A plain basename: no separator, no leading dot (so neither "." nor ".." nor hidden files).
+FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
+COMPONENT_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,99}$")
+RESERVED_COMPONENT_NAMES = frozenset({"model", "manifest"})
+
+
+def step_dir_name(step: int) -> str:
+    """Directory name of the committed checkpoint for ``step``.
+
+    Example:
+        >>> step_dir_name(100)
+        'step-00000100'
+    """
+    if step < 0:
+        raise ValueError(f"checkpoint step must be >= 0, got {step}")
+    return f"{STEP_DIR_PREFIX}{step:08d}"
+
+
+def tmp_dir_name(step: int, token: str) -> str:
+    """Name of the temporary sibling a save of ``step`` writes into (``token``: 8 lowercase hex digits)."""
+    return f"{TMP_DIR_PREFIX}{step:08d}-{token}"
+
+
+def old_dir_name(step: int, token: str) -> str:
+    """Name a committed checkpoint is moved to while a new save of the same step replaces it."""
+    return f"{OLD_DIR_PREFIX}{step:08d}-{token}"
+
+
+def damaged_dir_name(step: int, token: str) -> str:
+    """Name a damaged checkpoint is kept under when a new save of the same step takes its place."""
+    return f"{DAMAGED_DIR_PREFIX}{step:08d}-{token}"
+
+
+def step_of(name: str) -> int | None:
+    """Step encoded in a committed checkpoint directory name, or None if the name is not ours.
+
+    Example:
+        >>> step_of("step-00000100"), step_of("best")
+        (100, None)
+    """
+    match = STEP_DIR_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def component_files(name: str) -> tuple[str, str]:
+    """The JSON and safetensors file names of component ``name``."""
+    return name + COMPONENT_JSON_SUFFIX, name + COMPONENT_TENSORS_SUFFIX

@@ -1,0 +1,227 @@
+"""TrainConfig: every knob of a run, validated, with YAML files and ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "adafactor", "lamb", "lion")
+SCHEDULERS = ("constant", "linear", "cosine", "step", "onecycle", "wsd")
+PRECISIONS = ("fp32", "bf16", "fp16")
+LOGGERS = ("jsonl", "csv", "tensorboard", "mlflow", "wandb")
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration problem; the message names the field and what is allowed."""
+
+
+class TrainConfig(BaseModel):
+    """Everything a run needs to know, flat, with the same names in Python, YAML and on the command line.
+
+    Example:
+        >>> config = TrainConfig(run_dir="runs/demo", max_epochs=3, batch_size=64, lr=3e-4)
+        >>> config.grad_accum_steps
+        1
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    run_dir: str = "runs/default"
+    seed: int = 0
+    max_epochs: int | None = Field(default=3, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    eval_batch_size: int | None = Field(default=None, ge=1)
+    grad_accum_steps: int = Field(default=1, ge=1)
+    max_grad_norm: float | None = Field(default=None, gt=0)
+    clip_value: float | None = Field(default=None, gt=0)
+    optimizer: Literal["sgd", "adam", "adamw", "adafactor", "lamb", "lion"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, gt=0)
+    scheduler: Literal["constant", "linear", "cosine", "step", "onecycle", "wsd"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+    decay_ratio: float = Field(default=0.2, gt=0, le=1)
+    step_size: int = Field(default=1000, ge=1)
+    gamma: float = Field(default=0.1, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    eval_every: int | None = Field(default=None, ge=0)
+    log_every: int = Field(default=10, ge=0)
+    save_every: int = Field(default=0, ge=0)
+    keep_last: int = Field(default=3, ge=1)
+    metric_for_best: str | None = None
+    greater_is_better: bool | None = None
+    load_best_at_end: bool = False
+    early_stopping_patience: int | None = Field(default=None, ge=1)
+    early_stopping_threshold: float = Field(default=0.0, ge=0)
+    resume: str = "auto"
+    num_workers: int = Field(default=0, ge=0)
+    deterministic: bool = False
+    compile: bool = False
+    loggers: list[Literal["jsonl", "csv", "tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
+    on_nonfinite: Literal["skip", "raise"] = "skip"
+    max_consecutive_skips: int = Field(default=10, ge=1)
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    progress: bool = True
+    ema_decay: float | None = Field(default=None, gt=0, lt=1)
+    micro_batch_size: int | Literal["auto"] | None = None
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in value):
+            raise ValueError("both betas must be in [0, 1)")
+        return value
+
+    @field_validator("resume")
+    @classmethod
+    def _resume_mode(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must be 'auto', 'never' or the path of a checkpoint directory")
+        return value
+
+    @field_validator("micro_batch_size")
+    @classmethod
+    def _positive_micro_batch(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be a positive integer, 'auto' or null")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.max_epochs is None and self.max_steps is None:
+            raise ValueError("max_epochs / max_steps: set at least one of them")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("warmup_steps / warmup_ratio: set one of them, not both")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov: needs optimizer=sgd and momentum > 0")
+        if self.load_best_at_end and self.eval_every == 0:
+            raise ValueError("load_best_at_end: needs evaluation (eval_every is 0)")
+        return self
+
+    @property
+    def resolved_eval_batch_size(self) -> int:
+        """The eval batch size, defaulting to ``batch_size``."""
+        return self.eval_batch_size or self.batch_size
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        """Plain data for config.yaml (tuples as lists)."""
+        return self.model_dump(mode="json")
+
+
+# Fields whose feature belongs to a later piece of work: a non-default value is refused, never ignored.
+_NOT_SUPPORTED_YET: dict[str, tuple[Any, str]] = {}
+
+
+def _describe_error(error: dict[str, Any]) -> str:
+    field = ".".join(str(part) for part in error["loc"]) or "config"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        close = _closest_field(field)
+        hint = f" (did you mean '{close}'?)" if close else ""
+        return f"{field}: unknown field{hint}; allowed fields: {', '.join(TrainConfig.model_fields)}"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind == "literal_error":
+        expected = error.get("ctx", {}).get("expected", "")
+        return f"{field}: got {error.get('input')!r}; allowed values: {expected}"
+    if field == "config":
+        return message
+    return f"{field}: {message} (got {error.get('input')!r})"
+
+
+def _closest_field(name: str) -> str | None:
+    import difflib
+
+    matches = difflib.get_close_matches(name, list(TrainConfig.model_fields), n=1)
+    return matches[0] if matches else None
+
+
+def make_config(values: dict[str, Any]) -> TrainConfig:
+    """Build a TrainConfig from plain data, turning validation errors into one clear ConfigError.
+
+    Raises:
+        ConfigError: naming each bad field and what it allows.
+    """
+    try:
+        config = TrainConfig(**values)
+    except ValidationError as exc:
+        raise ConfigError("invalid config: " + "; ".join(_describe_error(e) for e in exc.errors())) from None
+    except TypeError as exc:
+        raise ConfigError(f"invalid config: {exc}") from None
+    for field, (default, issue) in _NOT_SUPPORTED_YET.items():
+        if getattr(config, field) != default:
+            raise ConfigError(f"{field}: not supported yet ({issue}); leave it at {default!r}")
+    return config
+
+
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Parse ``key=value`` arguments; values are YAML scalars or lists (``lr=3e-4``, ``betas=[0.9,0.95]``).
+
+    Raises:
+        ConfigError: for an argument without ``=`` or with an unparsable value.
+    """
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not _KEY.match(key):
+            raise ConfigError(f"override {item!r}: expected key=value, for example lr=3e-4")
+        overrides[key] = parse_scalar(raw, key)
+    return overrides
+
+
+def parse_scalar(raw: str, key: str) -> Any:
+    """Read one override value as YAML, so ``3e-4`` is a float and ``[a, b]`` a list."""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: cannot parse {raw!r} ({exc.problem})") from None
+    # PyYAML reads '3e-4' as a string (YAML 1.1 wants a dot); users mean a number.
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        if math.isfinite(number) and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", value):
+            return number
+    return value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with the safe loader.
+
+    Raises:
+        ConfigError: when the file is missing, unreadable or not a mapping.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
+    for key, value in data.items():
+        if isinstance(value, str):
+            data[key] = parse_scalar(value, str(key))
+    return data

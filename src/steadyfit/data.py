@@ -1,0 +1,300 @@
+"""Data order and loading: a resumable sampler whose order depends only on (seed, epoch), and the loaders.
+
+The training order of a map-style dataset is one permutation per epoch, drawn from ``(seed, epoch)``.
+Micro-batches are consecutive slices of it, so the samples an optimizer step sees do not depend on how the
+global batch is split into micro-batches or ranks: rank ``r`` of ``N`` takes every N-th sample of each
+global micro-batch (striding), which is what makes N ranks with batch B/N equal one rank with batch B.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+# Mixed into the seed so the data order stream differs from the model-init stream seeded by `seed`.
+_ORDER_SALT = 0x5EED_DA7A
+
+
+def epoch_permutation(length: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of one epoch: a function of ``(seed, epoch)`` only.
+
+    Example:
+        >>> bool((epoch_permutation(5, 0, 1) == epoch_permutation(5, 0, 1)).all())
+        True
+    """
+    generator = torch.Generator()
+    generator.manual_seed((seed * 1_000_003 + epoch + _ORDER_SALT) % (2**63))
+    return torch.randperm(length, generator=generator)
+
+
+def batch_sizes_of_epoch(length: int, batch_size: int) -> list[int]:
+    """Sizes of the global micro-batches of one epoch; the last may be short."""
+    full, rest = divmod(length, batch_size)
+    return [batch_size] * full + ([rest] if rest else [])
+
+
+class ResumableBatchSampler:
+    """Yields the index lists of one epoch's micro-batches, starting at any micro-batch position.
+
+    The global micro-batch ``i`` is ``order[i*B*N : (i+1)*B*N]`` (B = per-rank batch, N = world size) and
+    rank ``r`` takes every N-th element of it starting at ``r``. Skipping ``start_batch`` micro-batches is
+    a slice of the permutation: O(1), no sample is loaded.
+
+    Example:
+        >>> list(ResumableBatchSampler(5, 2, seed=0, epoch=0, shuffle=False))
+        [[0, 1], [2, 3], [4]]
+    """
+
+    def __init__(
+        self,
+        length: int,
+        batch_size: int,
+        *,
+        seed: int,
+        epoch: int,
+        shuffle: bool = True,
+        start_batch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.length = length
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = epoch
+        self.shuffle = shuffle
+        self.start_batch = start_batch
+        self.rank = rank
+        self.world_size = world_size
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
+    def num_batches(self) -> int:
+        """Micro-batches in a whole epoch (the last may be short)."""
+        return -(-self.length // self.global_batch_size)
+
+    def __len__(self) -> int:
+        return max(self.num_batches() - self.start_batch, 0)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            order = epoch_permutation(self.length, self.seed, self.epoch)
+        else:
+            order = torch.arange(self.length)
+        step = self.global_batch_size
+        for start in range(self.start_batch * step, self.length, step):
+            yield order[start : start + step][self.rank :: self.world_size].tolist()
+
+
+class TensorBatches:
+    """Batched fetch for in-memory tensors: one indexing operation per micro-batch, no per-sample collate.
+
+    Yields exactly what a DataLoader with the default collate would (same values, same order), at a
+    fraction of the Python overhead.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], sampler: Iterable[list[int]]) -> None:
+        self.tensors = tensors
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        for indices in self.sampler:
+            index = torch.as_tensor(indices, dtype=torch.long)
+            yield tuple(tensor[index] for tensor in self.tensors)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Derive python/numpy seeds from torch's per-worker seed, itself derived from the loader's generator
+    # (seeded by seed and epoch), never from wall-clock state.
+    worker_seed = torch.initial_seed() % 2**32
+    random.seed(worker_seed)
+    np.random.seed(worker_seed)
+
+
+@dataclass
+class LoaderSpec:
+    """How to build the loaders; one per Trainer."""
+
+    batch_size: int
+    eval_batch_size: int
+    num_workers: int
+    seed: int
+    pin_memory: bool
+    collate_fn: Callable[..., Any] | None = None
+    rank: int = 0
+    world_size: int = 1
+
+
+def is_map_style(data: Any) -> bool:
+    """A Dataset with ``__len__`` and ``__getitem__`` that we can order and resume ourselves."""
+    if isinstance(data, (DataLoader, IterableDataset)):
+        return False
+    return hasattr(data, "__getitem__") and hasattr(data, "__len__")
+
+
+def train_batches(data: Any, spec: LoaderSpec, epoch: int, start_batch: int) -> Iterable[Any]:
+    """The micro-batches of one training epoch, from micro-batch ``start_batch`` on.
+
+    A user DataLoader is passed through (its order is the user's; we skip consumed batches by iterating,
+    since we do not own its sampler). An IterableDataset is wrapped in a plain loader.
+    """
+    if isinstance(data, DataLoader):
+        return _skip(data, start_batch)
+    if isinstance(data, IterableDataset):
+        loader = DataLoader(
+            data,
+            batch_size=spec.batch_size,
+            num_workers=spec.num_workers,
+            collate_fn=spec.collate_fn,
+            pin_memory=spec.pin_memory,
+        )
+        return _skip(loader, start_batch)
+    sampler = ResumableBatchSampler(
+        len(data),
+        spec.batch_size,
+        seed=spec.seed,
+        epoch=epoch,
+        shuffle=True,
+        start_batch=start_batch,
+        rank=spec.rank,
+        world_size=spec.world_size,
+    )
+    return _map_style_loader(data, sampler, spec, epoch)
+
+
+def eval_batches(data: Any, spec: LoaderSpec) -> Iterable[Any]:
+    """Eval micro-batches in dataset order; under several ranks each rank takes a strided share with no
+    padding duplicates, so sums over ranks count every sample exactly once."""
+    if isinstance(data, DataLoader):
+        return data
+    if isinstance(data, IterableDataset):
+        return DataLoader(
+            data,
+            batch_size=spec.eval_batch_size,
+            num_workers=spec.num_workers,
+            collate_fn=spec.collate_fn,
+            pin_memory=spec.pin_memory,
+        )
+    sampler = ResumableBatchSampler(
+        len(data),
+        spec.eval_batch_size,
+        seed=spec.seed,
+        epoch=0,
+        shuffle=False,
+        rank=spec.rank,
+        world_size=spec.world_size,
+    )
+    return _map_style_loader(data, sampler, spec, epoch=0)
+
+
+def _map_style_loader(
+    data: Any, sampler: ResumableBatchSampler, spec: LoaderSpec, epoch: int
+) -> Iterable[Any]:
+    sampler_nonempty = _NonEmpty(sampler)
+    if isinstance(data, TensorDataset) and spec.num_workers == 0 and spec.collate_fn is None:
+        return TensorBatches(data.tensors, sampler_nonempty)
+    generator = torch.Generator()
+    generator.manual_seed((spec.seed * 1_000_003 + epoch + 2 * _ORDER_SALT) % (2**63))
+    return DataLoader(
+        data,
+        batch_sampler=sampler_nonempty,
+        num_workers=spec.num_workers,
+        collate_fn=spec.collate_fn,
+        pin_memory=spec.pin_memory,
+        worker_init_fn=_seed_worker if spec.num_workers else None,
+        generator=generator,
+        persistent_workers=False,
+    )
+
+
+class _NonEmpty:
+    """Drops empty index lists (a rank's share of a short last batch can be empty)."""
+
+    def __init__(self, sampler: ResumableBatchSampler) -> None:
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (indices for indices in self.sampler if indices)
+
+
+def _skip(loader: Iterable[Any], count: int) -> Iterator[Any]:
+    iterator = iter(loader)
+    for _ in range(count):
+        next(iterator, None)
+    return iterator
+
+
+def count_samples(batch: Any) -> int:
+    """Samples in a batch: the first dimension of its targets (pair) or of its first tensor (dict)."""
+    if isinstance(batch, dict):
+        for key in ("labels", "label", "input_ids"):
+            value = batch.get(key)
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                return int(value.shape[0])
+        for value in batch.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                return int(value.shape[0])
+        raise ValueError("cannot count the samples of a dict batch: it holds no tensor")
+    if isinstance(batch, (tuple, list)) and batch:
+        for item in reversed(batch):
+            if isinstance(item, torch.Tensor) and item.dim() > 0:
+                return int(item.shape[0])
+            if isinstance(item, (tuple, list)) and item:
+                return len(item)
+    if isinstance(batch, torch.Tensor) and batch.dim() > 0:
+        return int(batch.shape[0])
+    raise ValueError(f"cannot count the samples of a batch of type {type(batch).__name__}")
+
+
+def move_to(batch: Any, device: torch.device, non_blocking: bool) -> Any:
+    """Move every tensor of a (nested) batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, dict):
+        return {key: move_to(value, device, non_blocking) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_to(value, device, non_blocking) for value in batch)
+    if hasattr(batch, "to") and hasattr(batch, "keys"):  # transformers BatchEncoding
+        return batch.to(device)
+    return batch
+
+
+def dataset_length(data: Any) -> int | None:
+    """Number of samples when known (map-style datasets, loaders over them)."""
+    if isinstance(data, DataLoader):
+        try:
+            return len(data.dataset)  # type: ignore[arg-type]
+        except TypeError:
+            return None
+    if isinstance(data, IterableDataset):
+        return None
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def batches_per_epoch(data: Any, batch_size: int, world_size: int = 1) -> int | None:
+    """Micro-batches per epoch on each rank, when the data has a length."""
+    if isinstance(data, DataLoader):
+        try:
+            return len(data)
+        except TypeError:
+            return None
+    length = dataset_length(data)
+    if length is None:
+        return None
+    return -(-length // (batch_size * world_size))

@@ -1,0 +1,70 @@
+"""Numeric precision: autocast around forward and loss, and fp16 loss scaling (scale, unscale, step)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Precision:
+    """Owns autocast and, for fp16, the GradScaler, in the order the loop needs them.
+
+    Order per optimizer step: ``scale(loss).backward()`` for each micro-batch, ``unscale_(optimizer)``
+    before clipping, then ``step(optimizer)`` and ``update()``.
+
+    Example:
+        >>> precision = Precision("fp32", torch.device("cpu"))
+        >>> with precision.autocast():
+        ...     pass
+    """
+
+    def __init__(self, precision: str, device: torch.device) -> None:
+        self.precision = precision
+        self.device = device
+        self.dtype = _AUTOCAST_DTYPES.get(precision)
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    @property
+    def uses_scaler(self) -> bool:
+        return self.scaler is not None
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        if self.dtype is None:
+            yield
+            return
+        with torch.autocast(device_type=self.device.type, dtype=self.dtype):
+            yield
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is not None:
+            # GradScaler.step reads its inf flag on the host: fp16 pays one sync per step, as in torch.
+            self.scaler.step(optimizer)
+        else:
+            optimizer.step()
+
+    def update(self) -> None:
+        if self.scaler is not None:
+            self.scaler.update()
+
+    def loss_scale(self) -> float | None:
+        return float(self.scaler.get_scale()) if self.scaler is not None else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])

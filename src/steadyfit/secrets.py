@@ -1,0 +1,127 @@
+"""Secret redaction: what may leave the process (config.yaml, logger parameters, logs) never holds one."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+MASK = "***"
+
+# A key holding one of these words names a secret (matched case-insensitively, anywhere in the key).
+SECRET_KEY_WORDS = ("token", "password", "passwd", "secret", "api_key", "apikey", "credential", "auth")
+
+# Words that contain a secret word but name harmless settings ("max_tokens", "tokenizer", "author").
+_HARMLESS_WORDS = re.compile(r"tokeniz\w*|tokens(?:_|$)|author(?!i[sz])")
+_SECRET_KEY = re.compile("|".join(re.escape(word) for word in SECRET_KEY_WORDS))
+
+# scheme://user:password@host -> scheme://user:***@host (the user name stays: it helps and is not secret).
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^\s/:@]+:)(?P<password>[^\s/@]+)(?=@)")
+# ...?token=abc&page=2 -> ...?token=***&page=2 for query parameters whose name is a secret key.
+_QUERY_SECRET = re.compile(r"(?P<head>[?&](?P<name>[^=&#\s]+)=)(?P<value>[^&#\s]+)")
+
+# Short values would mask ordinary words everywhere; a real credential is longer than this.
+_MIN_ENV_SECRET_CHARS = 6
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a config or environment key names a secret (``hf_token``, ``DB_PASSWORD``, ``apiKey``).
+
+    Example:
+        >>> is_secret_key("WANDB_API_KEY"), is_secret_key("max_tokens")
+        (True, False)
+    """
+    lowered = key.lower().replace("-", "_")
+    return bool(_SECRET_KEY.search(_HARMLESS_WORDS.sub("", lowered)))
+
+
+def redact_text(text: str, known_secrets: Iterable[str] = ()) -> str:
+    """Mask URL passwords, secret query parameters and every occurrence of ``known_secrets`` in a string.
+
+    Example:
+        >>> redact_text("postgresql://bob:hunter2@db:5432/runs")
+        'postgresql://bob:***@db:5432/runs'
+    """
+    text = _URL_PASSWORD.sub(lambda m: m["head"] + MASK, text)
+    text = _QUERY_SECRET.sub(lambda m: m["head"] + MASK if is_secret_key(m["name"]) else m[0], text)
+    # Longest first, so a secret that contains another one is masked whole.
+    for secret in sorted({s for s in known_secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return text
+
+
+def redact(config: Mapping[str, Any], known_secrets: Iterable[str] = ()) -> dict[str, Any]:
+    """Return a copy of ``config`` safe to write or send to a logger.
+
+    Values under secret-looking keys (see ``SECRET_KEY_WORDS``) become ``"***"`` (``None`` and empty
+    strings stay, they hold nothing); in every other string, nested dicts and lists included, URL
+    passwords, secret query parameters and the ``known_secrets`` (for example ``secret_env_values()``)
+    are masked. The input is not modified.
+
+    Example:
+        >>> redact({"hf_token": "hf_abc123", "tracking": "https://me:pw@mlflow.example.com", "lr": 0.1})
+        {'hf_token': '***', 'tracking': 'https://me:***@mlflow.example.com', 'lr': 0.1}
+    """
+    secrets = tuple(known_secrets)
+    return {key: _redact_value(key, value, secrets) for key, value in config.items()}
+
+
+def _redact_value(key: Any, value: Any, secrets: tuple[str, ...]) -> Any:
+    if isinstance(key, str) and is_secret_key(key) and value not in (None, ""):
+        return MASK
+    if isinstance(value, Mapping):
+        return redact(value, secrets)
+    if isinstance(value, list | tuple):
+        return [_redact_value(None, item, secrets) for item in value]
+    if isinstance(value, str):
+        return redact_text(value, secrets)
+    return value
+
+
+def secret_env_values(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The values of environment variables whose names look secret (``HF_TOKEN``, ``WANDB_API_KEY``).
+
+    Pass them to ``redact`` so a secret copied from the environment into a config is masked too.
+
+    Example:
+        >>> secret_env_values({"HF_TOKEN": "hf_abcdef", "HOME": "/root"})
+        ['hf_abcdef']
+    """
+    environ = os.environ if environ is None else environ
+    return [
+        value
+        for name, value in environ.items()
+        if is_secret_key(name) and len(value) >= _MIN_ENV_SECRET_CHARS
+    ]
+
+
+def find_secrets(text: str, secrets: Iterable[str]) -> list[str]:
+    """The members of ``secrets`` that occur in ``text`` (empty list: the text is clean).
+
+    Example:
+        >>> find_secrets("lr=0.1 token=***", ["hunter2"])
+        []
+    """
+    return [secret for secret in secrets if secret and secret in text]
+
+
+def find_secrets_in_files(path: str | Path, secrets: Iterable[str]) -> list[tuple[Path, str]]:
+    """``(file, secret)`` for each secret found in a file, or in any file under a directory.
+
+    Files are searched as bytes (UTF-8 encoded secrets), so binary stores such as SQLite databases and
+    TensorBoard event files are covered too.
+
+    Example:
+        >>> find_secrets_in_files("runs/demo", ["hunter2"])  # doctest: +SKIP
+        []
+    """
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    needles = [(secret, secret.encode()) for secret in secrets if secret]
+    found = []
+    for file in files:
+        data = file.read_bytes()
+        found.extend((file, secret) for secret, needle in needles if needle in data)
+    return found

@@ -1,0 +1,73 @@
+"""Best-metric tracking and early stopping: the loop's own, not callbacks."""
+
+from __future__ import annotations
+
+import math
+
+from steadyfit.state import TrainState
+
+_LOWER_IS_BETTER_WORDS = ("loss", "error", "perplexity", "ppl", "mse", "mae", "rmse", "wer", "cer")
+
+
+def metric_key(name: str) -> str:
+    """``accuracy`` and ``eval_accuracy`` name the same eval metric."""
+    return name if name.startswith("eval_") else f"eval_{name}"
+
+
+def infer_greater_is_better(name: str) -> bool:
+    """Loss-like names (loss, error, perplexity...) are better when lower; anything else when higher."""
+    lowered = name.lower()
+    return not any(word in lowered for word in _LOWER_IS_BETTER_WORDS)
+
+
+class BestTracker:
+    """Keeps the best value of ``metric_for_best`` and counts evaluations without improvement.
+
+    Example:
+        >>> tracker = BestTracker("eval_loss", None, patience=2, threshold=0.0)
+        >>> state = TrainState()
+        >>> tracker.update(state, {"eval_loss": 1.0}), tracker.update(state, {"eval_loss": 1.5})
+        (True, False)
+    """
+
+    def __init__(
+        self, metric: str, greater_is_better: bool | None, patience: int | None, threshold: float
+    ) -> None:
+        self.metric = metric_key(metric)
+        self.greater_is_better = (
+            infer_greater_is_better(self.metric) if greater_is_better is None else greater_is_better
+        )
+        self.patience = patience
+        self.threshold = threshold
+
+    def is_improvement(self, value: float, best: float | None) -> bool:
+        if math.isnan(value):
+            return False
+        if best is None:
+            return True
+        if self.greater_is_better:
+            return value > best + self.threshold
+        return value < best - self.threshold
+
+    def update(self, state: TrainState, metrics: dict[str, float]) -> bool:
+        """Record one evaluation; returns whether it is the new best. Sets ``should_stop`` on patience."""
+        if self.metric not in metrics:
+            raise KeyError(
+                f"metric_for_best: {self.metric!r} is not among the eval metrics {sorted(metrics)}; "
+                "name one of them"
+            )
+        value = float(metrics[self.metric])
+        improved = self.is_improvement(value, state.best_metric)
+        if improved:
+            state.best_metric = value
+            state.best_step = state.step
+            state.evals_without_improvement = 0
+        else:
+            state.evals_without_improvement += 1
+            if self.patience is not None and state.evals_without_improvement >= self.patience:
+                state.should_stop = True
+                state.stop_reason = (
+                    f"early stopping: {self.metric} did not improve for {self.patience} evaluations "
+                    f"(best {state.best_metric} at step {state.best_step})"
+                )
+        return improved

@@ -1,0 +1,62 @@
+"""The command line: exit codes, clear errors without tracebacks, and the digits recipe end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def steadyfit(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run(
+        [sys.executable, "-m", "steadyfit", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["fit", "optimizer=adagrad"], "optimizer: got 'adagrad'"),
+        (["fit", "learning_rate=1"], "learning_rate: unknown field"),
+        (["fit", "missing.yaml"], "missing.yaml: config file not found"),
+        (["fit", "no_such_recipe"], "recipe: 'no_such_recipe' is neither a built-in recipe"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_usage_errors_exit_2_without_traceback(tmp_path, args, expected):
+    completed = steadyfit(*args, cwd=tmp_path)
+    assert completed.returncode == 2, completed.stderr
+    assert expected in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_yaml_config_with_overrides(tmp_path):
+    config = tmp_path / "small.yaml"
+    config.write_text("recipe: digits\nmax_epochs: 1\nbatch_size: 64\nrun_dir: out\n")
+    completed = steadyfit("fit", str(config), "max_steps=3", "progress=false", cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert max(row["step"] for row in rows) == 3
+    assert "max_steps: 3" in (tmp_path / "out" / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_digits_recipe_reaches_97_percent(tmp_path):
+    completed = steadyfit("fit", "run_dir=digits", "progress=false", cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    rows = [json.loads(line) for line in (tmp_path / "digits" / "metrics.jsonl").read_text().splitlines()]
+    best = max(row["eval_accuracy"] for row in rows if row["kind"] == "eval")
+    assert best >= 0.97
+    assert (tmp_path / "digits" / "final" / "model.safetensors").stat().st_size > 0

@@ -1,0 +1,361 @@
+"""CheckpointStore on real files: atomic commit, manifest verification, rotation, cleanup, disk faults."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import steadyfit.checkpoint
+from steadyfit.checkpoint import CheckpointError, CheckpointStore
+
+SRC_DIR = Path(steadyfit.checkpoint.__file__).resolve().parents[2]
+
+
+def model_state(value: float = 1.0) -> dict[str, torch.Tensor]:
+    return {"layer.weight": torch.full((4, 3), value), "layer.bias": torch.arange(3, dtype=torch.bfloat16)}
+
+
+def components(step: int = 0) -> dict[str, object]:
+    return {
+        "optimizer": {"state": {0: {"step": torch.tensor(float(step)), "exp_avg": torch.ones(2)}}},
+        "trainer": {"step": step, "best_metric": float("nan")},
+    }
+
+
+def save_steps(store: CheckpointStore, *steps: int) -> list[Path]:
+    return [store.save(step, model_state(step), components(step)) for step in steps]
+
+
+def rewrite_manifest(path: Path, edit) -> None:
+    manifest_path = path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    edit(manifest)
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def relist(path: Path, name: str) -> None:
+    """Update the manifest entry of ``name`` to match its current bytes, as a careful attacker would."""
+    import hashlib
+
+    data = (path / name).read_bytes()
+
+    def edit(manifest: dict) -> None:
+        manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    rewrite_manifest(path, edit)
+
+
+def test_save_load_round_trip_with_extra_files(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "run")
+    path = store.save(100, model_state(2.0), components(100), extra_files={"config.yaml": b"lr: 0.1\n"})
+    assert path == tmp_path / "run" / "checkpoints" / "step-00000100"
+    assert sorted(p.name for p in path.iterdir()) == [
+        "config.yaml", "manifest.json", "model.safetensors", "optimizer.json", "optimizer.safetensors",
+        "trainer.json",
+    ]  # fmt: skip
+    assert store.verify(path) == []
+    model, loaded, extra = store.load(path)
+    assert torch.equal(model["layer.weight"], model_state(2.0)["layer.weight"])
+    assert model["layer.bias"].dtype == torch.bfloat16
+    assert list(loaded["optimizer"]["state"]) == [0]
+    assert loaded["trainer"]["step"] == 100
+    assert extra == {"config.yaml": b"lr: 0.1\n"}
+    # The weights are a plain safetensors file any tool can read.
+    assert torch.equal(load_file(path / "model.safetensors")["layer.weight"], model["layer.weight"])
+
+
+def test_manifest_lists_every_file_with_size_and_sha(tmp_path: Path) -> None:
+    import hashlib
+
+    path = CheckpointStore(tmp_path).save(7, model_state(), components(7))
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["step"] == 7 and manifest["format_version"] == 1
+    on_disk = {p.name for p in path.iterdir()} - {"manifest.json"}
+    assert set(manifest["files"]) == on_disk
+    for name, entry in manifest["files"].items():
+        data = (path / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_tied_weights_are_saved_as_separate_equal_tensors(tmp_path: Path) -> None:
+    shared = torch.randn(5, 2)
+    store = CheckpointStore(tmp_path)
+    model, _, _ = store.load(store.save(1, {"embed": shared, "head": shared, "half": shared[:2]}, {}))
+    assert torch.equal(model["embed"], shared) and torch.equal(model["head"], shared)
+    assert torch.equal(model["half"], shared[:2])
+
+
+@pytest.mark.parametrize(
+    ("damage", "fault"),
+    [
+        (lambda p: _flip_byte(p / "model.safetensors"), "sha256 mismatch for file model.safetensors"),
+        (lambda p: _truncate(p / "optimizer.safetensors"), "size mismatch for file optimizer.safetensors"),
+        (lambda p: (p / "extra.bin").write_bytes(b"x"), "unexpected file extra.bin"),
+        (lambda p: (p / "trainer.json").unlink(), "missing file trainer.json"),
+        (lambda p: (p / "manifest.json").unlink(), "missing manifest.json"),
+        (lambda p: (p / "manifest.json").write_text("{not json"), "unreadable manifest.json"),
+        (lambda p: (p / "link").symlink_to(p / "trainer.json"), "symlink link"),
+        (lambda p: (p / "sub").mkdir(), "unexpected non-file entry sub"),
+    ],
+    ids=[
+        "flipped-byte",
+        "truncated",
+        "extra-file",
+        "missing-file",
+        "no-manifest",
+        "bad-json",
+        "symlink",
+        "dir",
+    ],
+)
+def test_verify_reports_each_kind_of_damage(tmp_path: Path, damage, fault: str) -> None:
+    store = CheckpointStore(tmp_path)
+    path = store.save(3, model_state(), components(3))
+    damage(path)
+    faults = store.verify(path)
+    assert any(fault in f for f in faults), faults
+    with pytest.raises(CheckpointError, match=str(path)):
+        store.load(path)
+
+
+@pytest.mark.parametrize("bad_name", ["../x", "sub/x", ".hidden", "..", "/etc/passwd"])
+def test_verify_rejects_names_that_are_not_plain_basenames(tmp_path: Path, bad_name: str) -> None:
+    store = CheckpointStore(tmp_path)
+    path = store.save(3, model_state(), components(3))
+    outside = path.parent / "x"
+    outside.write_bytes(b"")
+    rewrite_manifest(
+        path,
+        lambda m: m["files"].update({bad_name: {"size": 0, "sha256": "e3b0c44298fc1c149afbf4c8996fb924"
+                                                "27ae41e4649b934ca495991b7852b855"}}),
+    )  # fmt: skip
+    assert f"bad name in manifest: {bad_name!r}" in " ".join(store.verify(path))
+
+
+def test_verify_rejects_a_manifest_for_another_step(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    path = store.save(3, model_state(), components(3))
+    rewrite_manifest(path, lambda m: m.update(step=4))
+    assert store.verify(path) == ["manifest step 4 does not match directory name step-00000003"]
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-1])
+
+
+class _TouchOnUnpickle:
+    """Unpickling this calls os.mkdir(marker): the marker's existence proves that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_planted_pickle_payloads_are_never_executed(tmp_path: Path) -> None:
+    probe = tmp_path / "probe-ran"
+    pickle.loads(pickle.dumps(_TouchOnUnpickle(probe)))
+    assert probe.exists(), "the payload must be live, or this test proves nothing"
+
+    marker = tmp_path / "payload-ran"
+    store = CheckpointStore(tmp_path / "run")
+    path = store.save(5, model_state(), components(5))
+    # 1. The weights replaced by torch.save output, manifest updated to match: verification passes.
+    torch.save({"weights": _TouchOnUnpickle(marker)}, path / "model.safetensors")
+    relist(path, "model.safetensors")
+    assert store.verify(path) == []
+    with pytest.raises(CheckpointError, match="not a valid safetensors file"):
+        store.load(path)
+    # 2. A component's JSON replaced by a pickle.
+    (path / "trainer.json").write_bytes(pickle.dumps(_TouchOnUnpickle(marker)))
+    relist(path, "trainer.json")
+    with pytest.raises(CheckpointError):
+        store.load(path)
+    # 3. An extra evil.pt listed in the manifest without a role is refused ...
+    (path / "evil.pt").write_bytes(pickle.dumps(_TouchOnUnpickle(marker)))
+    relist(path, "evil.pt")
+    assert "manifest lists evil.pt but no component or extra file uses it" in store.verify(path)
+    # ... and listed as an extra file it is handed back as bytes, never unpickled.
+    evil = (path / "evil.pt").read_bytes()
+    clean = store.save(6, model_state(), components(6), extra_files={"evil.pt": evil})
+    _, _, extra = store.load(clean)
+    assert extra["evil.pt"] == evil
+    assert not marker.exists()
+
+
+def test_latest_good_skips_and_reports_a_damaged_newest(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    first, second, third = save_steps(store, 1, 2, 3)
+    _flip_byte(third / "model.safetensors")
+    (second / "trainer.json").unlink()
+    good, damaged = store.latest_good()
+    assert good == first
+    assert [p for p, _ in damaged] == [third, second]
+    assert damaged[0][1] == ["sha256 mismatch for file model.safetensors (content changed or corrupted)"]
+
+
+def test_list_ignores_foreign_names_symlinks_and_temporaries(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    (real,) = save_steps(store, 20)
+    outside = tmp_path / "elsewhere" / "step-00000099"
+    outside.mkdir(parents=True)
+    (store.checkpoints_dir / "step-00000099").symlink_to(outside)
+    for name in ("best", "step-1", "step-00000030.bak", ".tmp-step-00000040-0123abcd"):
+        (store.checkpoints_dir / name).mkdir()
+    (store.checkpoints_dir / "step-00000050").write_bytes(b"a file, not a dir")
+    assert store.list_checkpoints() == [real]
+    link = store.checkpoints_dir / "step-00000099"
+    assert store.verify(link) == [f"{link} is a symlink (checkpoints are never followed through links)"]
+
+
+def test_rotate_keeps_newest_protected_and_damaged_and_foreign(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    paths = save_steps(store, 1, 2, 3, 4, 5, 6)
+    _flip_byte(paths[2] / "trainer.json")
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "precious").write_text("keep")
+    (store.checkpoints_dir / "step-00000000").symlink_to(target)
+    (store.checkpoints_dir / "mine").mkdir()
+
+    deleted = store.rotate(keep_last=2, protect=[paths[1]])
+
+    assert deleted == [paths[0], paths[3]]
+    assert store.list_checkpoints() == [paths[1], paths[2], paths[4], paths[5]]
+    assert (target / "precious").read_text() == "keep"
+    assert (store.checkpoints_dir / "step-00000000").is_symlink()
+    assert (store.checkpoints_dir / "mine").is_dir()
+
+
+def test_rotate_never_deletes_the_newest_good_checkpoint(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    paths = save_steps(store, 1, 2, 3, 4)
+    for damaged in paths[2:]:
+        _flip_byte(damaged / "model.safetensors")
+    assert store.rotate(keep_last=1) == [paths[0]]
+    assert store.list_checkpoints() == paths[1:]
+    assert store.latest_good()[0] == paths[1]
+
+
+def test_saving_an_existing_step_replaces_it_atomically(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(5, model_state(1.0), components(5))
+    path = store.save(5, model_state(9.0), components(5))
+    assert torch.equal(store.load(path)[0]["layer.weight"], model_state(9.0)["layer.weight"])
+    assert sorted(p.name for p in store.checkpoints_dir.iterdir()) == ["step-00000005"]
+
+
+def test_saving_over_a_damaged_step_keeps_the_damaged_one_aside(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    (old,) = save_steps(store, 5)
+    _flip_byte(old / "model.safetensors")
+    path = store.save(5, model_state(9.0), components(5))
+    assert store.verify(path) == []
+    kept = [p for p in store.checkpoints_dir.iterdir() if p.name.startswith("damaged-step-00000005-")]
+    assert len(kept) == 1 and store.verify(kept[0]) != []
+    store.cleanup_stray()
+    store.rotate(keep_last=1)
+    assert kept[0].is_dir()
+
+
+def test_bad_names_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    for kwargs in (
+        {"components": {"model": {}}},
+        {"components": {"../up": {}}},
+        {"components": {}, "extra_files": {"manifest.json": b"{}"}},
+        {"components": {"opt": {}}, "extra_files": {"opt.json": b"{}"}},
+        {"components": {}, "extra_files": {"../x": b""}},
+        {"components": {"opt": {"fn": print}}},
+    ):
+        with pytest.raises(CheckpointError):
+            store.save(1, model_state(), kwargs["components"], extra_files=kwargs.get("extra_files"))
+    assert not store.checkpoints_dir.exists() or list(store.checkpoints_dir.iterdir()) == []
+
+
+def test_a_crash_mid_save_leaves_no_checkpoint_and_a_stray_that_cleanup_removes(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    (earlier,) = save_steps(store, 1)
+    crash = (
+        "import os, torch\n"
+        "import steadyfit.checkpoint.store as s\n"
+        "s.commit_dir = lambda tmp, final: os._exit(9)\n"
+        f"s.CheckpointStore({str(tmp_path)!r}).save(2, {{'w': torch.ones(3)}}, {{'t': {{'a': 1}}}})\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", crash], env={**os.environ, "PYTHONPATH": str(SRC_DIR)}, capture_output=True
+    )
+    assert result.returncode == 9, result.stderr.decode()
+    strays = [p for p in store.checkpoints_dir.iterdir() if p.name.startswith(".tmp-step-00000002-")]
+    assert len(strays) == 1 and (strays[0] / "manifest.json").exists()
+    assert store.list_checkpoints() == [earlier]
+    assert store.latest_good() == (earlier, [])
+
+    foreign = store.checkpoints_dir / ".tmp-mine"
+    foreign.mkdir()
+    assert store.cleanup_stray() == strays
+    assert sorted(p.name for p in store.checkpoints_dir.iterdir()) == [".tmp-mine", "step-00000001"]
+
+
+def test_cleanup_restores_a_checkpoint_moved_aside_by_an_interrupted_replacement(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    five, six = save_steps(store, 5, 6)
+    aside_five = store.checkpoints_dir / ".old-step-00000005-0123abcd"
+    five.rename(aside_five)
+    aside_six = store.checkpoints_dir / ".old-step-00000006-0123abcd"
+    (aside_six / "stale").mkdir(parents=True)
+    assert store.cleanup_stray() == [aside_six]
+    assert store.list_checkpoints() == [five, six]
+    assert store.verify(five) == [] and not aside_five.exists()
+
+
+def test_save_into_a_read_only_directory_fails_cleanly(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    (earlier,) = save_steps(store, 1)
+    store.checkpoints_dir.chmod(0o500)
+    try:
+        if os.access(store.checkpoints_dir, os.W_OK):
+            pytest.skip("running as root (with CAP_DAC_OVERRIDE): permissions are not enforced")
+        with pytest.raises(CheckpointError, match=r"step-00000002.*EACCES"):
+            store.save(2, model_state(), components(2))
+    finally:
+        store.checkpoints_dir.chmod(0o700)
+    assert store.list_checkpoints() == [earlier] and store.verify(earlier) == []
+
+
+@pytest.mark.parametrize(
+    ("function", "code"), [("fsync", errno.ENOSPC), ("rename", errno.EIO), ("write", errno.ENOSPC)]
+)
+def test_disk_errors_leave_earlier_checkpoints_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, function: str, code: int
+) -> None:
+    store = CheckpointStore(tmp_path)
+    (earlier,) = save_steps(store, 1)
+
+    def failing(*args: object) -> None:
+        raise OSError(code, os.strerror(code))
+
+    # Running as root, permissions cannot make the disk fail; the OS call itself is made to fail.
+    monkeypatch.setattr(os, function, failing)
+    with pytest.raises(CheckpointError, match=rf"{store.path_for(2)}.*{errno.errorcode[code]}") as info:
+        store.save(2, model_state(), components(2), extra_files={"config.yaml": b"x"})
+    monkeypatch.undo()
+    assert isinstance(info.value.__cause__, OSError)
+    assert sorted(p.name for p in store.checkpoints_dir.iterdir()) == ["step-00000001"]
+    assert store.verify(earlier) == []

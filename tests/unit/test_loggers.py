@@ -1,0 +1,262 @@
+"""Extra loggers against the real tools: files read back with each tool's own reader."""
+
+from __future__ import annotations
+
+import csv
+import sys
+
+import pytest
+
+from steadyfit.config import ConfigError
+from steadyfit.loggers.csv import CSVLogger
+from steadyfit.loggers.registry import build_loggers, row_kind, scalars
+from steadyfit.secrets import MASK, find_secrets_in_files
+
+SECRET = "hunter22-SECRET"
+CONFIG = {
+    "lr": 0.001,
+    "batch_size": 32,
+    "betas": [0.9, 0.999],
+    "hf_token": SECRET,
+    "data_url": f"https://ann:{SECRET}@data.example.com/digits",
+    "metric_for_best": None,
+}
+ROWS = [
+    {"kind": "train", "step": 10, "epoch": 0, "loss": 0.75, "lr": 0.001, "grad_norm": 1.5, "time_s": 1.0},
+    {"kind": "train", "step": 20, "epoch": 0, "loss": 0.5, "lr": 0.001, "grad_norm": 1.25, "time_s": 2.0},
+    {"kind": "eval", "step": 20, "epoch": 0, "eval_loss": 0.625, "eval_accuracy": 0.875, "time_s": 2.5},
+    {"kind": "diagnostic", "step": 20, "diagnostic": "nonfinite", "message": "skipped step 15"},
+    {"kind": "train", "step": 30, "epoch": 1, "loss": 0.25, "lr": 0.0005, "grad_norm": 1.0, "time_s": 3.0},
+]
+
+
+def test_scalars_name_tags_by_kind_and_drop_the_kind_prefix():
+    assert scalars(ROWS[0]) == {
+        "train/epoch": 0.0,
+        "train/loss": 0.75,
+        "train/lr": 0.001,
+        "train/grad_norm": 1.5,
+        "train/time_s": 1.0,
+    }
+    assert scalars(ROWS[2]) == {
+        "eval/epoch": 0.0,
+        "eval/loss": 0.625,
+        "eval/accuracy": 0.875,
+        "eval/time_s": 2.5,
+    }
+    assert scalars({"step": 1, "flag": True, "note": "x", "values": [1]}) == {}
+
+
+def test_row_kind_falls_back_on_eval_keys():
+    assert [row_kind(row) for row in ({"step": 1, "loss": 1.0}, {"step": 1, "eval_loss": 1.0}, ROWS[3])] == [
+        "train",
+        "eval",
+        "diagnostic",
+    ]
+
+
+def test_build_loggers_skips_jsonl_drops_duplicates_and_refuses_unknown_names(tmp_path):
+    loggers = build_loggers(["jsonl", "csv", "csv"], str(tmp_path), CONFIG)
+
+    assert [type(logger) for logger in loggers] == [CSVLogger]
+    with pytest.raises(ConfigError, match=r"unknown logger 'neptune'.*csv, tensorboard, mlflow, wandb"):
+        build_loggers(["neptune"], str(tmp_path), CONFIG)
+
+
+@pytest.mark.parametrize(
+    ("name", "module"),
+    [("tensorboard", "torch.utils.tensorboard"), ("mlflow", "mlflow"), ("wandb", "wandb")],
+)
+def test_a_missing_optional_library_names_the_extra_to_install(tmp_path, monkeypatch, name, module):
+    monkeypatch.setitem(sys.modules, module, None)  # what `import` sees when the package is absent
+
+    with pytest.raises(ConfigError, match=rf"pip install steadyfit\[{name}\]"):
+        build_loggers([name], str(tmp_path), CONFIG)
+
+
+def _read_csv(path):
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_csv_writes_one_file_per_kind_and_grows_the_header_for_new_keys(tmp_path):
+    logger = CSVLogger(str(tmp_path), CONFIG)
+    logger.log_params(CONFIG)
+    for row in ROWS:
+        logger.log_row(row)
+    logger.log_row({"kind": "train", "step": 40, "loss": 0.125, "loss_scale": 1024.0, "extra": [1, 2]})
+    logger.close()
+
+    train = _read_csv(tmp_path / "metrics_train.csv")
+    assert [row["step"] for row in train] == ["10", "20", "30", "40"]
+    assert [float(row["loss"]) for row in train] == [0.75, 0.5, 0.25, 0.125]
+    assert train[0]["loss_scale"] == "" and train[3]["loss_scale"] == "1024.0"
+    assert train[3]["extra"] == "[1, 2]" and train[3]["lr"] == ""
+    assert _read_csv(tmp_path / "metrics_eval.csv") == [
+        {"step": "20", "epoch": "0", "eval_loss": "0.625", "eval_accuracy": "0.875", "time_s": "2.5"}
+    ]
+    assert _read_csv(tmp_path / "metrics_diagnostic.csv")[0]["message"] == "skipped step 15"
+
+
+def test_csv_resumed_logger_appends_under_the_existing_header(tmp_path):
+    first = CSVLogger(str(tmp_path), CONFIG)
+    first.log_row(ROWS[0])
+    first.close()
+
+    second = CSVLogger(str(tmp_path), CONFIG)
+    second.log_row(ROWS[1])
+    second.log_row({"kind": "train", "step": 30, "loss": 0.25, "tokens_per_sec": 100.0})
+    second.close()
+
+    lines = (tmp_path / "metrics_train.csv").read_text().splitlines()
+    assert lines[0] == "step,epoch,loss,lr,grad_norm,time_s,tokens_per_sec"
+    assert [row["step"] for row in _read_csv(tmp_path / "metrics_train.csv")] == ["10", "20", "30"]
+
+
+def test_tensorboard_scalars_and_hparams_read_back_with_tensorboards_reader(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    (logger,) = build_loggers(["tensorboard"], str(tmp_path), CONFIG)
+    logger.log_params(CONFIG)
+    for row in ROWS:
+        logger.log_row(row)
+    logger.close()
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    loss = [(event.step, event.value) for event in events.Scalars("train/loss")]
+    assert loss == [(10, 0.75), (20, 0.5), (30, 0.25)]
+    assert [(event.step, event.value) for event in events.Scalars("eval/accuracy")] == [(20, 0.875)]
+    assert {"train/lr", "train/grad_norm", "eval/loss"} <= set(events.Tags()["scalars"])
+    assert set(events.Tags()["tensors"]) == {"config/text_summary", "diagnostic/nonfinite/text_summary"}
+    start = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(start).session_start_info.hparams
+    assert hparams["lr"].number_value == 0.001 and hparams["hf_token"].string_value == MASK
+    assert find_secrets_in_files(tmp_path, [SECRET]) == []
+
+
+def test_tensorboard_resumed_run_replaces_the_steps_it_repeats(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = build_loggers(["tensorboard"], str(tmp_path), CONFIG)[0]
+    for step in (10, 20, 30):
+        first.log_row({"kind": "train", "step": step, "loss": float(step)})
+    first.close()
+    # Killed after step 30, resumed from the checkpoint at step 20: steps 30 and 40 come again.
+    second = build_loggers(["tensorboard"], str(tmp_path), CONFIG)[0]
+    for step in (30, 40):
+        second.log_row({"kind": "train", "step": step, "loss": step / 10})
+    second.close()
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (10, 10.0),
+        (20, 20.0),
+        (30, 3.0),
+        (40, 4.0),
+    ]
+
+
+@pytest.fixture
+def mlflow_env(monkeypatch):
+    pytest.importorskip("mlflow")
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_mlflow_sqlite_store_holds_redacted_params_metrics_by_step_and_the_artifact(tmp_path, mlflow_env):
+    from mlflow.tracking import MlflowClient
+
+    run_dir = tmp_path / "digits-run"
+    (logger,) = build_loggers(["mlflow"], str(run_dir), CONFIG)
+    logger.log_params(CONFIG)
+    for row in ROWS:
+        logger.log_row(row)
+    weights = run_dir / "final" / "model.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"weights")
+    logger.log_artifact(str(weights.parent))
+    logger.close()
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    run = client.get_run((run_dir / "mlflow_run_id").read_text().strip())
+    assert run.info.run_name == "digits-run" and run.info.status == "FINISHED"
+    assert run.data.params == {
+        "lr": "0.001",
+        "batch_size": "32",
+        "betas": "[0.9, 0.999]",
+        "hf_token": MASK,
+        "data_url": "https://ann:***@data.example.com/digits",
+        "metric_for_best": "null",
+    }
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(10, 0.75), (20, 0.5), (30, 0.25)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval/accuracy")] == [
+        (20, 0.875)
+    ]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "final")] == ["final/model.safetensors"]
+    assert (run_dir / "mlflow-artifacts").is_dir() and find_secrets_in_files(run_dir, [SECRET]) == []
+
+
+def test_mlflow_resumed_logger_continues_the_same_run(tmp_path, mlflow_env):
+    from mlflow.tracking import MlflowClient
+
+    first = build_loggers(["mlflow"], str(tmp_path), CONFIG)[0]
+    first.log_params(CONFIG)
+    first.log_row(ROWS[0])
+    first.close()
+    second = build_loggers(["mlflow"], str(tmp_path), CONFIG)[0]
+    second.log_params({**CONFIG, "lr": 0.002})  # a changed value cannot overwrite an MLflow param
+    second.log_row(ROWS[1])
+    second.close()
+
+    assert second.run_id == first.run_id
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(first.run_id)
+    assert sorted(m.step for m in client.get_metric_history(first.run_id, "train/loss")) == [10, 20]
+    assert run.data.params["lr"] == "0.001" and run.data.tags["steadyfit.changed_params"] == "lr"
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_mlflow_honours_the_tracking_uri_environment_variable(tmp_path, mlflow_env):
+    from mlflow.tracking import MlflowClient
+
+    store = tmp_path / "shared.db"
+    mlflow_env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    mlflow_env.setenv("MLFLOW_EXPERIMENT_NAME", "team-experiment")
+
+    logger = build_loggers(["mlflow"], str(tmp_path / "run"), CONFIG)[0]
+    logger.log_row(ROWS[0])
+    logger.close()
+
+    assert store.exists() and not (tmp_path / "run" / "mlflow.db").exists()
+    experiment = MlflowClient(tracking_uri=f"sqlite:///{store}").get_experiment_by_name("team-experiment")
+    assert (
+        experiment is not None
+        and experiment.experiment_id == logger.client.get_run(logger.run_id).info.experiment_id
+    )
+
+
+def test_wandb_offline_run_is_written_under_the_run_dir_and_resumed_with_the_same_id(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    for name in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_RESUME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+    for attempt in range(2):
+        (logger,) = build_loggers(["wandb"], str(tmp_path), CONFIG)
+        logger.log_params(CONFIG)
+        logger.log_row(ROWS[attempt])
+        logger.close()
+
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    runs = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert runs, "no offline run directory"
+    records = b"".join(path.read_bytes() for run in runs for path in run.glob("*.wandb"))
+    assert b"train/loss" in records and b"global_step" in records
+    assert find_secrets_in_files(tmp_path, [SECRET]) == []
