@@ -72,6 +72,7 @@ class TrainConfig(BaseModel):
     on_nonfinite: Literal["skip", "raise"] = "skip"
     max_consecutive_skips: int = Field(default=10, ge=1)
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    fsdp_blocks: list[str] = Field(default_factory=list)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress: bool = True
     ema_decay: float | None = Field(default=None, gt=0, lt=1)

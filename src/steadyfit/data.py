@@ -90,7 +90,10 @@ class ResumableBatchSampler:
             order = torch.arange(self.length)
         step = self.global_batch_size
         for start in range(self.start_batch * step, self.length, step):
-            yield order[start : start + step][self.rank :: self.world_size].tolist()
+            share = order[start : start + step][self.rank :: self.world_size].tolist()
+            # An empty share of a short last batch gets a stand-in sample, weighted zero by the loop, so every
+            # rank runs the same number of forward/backward passes (collectives must match).
+            yield share or [int(order[start])]
 
 
 class TensorBatches:
@@ -200,14 +203,14 @@ def eval_batches(data: Any, spec: LoaderSpec) -> Iterable[Any]:
 def _map_style_loader(
     data: Any, sampler: ResumableBatchSampler, spec: LoaderSpec, epoch: int
 ) -> Iterable[Any]:
-    sampler_nonempty = _NonEmpty(sampler)
     if isinstance(data, TensorDataset) and spec.num_workers == 0 and spec.collate_fn is None:
-        return TensorBatches(data.tensors, sampler_nonempty)
+        return TensorBatches(data.tensors, sampler)
+    # Worker seeds come from this generator: a function of (seed, epoch, rank), never of the clock.
     generator = torch.Generator()
-    generator.manual_seed((spec.seed * 1_000_003 + epoch + 2 * _ORDER_SALT) % (2**63))
+    generator.manual_seed((spec.seed * 1_000_003 + epoch * 1009 + spec.rank + 2 * _ORDER_SALT) % (2**63))
     return DataLoader(
         data,
-        batch_sampler=sampler_nonempty,
+        batch_sampler=sampler,
         num_workers=spec.num_workers,
         collate_fn=spec.collate_fn,
         pin_memory=spec.pin_memory,
@@ -215,19 +218,6 @@ def _map_style_loader(
         generator=generator,
         persistent_workers=False,
     )
-
-
-class _NonEmpty:
-    """Drops empty index lists (a rank's share of a short last batch can be empty)."""
-
-    def __init__(self, sampler: ResumableBatchSampler) -> None:
-        self.sampler = sampler
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return (indices for indices in self.sampler if indices)
 
 
 def _skip(loader: Iterable[Any], count: int) -> Iterator[Any]:
@@ -257,6 +247,33 @@ def count_samples(batch: Any) -> int:
     if isinstance(batch, torch.Tensor) and batch.dim() > 0:
         return int(batch.shape[0])
     raise ValueError(f"cannot count the samples of a batch of type {type(batch).__name__}")
+
+
+def split_batch(batch: Any, size: int) -> list[Any]:
+    """Cut a batch into pieces of at most ``size`` samples along the first dimension (for micro-batching)."""
+    if isinstance(batch, torch.Tensor):
+        return list(batch.split(size))
+    if isinstance(batch, dict):
+        keys = list(batch)
+        parts = [split_batch(batch[key], size) if _is_batched(batch[key]) else None for key in keys]
+        count = max(len(p) for p in parts if p is not None)
+        return [
+            {
+                key: (part[i] if part is not None else batch[key])
+                for key, part in zip(keys, parts, strict=True)
+            }
+            for i in range(count)
+        ]
+    if isinstance(batch, (tuple, list)):
+        parts = [split_batch(item, size) for item in batch]
+        return [type(batch)(part[i] for part in parts) for i in range(len(parts[0]))]
+    raise ValueError(f"micro_batch_size: cannot split a batch of type {type(batch).__name__}")
+
+
+def _is_batched(value: Any) -> bool:
+    return isinstance(value, (torch.Tensor, tuple, list, dict)) and not (
+        isinstance(value, torch.Tensor) and value.dim() == 0
+    )
 
 
 def move_to(batch: Any, device: torch.device, non_blocking: bool) -> Any:

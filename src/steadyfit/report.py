@@ -27,6 +27,7 @@ _COST_SUFFIXES = ("_s", "_per_sec", "_per_second", "_bytes", "_runtime")
 
 # A loss or gradient norm spanning more than this factor reads better on a log axis.
 _LOG_SCALE_RATIO = 20.0
+_LABEL_MINOR_DECADES = 2.5
 _DPI = 110
 _PANEL_WIDTH_IN = 6.2
 _PANEL_HEIGHT_IN = 3.3
@@ -84,11 +85,17 @@ def latest_attempt(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             if kind in last_step and (
                 step < last_step[kind] or (kind == "train" and step == last_step[kind])
             ):
-                kept = [old for old in kept if (row_step(old) is None or row_step(old) < step)]  # type: ignore[operator]
+                kept = [old for old in kept if _is_before(old, step)]
                 last_step = {k: v for k, v in last_step.items() if v < step}
             last_step[kind] = step
         kept.append(row)
     return kept
+
+
+def _is_before(row: dict[str, Any], step: int) -> bool:
+    """Whether a row stays when a resume restarts at ``step`` (rows without a step always stay)."""
+    row_at = row_step(row)
+    return row_at is None or row_at < step
 
 
 @dataclass
@@ -109,14 +116,13 @@ class _Run:
         return [row for row in self.rows if row_kind(row) == kind]
 
     def series(self, kind: str, key: str) -> tuple[list[int], list[float]]:
-        """Steps and values of one numeric key over the rows of one kind."""
-        steps, values = [], []
+        """Steps and values of one numeric key in the rows of one kind (a repeated step keeps its last)."""
+        by_step: dict[int, float] = {}
         for row in self.of_kind(kind):
             step, value = row_step(row), row.get(key)
             if step is not None and _is_number(value):
-                steps.append(step)
-                values.append(float(value))
-        return steps, values
+                by_step[step] = float(value)
+        return list(by_step), list(by_step.values())
 
 
 def _read_config(run_dir: Path) -> dict[str, Any]:
@@ -135,8 +141,10 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     """The numbers that say how a run went, from metrics.jsonl and config.yaml.
 
     Returns:
-        A dict with ``run_dir``; ``finished`` (a summary row was written); ``steps`` (last step logged);
-        ``epoch``; ``wall_time_s`` (time spent, summed over resumed attempts; None without ``time_s``);
+        A dict with ``run_dir``; ``finished`` (a summary row was written) and its ``stop_reason``;
+        ``steps`` (last step logged); ``epoch``; ``wall_time_s`` (time spent, summed over resumed
+        attempts: from ``time_s`` when rows carry it, else the train rows' ``step_time_s`` times the
+        steps each covers; None without either);
         ``nonfinite_skips``; ``diagnostics`` (count) and ``diagnostic_counts`` (by name); ``best``
         (``{"metric", "value", "step"}`` of ``metric_for_best``, default ``eval_loss``, or None);
         ``final`` (last train loss and lr, last eval row's ``eval_*`` values); ``samples_per_sec``
@@ -150,7 +158,10 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         >>> summary["best"]  # doctest: +SKIP
         {'metric': 'eval_accuracy', 'value': 0.98, 'step': 500}
     """
-    run = _Run.load(run_dir)
+    return _summarize(_Run.load(run_dir))
+
+
+def _summarize(run: _Run) -> dict[str, Any]:
     train, evals = run.of_kind("train"), run.of_kind("eval")
     positioned = [row for row in train + evals if row_step(row) is not None]
     diagnostics = Counter(str(row.get("diagnostic", "unnamed")) for row in run.of_kind("diagnostic"))
@@ -162,12 +173,14 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     throughput = [float(row["samples_per_sec"]) for row in train if _is_number(row.get("samples_per_sec"))]
     skips = [row["nonfinite_skips"] for row in run.rows if _is_number(row.get("nonfinite_skips"))]
     epochs = [row["epoch"] for row in positioned if _is_number(row.get("epoch"))]
+    ended = run.of_kind("summary")
     return {
         "run_dir": str(run.run_dir),
-        "finished": any(row_kind(row) == "summary" for row in run.rows),
+        "finished": bool(ended),
+        "stop_reason": ended[-1].get("stop_reason") if ended else None,
         "steps": max((row_step(row) or 0 for row in positioned), default=0),
         "epoch": epochs[-1] if epochs else None,
-        "wall_time_s": _wall_time_s(run.all_rows),
+        "wall_time_s": _wall_time_s(run.all_rows) or _step_time_total_s(train),
         # A running total in every row (restored on resume): the largest is the run's count.
         "nonfinite_skips": int(max(skips, default=0)),
         "diagnostics": sum(diagnostics.values()),
@@ -176,6 +189,18 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         "final": final,
         "samples_per_sec": statistics.median(throughput) if throughput else None,
     }
+
+
+def _step_time_total_s(train: list[dict[str, Any]]) -> float | None:
+    """Without ``time_s``: each train row's ``step_time_s`` times the steps its logging window covers."""
+    total, previous, seen = 0.0, 0, False
+    for row in train:
+        step, step_time = row_step(row), row.get("step_time_s")
+        if step is not None and _is_number(step_time):
+            total += step_time * max(step - previous, 0)
+            seen = True
+        previous = step if step is not None else previous
+    return total if seen else None
 
 
 def _wall_time_s(rows: list[dict[str, Any]]) -> float | None:
@@ -221,7 +246,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         non-finite   0 steps skipped
         diagnostics  none
     """
-    state = "finished" if summary["finished"] else "in progress"
+    state = "in progress"
+    if summary["finished"]:
+        state = f"finished: {summary['stop_reason']}" if summary.get("stop_reason") else "finished"
     progress = [f"step {summary['steps']}"]
     if summary["epoch"] is not None:
         progress.append(f"epoch {summary['epoch']}")
@@ -232,14 +259,14 @@ def format_summary(summary: dict[str, Any]) -> str:
     best = summary["best"]
     best_text = f"{best['metric']} = {best['value']:.4g} at step {best['step']}" if best else "no eval yet"
     final = " · ".join(f"{key} {value:.4g}" for key, value in summary["final"].items()) or "no metrics yet"
-    counts = summary["diagnostic_counts"]
+    counts, skips = summary["diagnostic_counts"], summary["nonfinite_skips"]
     diagnostics = ", ".join(f"{name} ×{count}" for name, count in counts.items()) if counts else "none"
     lines = [
         ("run", f"{summary['run_dir']} ({state})"),
         ("progress", ", ".join(progress)),
         ("best", best_text),
         ("final", final),
-        ("non-finite", f"{summary['nonfinite_skips']} steps skipped"),
+        ("non-finite", f"{skips} step{'' if skips == 1 else 's'} skipped"),
         ("diagnostics", diagnostics),
     ]
     return "\n".join(f"{label:<12} {text}" for label, text in lines)
@@ -329,7 +356,7 @@ def write_report(
 def _title(runs: list[_Run]) -> str:
     if len(runs) > 1:
         return "steadyfit — " + " vs ".join(_labels(runs))
-    summary = summarize(runs[0].run_dir)
+    summary = _summarize(runs[0])
     parts = [f"steadyfit — {runs[0].run_dir.name}", f"step {summary['steps']}"]
     if summary["best"]:
         best = summary["best"]
@@ -361,12 +388,10 @@ def _panels(runs: list[_Run]) -> list[_Panel]:
     for index, (run, label) in enumerate(zip(runs, labels, strict=True)):
         color = f"C{index % 10}"
         prefix = "" if single else f"{label} "
-        loss.append(_Curve(f"{prefix}train", *run.series("train", "loss"), color if not single else "C0"))
-        loss.append(
-            _Curve(
-                f"{prefix}eval", *run.series("eval", "eval_loss"), color if not single else "C1", "--", "o"
-            )
-        )
+        # One run: train and eval in two colours; several: one colour per run, eval dashed.
+        train_color, eval_color = ("C0", "C1") if single else (color, color)
+        loss.append(_Curve(f"{prefix}train", *run.series("train", "loss"), train_color))
+        loss.append(_Curve(f"{prefix}eval", *run.series("eval", "eval_loss"), eval_color, "--", "o"))
         for number, key in enumerate(_eval_metric_keys(run)):
             metric_color = f"C{number % 10}" if single else color
             style = "-" if single else ("-", "--", ":", "-.")[number % 4]
@@ -387,7 +412,7 @@ def _panels(runs: list[_Run]) -> list[_Panel]:
         _Panel("Loss", "loss", loss, log_if_wide=True, marks=_skip_steps(runs[0]) if single else ()),
         _Panel("Eval metrics", "value", metrics),
         _Panel("Learning rate", "learning rate", lr),
-        _Panel("Gradient norm", "grad norm (before clipping)", grad, log_if_wide=True),
+        _Panel("Gradient norm", "gradient norm", grad, log_if_wide=True),
         _Panel("Throughput", "samples / s", samples, from_zero=True),
         _Panel("Token throughput", "tokens / s", tokens, from_zero=True),
         _Panel("Memory", "GiB", memory, from_zero=True),
@@ -417,6 +442,21 @@ def _skip_steps(run: _Run) -> list[int]:
     return marks
 
 
+def _log_axis(ax: Any, decades: float) -> None:
+    """A log y axis with plain numbers (0.2, not 2x10^-1); over few decades 2 and 5 are labelled too."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    if decades <= _LABEL_MINOR_DECADES:
+        ax.yaxis.set_minor_formatter(FuncFormatter(_minor_label))
+
+
+def _minor_label(value: float, _: Any) -> str:
+    mantissa = round(value / 10 ** math.floor(math.log10(value)), 6) if value > 0 else 0
+    return f"{value:g}" if mantissa in (2, 5) else ""
+
+
 def _draw(ax: Any, panel: _Panel) -> None:
     curves = [curve for curve in panel.curves if curve.steps]
     for curve in curves:
@@ -441,7 +481,7 @@ def _draw(ax: Any, panel: _Panel) -> None:
         )
     finite = [v for curve in curves for v in curve.values if math.isfinite(v)]
     if panel.log_if_wide and finite and min(finite) > 0 and max(finite) / min(finite) > _LOG_SCALE_RATIO:
-        ax.set_yscale("log")
+        _log_axis(ax, decades=math.log10(max(finite) / min(finite)))
     ax.set_title(panel.title, fontsize=11, loc="left")
     ax.set_xlabel("step")
     # A lone eval metric has no legend: its name goes on the axis.

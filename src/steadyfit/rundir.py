@@ -6,6 +6,8 @@ Everything fit() writes to disk goes through here, so the loop in trainer.py sta
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +15,13 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from steadyfit.checkpoint import AsyncCheckpointWriter, CheckpointError, CheckpointStore, RunLock
+from steadyfit.checkpoint import (
+    AsyncCheckpointWriter,
+    CheckpointError,
+    CheckpointStore,
+    RunLock,
+    RunLockedError,
+)
 from steadyfit.checkpoint.layout import CHECKPOINTS_DIR, step_dir_name
 from steadyfit.config import ConfigError
 from steadyfit.loggers.base import Logger
@@ -31,9 +39,7 @@ if TYPE_CHECKING:
 CONFIG_FILE = "config.yaml"
 FINAL_DIR = "final"
 FINAL_MODEL_FILE = "model.safetensors"
-
-# Changing any of these on resume would silently break exactness (different data order or step content).
-RESUME_LOCKED_FIELDS = ("seed", "batch_size", "grad_accum_steps")
+FINAL_EMA_FILE = "ema.safetensors"
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
@@ -46,11 +52,24 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     os.replace(tmp, path)
 
 
-def contiguous_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with shared storage broken (safetensors refuses aliased tensors)."""
+def write_weights(path: Path, tensors: dict[str, torch.Tensor], step: int) -> None:
+    """Write a safetensors file atomically (temporary name, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"step": str(step)})
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def detach_all(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach() for name, tensor in tensors.items()}
+
+
+def contiguous_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with shared storage broken (safetensors refuses aliased tensors)."""
     state: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in tensors.items():
         tensor = tensor.detach()
         key = tensor.untyped_storage().data_ptr() if tensor.numel() else None
         if key is not None and key in seen:
@@ -66,6 +85,8 @@ class RunDirectory:
 
     def __init__(self, trainer: Trainer, total_steps: int | None) -> None:
         self.trainer = trainer
+        self.dist = trainer.dist
+        self.is_main = trainer.dist.is_main
         self.config = trainer.config
         self.path = Path(self.config.run_dir)
         self.total_steps = total_steps
@@ -77,9 +98,23 @@ class RunDirectory:
         self.last_checkpoint: str | None = None
         self.last_saved_step: int | None = None
         self._committed: list[str] = []
+        self.started = time.perf_counter()
 
     # ------------------------------------------------------------------------------------ lifecycle
     def __enter__(self) -> RunDirectory:
+        # Rank 0 alone writes to the run directory; the others learn whether it could start.
+        error: BaseException | None = None
+        if self.is_main:
+            try:
+                self._open()
+            except (ConfigError, CheckpointError, RunLockedError, OSError) as exc:
+                error = exc
+        error = self.dist.broadcast_object(error)
+        if error is not None:
+            raise error
+        return self
+
+    def _open(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         self.lock.__enter__()
         try:
@@ -95,9 +130,10 @@ class RunDirectory:
         except BaseException:
             self.lock.__exit__(None, None, None)
             raise
-        return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if not self.is_main:
+            return
         try:
             self.writer.close()
         finally:
@@ -107,13 +143,42 @@ class RunDirectory:
             self.lock.__exit__(exc_type, exc, tb)
 
     def log(self, row: dict[str, Any]) -> None:
+        row.setdefault("time_s", round(time.perf_counter() - self.started, 3))
         for logger in self.loggers:
             logger.log_row(row)
         self.progress.log(row)
 
     # ------------------------------------------------------------------------------------ resume
     def resume_or_start(self) -> None:
-        """Restore the newest good checkpoint (``resume=auto``), a named one (PATH), or start fresh."""
+        """Restore the newest good checkpoint (``resume=auto``), a named one (PATH), or start fresh.
+
+        Rank 0 chooses; every rank loads the same checkpoint.
+        """
+        choice: Path | BaseException | None = None
+        if self.is_main:
+            try:
+                choice = self._choose_checkpoint()
+            except (ConfigError, CheckpointError) as exc:
+                choice = exc
+        choice = self.dist.broadcast_object(choice)
+        if isinstance(choice, BaseException):
+            raise choice
+        path = choice
+        self.progress = Progress(self.config.progress and self.is_main, self.total_steps)
+        if path is None:
+            if self.is_main:
+                truncate_history(self.path, 0)
+            return
+        self._load(path)
+        if self.is_main:
+            truncate_history(self.path, self.trainer.state.step)
+        self.progress.close()
+        self.progress = Progress(
+            self.config.progress and self.is_main, self.total_steps, initial_step=self.trainer.state.step
+        )
+        self.progress.message(f"steadyfit: resumed from {path} at step {self.trainer.state.step}")
+
+    def _choose_checkpoint(self) -> Path | None:
         mode = self.config.resume
         existing = self.store.list_checkpoints()
         if mode == "never":
@@ -137,28 +202,15 @@ class RunDirectory:
             path = Path(mode)
             if not path.is_dir():
                 raise ConfigError(f"resume: {mode!r} is not a checkpoint directory")
-        self.progress = Progress(self.config.progress, self.total_steps)
-        if path is None:
-            truncate_history(self.path, 0)
-            return
-        self._load(path)
-        truncate_history(self.path, self.trainer.state.step)
-        self.progress.close()
-        self.progress = Progress(self.config.progress, self.total_steps, initial_step=self.trainer.state.step)
-        self.progress.message(f"steadyfit: resumed from {path} at step {self.trainer.state.step}")
+        return path
 
     def _load(self, path: Path) -> None:
         trainer = self.trainer
         model_state, components, extra_files = self.store.load(path)
         saved_config = yaml.safe_load(extra_files.get(CONFIG_FILE, b"{}")) or {}
-        for field in RESUME_LOCKED_FIELDS:
-            if field in saved_config and saved_config[field] != getattr(self.config, field):
-                raise ConfigError(
-                    f"{field}: the checkpoint {path} was trained with {field}={saved_config[field]!r}, "
-                    f"this run asks for {getattr(self.config, field)!r}; resuming would not be exact. "
-                    "Use the same value or a new run_dir (extending max_steps / max_epochs is allowed)"
-                )
         state = TrainState.from_dict(components["trainer_state"])
+        saved_world = int(state.extra.get("world_size", 1))
+        self._check_compatible(path, saved_config, saved_world)
         saved_length = state.extra.get("dataset_length")
         length = _length(trainer.train_data)
         if saved_length is not None and length is not None and saved_length != length:
@@ -166,15 +218,55 @@ class RunDirectory:
                 f"train_data: the checkpoint {path} was trained on {saved_length} samples, this run has "
                 f"{length}; resuming would not be exact. Use the same data or a new run_dir"
             )
-        trainer.model.load_state_dict(model_state)
-        trainer.optimizer.load_state_dict(components["optimizer"])
+        self.dist.load_model_state(trainer.model, model_state)
+        self.dist.load_optimizer_state(trainer.model, trainer.optimizer, components["optimizer"])
         trainer.scheduler.load_state_dict(components["scheduler"])
         trainer.precision.load_state_dict(components.get("precision", {}))
-        restore_rng(components["rng"])
+        if trainer.ema is not None:
+            if "ema" not in components:
+                raise ConfigError(
+                    f"ema_decay: the checkpoint {path} holds no EMA weights; resume without ema_decay"
+                )
+            trainer.ema.load_state_dict(components["ema"])
+        rng_states = components["rng"]["ranks"]
+        # Same world size: each rank continues its own streams. A resharded FSDP resume (other world size)
+        # continues correctly but not bitwise: there is no saved stream for a new rank.
+        restore_rng(rng_states[self.dist.rank] if self.dist.rank < len(rng_states) else rng_states[0])
         trainer.state = state
         trainer.window_stats.load_state_dict(state.extra.get("window_stats", {}))
         self.last_checkpoint = str(path)
         self.last_saved_step = state.step
+
+    def _check_compatible(self, path: Path, saved: dict[str, Any], saved_world: int) -> None:
+        """Refuse what would silently break exactness; extending max_steps / max_epochs is allowed."""
+        config, world = self.config, self.dist.world_size
+        checks = [
+            ("seed", saved.get("seed", config.seed), config.seed),
+            (
+                "grad_accum_steps",
+                saved.get("grad_accum_steps", config.grad_accum_steps),
+                config.grad_accum_steps,
+            ),
+            # The global batch fixes which samples each step sees; a resharded run must keep it.
+            (
+                "batch_size",
+                saved.get("batch_size", config.batch_size) * saved_world,
+                config.batch_size * world,
+            ),
+        ]
+        for field, before, now in checks:
+            if before != now:
+                what = "global batch (batch_size x world size)" if field == "batch_size" else field
+                raise ConfigError(
+                    f"{field}: the checkpoint {path} was trained with {what} {before!r}, this run asks for "
+                    f"{now!r}; resuming would not be exact. Use the same value or a new run_dir "
+                    "(extending max_steps / max_epochs is allowed)"
+                )
+        if saved_world != world and self.dist.strategy != "fsdp":
+            raise ConfigError(
+                f"world size: the checkpoint {path} was written by {saved_world} rank(s), this run has "
+                f"{world}; only strategy=fsdp resumes on another world size (with the same global batch)"
+            )
 
     # ------------------------------------------------------------------------------------ saving
     def save_if_due(self) -> None:
@@ -192,19 +284,33 @@ class RunDirectory:
         self.save(force=True)
 
     def save(self, force: bool = False) -> None:
-        """Snapshot everything to host memory now; write, fsync and commit in the background."""
+        """Snapshot everything to host memory now; write, fsync and commit in the background.
+
+        Every rank calls it at the same step (gathering FSDP shards and RNG states are collectives); rank 0
+        alone writes.
+        """
         trainer, state = self.trainer, self.trainer.state
         if self.last_saved_step == state.step and not force:
             return
         state.extra["dataset_length"] = _length(trainer.train_data)
+        state.extra["world_size"] = self.dist.world_size
         state.extra["window_stats"] = trainer.window_stats.state_dict()
+        model_state = self.dist.model_state(trainer.model)
+        optimizer_state = self.dist.optimizer_state(trainer.model, trainer.optimizer)
+        rng_states = self.dist.gather_objects(capture_rng())
+        self.last_checkpoint = str(self._checkpoint_path(state.step))
+        self.last_saved_step = state.step
+        if not self.is_main:
+            return
         components = {
-            "optimizer": trainer.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": trainer.scheduler.state_dict(),
             "precision": trainer.precision.state_dict(),
             "trainer_state": state.to_dict(),
-            "rng": capture_rng(),
+            "rng": {"ranks": rng_states},
         }
+        if trainer.ema is not None:
+            components["ema"] = trainer.ema.state_dict()
         extra_files = {
             CONFIG_FILE: yaml.safe_dump(redact(self.config.to_yaml_dict()), sort_keys=False).encode()
         }
@@ -216,23 +322,27 @@ class RunDirectory:
             self.store.rotate(keep_last, protect=protect)
             self._committed.append(str(path))
 
-        self.writer.submit(
-            state.step, contiguous_state(trainer.model), components, extra_files, on_done=committed
-        )
-        self.last_checkpoint = str(self._checkpoint_path(state.step))
-        self.last_saved_step = state.step
+        self.writer.submit(state.step, detach_all(model_state), components, extra_files, on_done=committed)
+
+    def wait_for_commit(self) -> None:
+        """Block until the last save is committed; every rank returns only after rank 0's commit."""
+        if self.is_main:
+            self.writer.wait()
+            self.fire_committed()
+        self.dist.barrier()
 
     def fire_committed(self) -> None:
         """Tell callbacks about checkpoints the writer has committed since the last call."""
         while self._committed:
             path = self._committed.pop(0)
-            self.trainer.callbacks.fire("on_checkpoint_saved", self.trainer, self.trainer.state, path)
+            trainer = self.trainer
+            trainer.callbacks.fire("on_checkpoint_saved", trainer, trainer.state, path)
 
-    def preempt(self, signum: int) -> None:
-        """A signal arrived: checkpoint this step boundary, wait for the commit, and exit 143 / 130."""
+    def preempt(self, signum: int | None) -> None:
+        """A signal reached some rank: checkpoint this step boundary, wait for the commit, exit 143 or 130."""
         self.save()
-        self.writer.wait()
-        self.fire_committed()
+        self.wait_for_commit()
+        signum = signum or signal.SIGTERM
         self.progress.message(
             f"steadyfit: preempted by signal {signum}; checkpoint {self.last_checkpoint} written"
         )
@@ -242,19 +352,23 @@ class RunDirectory:
         """Final checkpoint, best weights if asked, and RUN_DIR/final/model.safetensors."""
         trainer, state = self.trainer, self.trainer.state
         self.save()
-        self.writer.wait()
-        self.fire_committed()
+        self.wait_for_commit()
         if self.config.load_best_at_end and state.best_checkpoint:
             model_state, _, _ = self.store.load(Path(state.best_checkpoint))
-            trainer.model.load_state_dict(model_state)
+            self.dist.load_model_state(trainer.model, model_state)
+        final_weights = self.dist.model_state(trainer.model)
+        if not self.is_main:
+            return
         final_dir = self.path / FINAL_DIR
         final_dir.mkdir(exist_ok=True)
         final_path = final_dir / FINAL_MODEL_FILE
-        tmp = final_dir / f".{FINAL_MODEL_FILE}.tmp"
-        save_file(contiguous_state(trainer.model), str(tmp), metadata={"step": str(state.step)})
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, final_path)
+        write_weights(final_path, contiguous_state(final_weights), step=state.step)
+        if trainer.ema is not None:
+            write_weights(
+                final_dir / FINAL_EMA_FILE,
+                contiguous_state(trainer.ema.state_dict_of_module()),
+                step=state.step,
+            )
         summary = {
             "kind": "summary",
             "step": state.step,

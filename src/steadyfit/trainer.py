@@ -37,7 +37,10 @@ import torch
 from steadyfit import data as data_mod
 from steadyfit.callbacks import Callback, CallbackList
 from steadyfit.config import ConfigError, TrainConfig, make_config
+from steadyfit.distributed import Distributed, full_tensor, local_share, local_tensor
+from steadyfit.ema import WeightEMA
 from steadyfit.guard import NonFiniteGuard
+from steadyfit.loggers.window import WindowStats
 from steadyfit.loss import as_sum_and_count, model_loss
 from steadyfit.metrics import MetricAccumulator
 from steadyfit.optim import resolve_optimizer
@@ -48,17 +51,6 @@ from steadyfit.schedules import resolve_scheduler
 from steadyfit.signals import PreemptionFlag
 from steadyfit.state import FitResult, TrainState
 from steadyfit.tracking import BestTracker, metric_key
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; ``cuda`` without a GPU is a config error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "device: 'cuda' was asked for but no CUDA device is available; use device=cpu or auto"
-        )
-    return torch.device(name)
 
 
 class Trainer:
@@ -102,7 +94,8 @@ class Trainer:
         collate_fn: Callable[..., Any] | None = None,
     ) -> None:
         self.config = config if isinstance(config, TrainConfig) else make_config(dict(config or {}))
-        self.device = resolve_device(self.config.device)
+        self.dist = Distributed.setup(self.config)
+        self.device = self.dist.device(self.config.device)
         self.model = model.to(self.device)
         self.train_data = train_data
         self.eval_data = eval_data
@@ -119,6 +112,8 @@ class Trainer:
             seed=self.config.seed,
             pin_memory=self.device.type == "cuda",
             collate_fn=collate_fn,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
         self.non_blocking = self.device.type == "cuda"
         self._user_optimizer = optimizer
@@ -129,6 +124,7 @@ class Trainer:
         self.tracker = self._build_tracker()
         self.run: RunDirectory | None = None
         self._params: list[torch.nn.Parameter] = []
+        self._preempt_votes: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------------------- public
     def fit(self) -> FitResult:
@@ -150,18 +146,21 @@ class Trainer:
         set_deterministic(config.deterministic)
         self._prepare_optimization()
         self.run = RunDirectory(self, total_steps=self.total_steps)
-        with self.run, PreemptionFlag() as preemption:
-            try:
-                self.run.resume_or_start()
-                self.model.train()
-                self.callbacks.fire("on_fit_start", self, self.state)
-                while not self._is_done():
-                    self._train_epoch(preemption)
-                self._finish()
-                self.callbacks.fire("on_fit_end", self, self.state)
-            except BaseException as exc:
-                self.callbacks.fire("on_exception", self, self.state, exc)
-                raise
+        try:
+            with self.run, PreemptionFlag() as preemption:
+                try:
+                    self.run.resume_or_start()
+                    self.model.train()
+                    self.callbacks.fire("on_fit_start", self, self.state)
+                    while not self._is_done():
+                        self._train_epoch(preemption)
+                    self._finish()
+                    self.callbacks.fire("on_fit_end", self, self.state)
+                except BaseException as exc:
+                    self.callbacks.fire("on_exception", self, self.state, exc)
+                    raise
+        finally:
+            self._leave_process_group()
         return self._result()
 
     def evaluate(self, data: Any = None) -> dict[str, float]:
@@ -176,23 +175,38 @@ class Trainer:
         data = self.eval_data if data is None else data
         if data is None:
             raise ConfigError("eval_data: evaluate() needs data; pass eval_data=... to the Trainer")
+        metrics = self._evaluate_model(self.model, data)
+        if getattr(self, "ema", None) is not None:
+            ema_metrics = self._evaluate_model(self.ema.module, data)
+            metrics.update({f"ema_{key}": value for key, value in ema_metrics.items()})
+        return metrics
+
+    def _evaluate_model(self, model: torch.nn.Module, data: Any) -> dict[str, float]:
         accumulator = MetricAccumulator(self.metrics, self.device)
-        was_training = self.model.training
-        self.model.eval()
+        was_training = model.training
+        model.eval()
         try:
             with torch.no_grad():
-                for batch in data_mod.eval_batches(data, self.spec):
+                for index, batch in enumerate(data_mod.eval_batches(data, self.spec)):
                     batch = data_mod.move_to(batch, self.device, self.non_blocking)
-                    num_samples = data_mod.count_samples(batch)
+                    num_samples = self._eval_samples_in(data, batch, index)
                     with self.precision.autocast():
-                        outputs, value, targets = self._forward(self.model, batch)
+                        outputs, value, targets = self._forward(model, batch)
+                    if num_samples == 0:
+                        continue  # a stand-in that only kept this rank in step with the others
                     total, count, _ = as_sum_and_count(value, num_samples)
                     accumulator.add_loss(total, count)
                     accumulator.add_batch(outputs, targets, num_samples)
         finally:
-            self.model.train(was_training)
-        # One host read (and, under several ranks, one collective) for the whole evaluation.
-        return accumulator.compute()
+            model.train(was_training)
+        # One host read and, under several ranks, one collective for the whole evaluation.
+        return accumulator.compute(reduce=self.dist.all_reduce_sum if self.dist.is_distributed else None)
+
+    def _eval_samples_in(self, data: Any, batch: Any, batch_index: int) -> int:
+        if self.dist.is_distributed and data_mod.is_map_style(data):
+            size = self.config.resolved_eval_batch_size * self.dist.world_size
+            return local_share(len(data), size, self.dist.world_size, self.dist.rank, batch_index)
+        return data_mod.count_samples(batch)
 
     def predict(self, data: Any) -> Any:
         """The model's outputs over ``data``, in order (tensors concatenated along the batch dimension).
@@ -239,7 +253,7 @@ class Trainer:
         # (the last window of an epoch may be short).
         window = list(itertools.islice(micro_batches, config.grad_accum_steps))
         while window:
-            stepped = self._train_step(window)
+            stepped = self._train_step(window, state.batch_in_epoch, preemption)
             state.batch_in_epoch += len(window)
             window = list(itertools.islice(micro_batches, config.grad_accum_steps))
             # Fetching the next window first tells whether this step ended the epoch, so a checkpoint
@@ -249,41 +263,52 @@ class Trainer:
                 state.epoch += 1
                 state.batch_in_epoch = 0
             self._after_step(stepped, epoch_ended)
-            if preemption.is_set:
+            if self._is_preempted(preemption):
                 self.run.preempt(preemption.signum)
             if epoch_ended:
                 self.callbacks.fire("on_epoch_end", self, state)
             if self._is_done():
                 return
 
-    def _train_step(self, window: list[Any]) -> bool:
+    def _train_step(self, window: list[Any], first_index: int, preemption: PreemptionFlag) -> bool:
         """One optimizer step over a window of micro-batches. Returns False when the step was skipped."""
         optimizer, precision = self.optimizer, self.precision
-        sample_counts = [data_mod.count_samples(batch) for batch in window]
+        sample_counts = [self._samples_in(batch, first_index + i) for i, batch in enumerate(window)]
         window_samples = sum(sample_counts)
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=self.device)
-        loss_count: Any = 0
-        sums_need_normalising = False
-        for micro_batch, num_samples in zip(window, sample_counts, strict=True):
-            micro_batch = data_mod.move_to(micro_batch, self.device, self.non_blocking)
-            with precision.autocast():
-                _, value, _ = self._forward(self._train_model, micro_batch)
-            total, count, is_pair = as_sum_and_count(value, num_samples)
-            if is_pair:
-                # (sum, count): backward the sum; the grads are divided by the window's count afterwards.
-                backward_loss, sums_need_normalising = total, True
-            elif num_samples == window_samples:
-                backward_loss = value  # one micro-batch: exactly the plain loop's backward
-            else:
-                backward_loss = value * (num_samples / window_samples)
-            precision.scale(backward_loss).backward()
-            loss_sum = loss_sum + total.detach().float()
-            loss_count = loss_count + count
+        while True:
+            try:
+                loss_sum, loss_count, is_pair = self._accumulate(window, sample_counts, window_samples)
+                break
+            except torch.OutOfMemoryError:
+                if self.config.micro_batch_size != "auto" or (self.micro_limit or 2) <= 1:
+                    raise
+                # Halve the forward size and redo the window: same samples, same weighting, same result.
+                self.micro_limit = max(1, (self.micro_limit or max(sample_counts)) // 2)
+                optimizer.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.run.progress.message(
+                    f"steadyfit: out of memory; micro-batches of {self.micro_limit} now"
+                )
         precision.unscale_(optimizer)
-        if sums_need_normalising:
-            grads = [p.grad for p in self._params if p.grad is not None]
-            torch._foreach_div_(grads, torch.as_tensor(loss_count, device=self.device, dtype=torch.float32))
+        if self.dist.is_distributed:
+            # One small collective per step: the window's count and loss over all ranks (exact normalisation,
+            # honest logging), with the preemption vote riding on the same reduction.
+            totals = torch.stack(
+                [
+                    torch.as_tensor(loss_count, dtype=torch.float64, device=self.device),
+                    loss_sum.to(torch.float64),
+                    torch.tensor(float(preemption.is_set), dtype=torch.float64, device=self.device),
+                    torch.tensor(float(window_samples), dtype=torch.float64, device=self.device),
+                ]
+            )
+            self.dist.all_reduce_sum(totals)
+            loss_count, loss_sum, self._preempt_votes = totals[0], totals[1], totals[2]
+            window_samples = self._global_samples(first_index, len(window), totals[3])
+            # DDP / FSDP averaged the grads over ranks; make it a sum over the global count.
+            self._divide_grads(totals[0] / self.dist.world_size)
+        elif is_pair:
+            self._divide_grads(loss_count)
         grad_norm = self._clip_and_norm()
         if not self.guard.is_finite(loss_sum, grad_norm):
             self._skip_step(loss_sum)
@@ -292,10 +317,83 @@ class Trainer:
         precision.step(optimizer)
         precision.update()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         self.state.step += 1
         self.state.samples_seen += window_samples
         self.window_stats.add(loss_sum, loss_count, window_samples, grad_norm)
         return True
+
+    def _accumulate(
+        self, window: list[Any], sample_counts: list[int], window_samples: int
+    ) -> tuple[Any, ...]:
+        """Forward and backward every micro-batch of the window; grads end up summed over the window."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        loss_count: Any = 0
+        is_pair = False
+        pieces = list(self._micro_batches(window, sample_counts))
+        distributed = self.dist.is_distributed
+        for position, (micro_batch, num_samples) in enumerate(pieces):
+            micro_batch = data_mod.move_to(micro_batch, self.device, self.non_blocking)
+            with self.dist.gradient_sync(self._train_model, position == len(pieces) - 1):
+                with self.precision.autocast():
+                    _, value, _ = self._forward(self._train_model, micro_batch)
+                total, count, is_pair = as_sum_and_count(value, num_samples)
+                if num_samples == 0:
+                    # A stand-in for this rank's empty share of a short last batch: it takes part in the
+                    # gradient sync with weight zero.
+                    total, count = total * 0.0, count * 0
+                if is_pair or distributed:
+                    # Backward the sum; grads are divided by the window's (global) count afterwards.
+                    backward_loss = total
+                elif num_samples == window_samples:
+                    backward_loss = value  # one micro-batch: exactly the plain loop's backward
+                else:
+                    backward_loss = value * (num_samples / window_samples)
+                self.precision.scale(backward_loss).backward()
+            loss_sum = loss_sum + total.detach().float()
+            loss_count = loss_count + count
+        return loss_sum, loss_count, is_pair
+
+    def _samples_in(self, batch: Any, batch_index: int) -> int:
+        """This rank's real samples in micro-batch ``batch_index`` of the epoch (0 for a stand-in)."""
+        if self.dist.is_distributed and data_mod.is_map_style(self.train_data):
+            return local_share(
+                len(self.train_data),
+                self.config.batch_size * self.dist.world_size,
+                self.dist.world_size,
+                self.dist.rank,
+                batch_index,
+            )
+        return data_mod.count_samples(batch)
+
+    def _global_samples(self, first_index: int, num_batches: int, reduced: torch.Tensor) -> int:
+        """Samples the step consumed on all ranks: known from the data position for map-style data, without
+        a host read; otherwise read from the step's reduction (a sync, only for iterable data)."""
+        if data_mod.is_map_style(self.train_data):
+            global_batch = self.config.batch_size * self.dist.world_size
+            start = first_index * global_batch
+            return max(0, min(num_batches * global_batch, len(self.train_data) - start))
+        return int(reduced)
+
+    def _divide_grads(self, divisor: Any) -> None:
+        grads = [local_tensor(p.grad) for p in self._params if p.grad is not None]
+        torch._foreach_div_(grads, torch.as_tensor(divisor, device=self.device, dtype=torch.float32))
+
+    def _is_preempted(self, preemption: PreemptionFlag) -> bool:
+        if self._preempt_votes is None:
+            return preemption.is_set
+        return bool(self._preempt_votes > 0)  # read once per step, after the step's own host read
+
+    def _micro_batches(self, window: list[Any], sample_counts: list[int]) -> Iterable[tuple[Any, int]]:
+        limit = self.micro_limit
+        for batch, num_samples in zip(window, sample_counts, strict=True):
+            if limit is None or num_samples <= limit:
+                yield batch, num_samples
+                continue
+            for piece in data_mod.split_batch(batch, limit):
+                yield piece, data_mod.count_samples(piece)
 
     def _after_step(self, stepped: bool, epoch_ended: bool) -> None:
         state, config = self.state, self.config
@@ -352,7 +450,7 @@ class Trainer:
         grads = [p.grad for p in self._params if p.grad is not None]
         if not grads:
             return torch.zeros((), device=self.device)
-        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        grad_norm = full_tensor(torch.nn.utils.get_total_norm(grads, foreach=True))
         if config.max_grad_norm is not None:
             # A non-finite norm would turn every gradient into NaN here; the guard skips that step anyway.
             torch.nn.utils.clip_grads_with_norm_(self._params, config.max_grad_norm, grad_norm, foreach=True)
@@ -390,13 +488,19 @@ class Trainer:
     # ------------------------------------------------------------------------------------- set-up
     def _prepare_optimization(self) -> None:
         config = self.config
+        if config.ema_decay and self.dist.strategy == "fsdp":
+            raise ConfigError("ema_decay: not supported with strategy=fsdp (the average would need sharding)")
+        # Wrap before building the optimizer: FSDP2 replaces the parameters by sharded ones in place.
+        wrapped = self.dist.wrap(self.model, config.precision, tuple(config.fsdp_blocks))
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         if not self._params:
             raise ConfigError("model: it has no parameter with requires_grad=True; there is nothing to train")
         self.optimizer = resolve_optimizer(self.model, config, self._user_optimizer)
         self.total_steps = self._total_steps()
         self.scheduler = resolve_scheduler(self.optimizer, config, self.total_steps, self._user_scheduler)
-        self._train_model = torch.compile(self.model) if config.compile else self.model
+        self._train_model = torch.compile(wrapped) if config.compile else wrapped
+        self.ema = WeightEMA(self.model, config.ema_decay) if config.ema_decay else None
+        self.micro_limit = config.micro_batch_size if isinstance(config.micro_batch_size, int) else None
         self.window_stats = WindowStats(self.device)
         self.last_metrics: dict[str, float] = {}
 
@@ -433,6 +537,12 @@ class Trainer:
             metric, config.greater_is_better, config.early_stopping_patience, config.early_stopping_threshold
         )
 
+    def _leave_process_group(self) -> None:
+        """Tear down a process group fit() created; afterwards evaluate() and predict() run locally."""
+        if self.dist.owns_group:
+            self.dist.teardown()
+            self.spec.rank, self.spec.world_size = 0, 1
+
     def _is_done(self) -> bool:
         state, config = self.state, self.config
         if state.should_stop:
@@ -455,84 +565,3 @@ class Trainer:
             stop_reason=state.stop_reason,
             run_dir=str(Path(self.config.run_dir)),
         )
-
-
-class WindowStats:
-    """Loss and throughput over the current logging window, kept as device tensors between log steps.
-
-    ``.item()``-style reads happen only in :meth:`row`, i.e. on logging steps.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.loss_count = torch.zeros((), dtype=torch.float64, device=device)
-        self.run_loss_sum = 0.0
-        self.run_loss_count = 0.0
-        self.samples = 0
-        self.pending_steps = 0
-        self.grad_norm: torch.Tensor | None = None
-        self.started = time.perf_counter()
-
-    def add(self, loss_sum: torch.Tensor, count: Any, samples: int, grad_norm: torch.Tensor) -> None:
-        self.loss_sum += loss_sum
-        self.loss_count += count
-        self.samples += samples
-        self.pending_steps += 1
-        self.grad_norm = grad_norm
-
-    def row(self, state: TrainState, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        now = time.perf_counter()
-        elapsed = max(now - self.started, 1e-9)
-        # One host read for the window's loss, count and last grad norm: this is the logging step.
-        values = torch.stack([self.loss_sum, self.loss_count, self.grad_norm.to(torch.float64)]).tolist()
-        loss_sum, loss_count, grad_norm = values
-        self.run_loss_sum += loss_sum
-        self.run_loss_count += loss_count
-        row = {
-            "kind": "train",
-            "step": state.step,
-            "epoch": state.epoch,
-            "loss": loss_sum / loss_count if loss_count else float("nan"),
-            "lr": optimizer.param_groups[0]["lr"],
-            "grad_norm": grad_norm,
-            "samples_per_sec": self.samples / elapsed,
-            "step_time_s": elapsed / max(self.pending_steps, 1),
-            "samples_seen": state.samples_seen,
-            "nonfinite_skips": state.nonfinite_skips,
-        }
-        self.loss_sum.zero_()
-        self.loss_count.zero_()
-        self.samples = 0
-        self.pending_steps = 0
-        self.started = now
-        return row
-
-    def state_dict(self) -> dict[str, float]:
-        """The open logging window and run totals, so a resumed run logs the same numbers.
-
-        Reads the host: called at save time only.
-        """
-        return {
-            "loss_sum": float(self.loss_sum),
-            "loss_count": float(self.loss_count),
-            "run_loss_sum": self.run_loss_sum,
-            "run_loss_count": self.run_loss_count,
-            "samples": self.samples,
-            "pending_steps": self.pending_steps,
-        }
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        if not state:
-            return
-        self.loss_sum.fill_(state["loss_sum"])
-        self.loss_count.fill_(state["loss_count"])
-        self.run_loss_sum = state["run_loss_sum"]
-        self.run_loss_count = state["run_loss_count"]
-        self.samples = int(state["samples"])
-        self.pending_steps = int(state["pending_steps"])
-
-    def run_mean(self, state: TrainState) -> float | None:
-        total = self.run_loss_sum + float(self.loss_sum)
-        count = self.run_loss_count + float(self.loss_count)
-        return total / count if count else None

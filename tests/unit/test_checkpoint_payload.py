@@ -9,6 +9,8 @@ import random
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -80,6 +82,31 @@ def test_tensors_of_every_dtype_round_trip_bitwise(dtype: torch.dtype) -> None:
         "transposed": full.t(),
         "view_of_same_storage": full[1:],
     }
+    assert_identical(state, round_trip(state))
+
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.int64, torch.uint8, torch.bool]
+_tensors = st.builds(
+    lambda values, dtype, scalar: (torch.tensor(values[0]) if scalar else torch.tensor(values)).to(dtype),
+    st.lists(st.floats(-1e3, 1e3, width=32), min_size=1, max_size=4),
+    st.sampled_from(_DTYPES),
+    st.booleans(),
+)
+_leaves = st.none() | st.booleans() | st.integers() | st.floats() | st.text() | st.binary() | _tensors
+_states = st.recursive(
+    _leaves,
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.lists(children, max_size=3).map(tuple)
+        | st.dictionaries(st.text(max_size=12) | st.integers(), children, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_states)
+def test_any_nested_state_round_trips_exactly(state: object) -> None:
     assert_identical(state, round_trip(state))
 
 

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import steadyfit.checkpoint
+import steadyfit.checkpoint.store
 from steadyfit.checkpoint import CheckpointError, CheckpointStore
 
 SRC_DIR = Path(steadyfit.checkpoint.__file__).resolve().parents[2]
@@ -359,3 +360,19 @@ def test_disk_errors_leave_earlier_checkpoints_intact(
     assert isinstance(info.value.__cause__, OSError)
     assert sorted(p.name for p in store.checkpoints_dir.iterdir()) == ["step-00000001"]
     assert store.verify(earlier) == []
+
+
+def test_a_failed_replacement_puts_the_previous_checkpoint_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = CheckpointStore(tmp_path)
+    (old,) = save_steps(store, 5)
+
+    def failing_commit(tmp: Path, final: Path) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(steadyfit.checkpoint.store, "commit_dir", failing_commit)
+    with pytest.raises(CheckpointError, match="EIO"):
+        store.save(5, model_state(9.0), components(5))
+    assert sorted(p.name for p in store.checkpoints_dir.iterdir()) == ["step-00000005"]
+    assert torch.equal(store.load(old)[0]["layer.weight"], model_state(5)["layer.weight"])

@@ -91,7 +91,10 @@ def test_summarize_reports_best_final_steps_wall_time_skips_and_diagnostics(tmp_
         _train(40, 0.5, skips=1, time_s=0.2),
     ]
     rows += [{"kind": "diagnostic", "step": 20, "diagnostic": "nonfinite", "message": "m"}]
-    rows += [{"kind": "diagnostic", "diagnostic": "memory", "message": "m"}, {"kind": "summary", "steps": 40}]
+    rows += [
+        {"kind": "diagnostic", "diagnostic": "memory", "message": "m"},
+        {"kind": "summary", "step": 40, "stop_reason": "max_steps"},
+    ]
     run = _write_run(tmp_path / "run", rows, {"metric_for_best": "accuracy", "greater_is_better": True})
 
     summary = summarize(run)
@@ -99,6 +102,7 @@ def test_summarize_reports_best_final_steps_wall_time_skips_and_diagnostics(tmp_
     assert summary == {
         "run_dir": str(run),
         "finished": True,
+        "stop_reason": "max_steps",
         "steps": 40,
         "epoch": 0,
         "wall_time_s": pytest.approx(0.3 + 0.2),
@@ -121,6 +125,21 @@ def test_summarize_defaults_to_lowest_eval_loss_and_reads_a_run_in_progress(tmp_
     assert (summary["finished"], summary["steps"]) == (False, 20)
 
 
+def test_wall_time_without_time_s_adds_up_step_time_over_the_steps_each_row_covers(tmp_path):
+    rows = [
+        {"kind": "train", "step": 10, "loss": 1.0, "step_time_s": 0.5, "samples_seen": 320},
+        {"kind": "eval", "step": 10, "eval_loss": 0.9},
+        {"kind": "train", "step": 25, "loss": 0.8, "step_time_s": 0.25, "samples_seen": 800},
+        {"kind": "summary", "step": 25, "best_metric": 0.9, "best_step": 10, "stop_reason": "max_steps"},
+    ]
+    run = _write_run(tmp_path / "run", rows)
+
+    summary = summarize(run)
+
+    assert summary["wall_time_s"] == 10 * 0.5 + 15 * 0.25
+    assert "(finished: max_steps)" in format_summary(summary)
+
+
 def test_format_summary_states_the_numbers_a_user_asks_first(tmp_path):
     run = _write_run(tmp_path / "run", _full_rows(), {"metric_for_best": "eval_accuracy"})
 
@@ -130,7 +149,7 @@ def test_format_summary_states_the_numbers_a_user_asks_first(tmp_path):
     assert "best         eval_accuracy = 0.999 at step 300" in text
     assert "step 300, epoch 3, wall time 3.2s" in text
     assert f"final        loss {2.5 * math.exp(-6) + 0.05:.4g} · lr 0.00025 · eval_loss 0.2" in text
-    assert "1 steps skipped" in text and "nonfinite ×1" in text
+    assert "1 step skipped" in text and "nonfinite ×1" in text
 
 
 def test_report_writes_a_readable_png_for_one_run(tmp_path):

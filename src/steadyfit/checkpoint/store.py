@@ -8,11 +8,9 @@ plain safetensors), one ``<name>.json`` per component (structure and scalars, se
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import secrets
-import stat
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,18 +26,15 @@ from steadyfit.checkpoint.atomic import (
     FileRecord,
     commit_dir,
     fsync_path,
-    hash_file,
     remove_tree,
     sync_and_hash,
     write_bytes_durable,
 )
 from steadyfit.checkpoint.errors import CheckpointError
+from steadyfit.checkpoint.manifest import build_manifest, describe_os_error, inspect_checkpoint
 from steadyfit.checkpoint.payload import dumps_json, flatten, loads_json, prepare_tensors, unflatten
 
 logger = logging.getLogger(__name__)
-
-_MAX_MANIFEST_BYTES = 16 * 1024 * 1024
-_SHA256_HEX_LEN = 64
 
 
 class CheckpointStore:
@@ -105,7 +100,10 @@ class CheckpointStore:
 
         tmp = self.checkpoints_dir / layout.tmp_dir_name(step, secrets.token_hex(4))
         try:
-            self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+            if not self.checkpoints_dir.is_dir():
+                self.checkpoints_dir.mkdir(parents=True)
+                # The new checkpoints/ entry must be durable too, or a crash could lose every checkpoint.
+                fsync_path(self.checkpoints_dir.parent)
             os.mkdir(tmp)
             records: dict[str, FileRecord] = {}
             tensor_files = [(layout.MODEL_FILE, model_tensors)]
@@ -126,21 +124,14 @@ class CheckpointStore:
                 records.update({file_name: future.result() for file_name, future in pending.items()})
             for name, data in extra_files.items():
                 records[name] = write_bytes_durable(tmp / name, bytes(data))
-            manifest = {
-                "format_version": layout.FORMAT_VERSION,
-                "step": step,
-                "model": layout.MODEL_FILE,
-                "components": list(encoded),
-                "extra_files": list(extra_files),
-                "files": {name: {"size": r.size, "sha256": r.sha256} for name, r in sorted(records.items())},
-            }
+            manifest = build_manifest(step, list(encoded), list(extra_files), records)
             # The manifest is written last: a directory with a valid manifest has all its files.
             write_bytes_durable(tmp / layout.MANIFEST_FILE, dumps_json(manifest))
             self._commit(step, tmp, final)
         except (OSError, SafetensorError) as exc:
             _remove_quietly(tmp)
             raise CheckpointError(
-                f"could not save checkpoint {final}: {_describe_os_error(exc)}; "
+                f"could not save checkpoint {final}: {describe_os_error(exc)}; "
                 "earlier checkpoints are untouched"
             ) from exc
         except BaseException:
@@ -159,7 +150,7 @@ class CheckpointStore:
             >>> CheckpointStore(tempfile.mkdtemp()).verify("/nonexistent/step-00000001")
             ['/nonexistent/step-00000001 is not a directory']
         """
-        faults, _, _ = self._inspect(Path(path), keep=False)
+        faults, _, _ = inspect_checkpoint(Path(path), keep=False)
         return faults
 
     def load(
@@ -181,7 +172,7 @@ class CheckpointStore:
             {'w': tensor([0.])}
         """
         path = Path(path)
-        faults, manifest, contents = self._inspect(path, keep=True)
+        faults, manifest, contents = inspect_checkpoint(path, keep=True)
         if faults:
             raise CheckpointError(f"checkpoint {path} failed verification: " + "; ".join(faults))
         assert manifest is not None
@@ -220,6 +211,8 @@ class CheckpointStore:
     def latest_good(self) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
         """The newest checkpoint that verifies, and the damaged ones newer than it with their faults.
 
+        Verification hashes every file, so this reads each checkpoint it checks (normally just the newest).
+
         Example:
             >>> import tempfile
             >>> CheckpointStore(tempfile.mkdtemp()).latest_good()
@@ -237,7 +230,8 @@ class CheckpointStore:
         """Delete committed checkpoints older than the newest ``keep_last``; return what was deleted.
 
         Never deleted: the newest good checkpoint, any path in ``protect`` (e.g. the best one), any
-        checkpoint that fails verification, and anything not named like our checkpoints.
+        checkpoint that fails verification, and anything not named like our checkpoints. Each candidate is
+        verified (read in full) before it is deleted.
 
         Example:
             >>> import tempfile
@@ -300,16 +294,25 @@ class CheckpointStore:
         if final.is_symlink() or not final.is_dir():
             raise CheckpointError(f"cannot save checkpoint {final}: a non-directory is in the way; remove it")
         token = secrets.token_hex(4)
-        if self.verify(final):
+        damaged = bool(self.verify(final))
+        if damaged:
             aside = self.checkpoints_dir / layout.damaged_dir_name(step, token)
             logger.warning("keeping damaged checkpoint %s as %s", final, aside)
-            os.rename(final, aside)
-            commit_dir(tmp, final)
-            return
-        aside = self.checkpoints_dir / layout.old_dir_name(step, token)
+        else:
+            aside = self.checkpoints_dir / layout.old_dir_name(step, token)
         os.rename(final, aside)
-        commit_dir(tmp, final)
-        remove_tree(aside)
+        try:
+            commit_dir(tmp, final)
+        except BaseException:
+            if not final.exists():
+                os.rename(aside, final)
+            raise
+        if not damaged:
+            try:
+                remove_tree(aside)
+            except OSError as exc:
+                # The new checkpoint is committed; cleanup_stray() removes the leftover on the next start.
+                logger.warning("could not remove replaced checkpoint %s: %s", aside, exc)
 
     def _check_names(
         self, final: Path, components: Mapping[str, Any], extra_files: Mapping[str, bytes]
@@ -335,127 +338,6 @@ class CheckpointStore:
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise CheckpointError(f"cannot save {final}: extra file {name!r} must be bytes")
 
-    def _inspect(
-        self, path: Path, *, keep: bool
-    ) -> tuple[list[str], dict[str, Any] | None, dict[str, bytes]]:
-        """Verify ``path``; with ``keep`` also return the verified bytes of every file."""
-        if path.is_symlink():
-            return [f"{path} is a symlink (checkpoints are never followed through links)"], None, {}
-        if not path.is_dir():
-            return [f"{path} is not a directory"], None, {}
-        with os.scandir(path) as scan:
-            entries = {entry.name: entry for entry in scan}
-        manifest_entry = entries.pop(layout.MANIFEST_FILE, None)
-        if manifest_entry is None:
-            return [f"missing {layout.MANIFEST_FILE} (incomplete or foreign directory)"], None, {}
-        manifest_stat = manifest_entry.stat(follow_symlinks=False)
-        if not stat.S_ISREG(manifest_stat.st_mode):
-            return [f"{layout.MANIFEST_FILE} is not a regular file"], None, {}
-        if manifest_stat.st_size > _MAX_MANIFEST_BYTES:
-            return [f"{layout.MANIFEST_FILE} is implausibly large ({manifest_stat.st_size} bytes)"], None, {}
-        try:
-            _, raw = hash_file(path / layout.MANIFEST_FILE, keep=True)
-            assert raw is not None
-            manifest = loads_json(raw, where=layout.MANIFEST_FILE)
-        except (OSError, CheckpointError) as exc:
-            return [f"unreadable {layout.MANIFEST_FILE}: {exc}"], None, {}
-        faults = _manifest_faults(manifest, path.name)
-        if faults:
-            return faults, None, {}
-
-        listed: dict[str, dict[str, Any]] = manifest["files"]
-        for name in sorted(entries):
-            entry = entries[name]
-            if entry.is_symlink():
-                faults.append(f"symlink {name} (not allowed in a checkpoint)")
-            elif not entry.is_file(follow_symlinks=False):
-                faults.append(f"unexpected non-file entry {name}")
-            elif name not in listed:
-                faults.append(f"unexpected file {name} (not in the manifest)")
-        contents: dict[str, bytes] = {}
-        for name, expected in sorted(listed.items()):
-            entry = entries.get(name)
-            if entry is None:
-                faults.append(f"missing file {name}")
-                continue
-            if entry.is_symlink() or not entry.is_file(follow_symlinks=False):
-                continue
-            size = entry.stat(follow_symlinks=False).st_size
-            if size != expected["size"]:
-                faults.append(
-                    f"size mismatch for file {name}: manifest says {expected['size']} bytes, found {size}"
-                )
-                continue
-            try:
-                record, data = hash_file(path / name, keep=keep)
-            except OSError as exc:
-                faults.append(f"unreadable file {name}: {_describe_os_error(exc)}")
-                continue
-            if record.size != expected["size"]:
-                faults.append(f"size mismatch for file {name}: changed while reading")
-            elif record.sha256 != expected["sha256"]:
-                faults.append(f"sha256 mismatch for file {name} (content changed or corrupted)")
-            elif data is not None:
-                contents[name] = data
-        return faults, (manifest if not faults else None), contents
-
-
-def _manifest_faults(manifest: Any, dir_name: str) -> list[str]:
-    """Schema and naming checks on a parsed manifest; roles must account for every listed file."""
-    if not isinstance(manifest, dict):
-        return [f"malformed {layout.MANIFEST_FILE}: not a JSON object"]
-    if manifest.get("format_version") != layout.FORMAT_VERSION:
-        return [f"unsupported format_version {manifest.get('format_version')!r} in {layout.MANIFEST_FILE}"]
-    files = manifest.get("files")
-    components = manifest.get("components")
-    extra_files = manifest.get("extra_files")
-    step = manifest.get("step")
-    if (
-        not isinstance(files, dict)
-        or not isinstance(components, list)
-        or not isinstance(extra_files, list)
-        or not _is_int(step)
-        or manifest.get("model") != layout.MODEL_FILE
-    ):
-        return [
-            f"malformed {layout.MANIFEST_FILE}: missing or mistyped files/components/extra_files/step/model"
-        ]
-    faults = []
-    for name, entry in files.items():
-        if not layout.FILE_NAME_RE.match(name) or name == layout.MANIFEST_FILE:
-            faults.append(f"bad name in manifest: {name!r} (must be a plain file name)")
-        elif (
-            not isinstance(entry, dict)
-            or not _is_int(entry.get("size"))
-            or entry["size"] < 0
-            or not _is_sha256(entry.get("sha256"))
-        ):
-            faults.append(f"malformed manifest entry for {name!r}")
-    if faults:
-        return faults
-    dir_step = layout.step_of(dir_name)
-    if dir_step is not None and dir_step != step:
-        faults.append(f"manifest step {step} does not match directory name {dir_name}")
-    expected = {layout.MODEL_FILE}
-    for name in components:
-        if not isinstance(name, str) or not layout.COMPONENT_NAME_RE.match(name):
-            faults.append(f"bad component name in manifest: {name!r}")
-            continue
-        json_name, tensors_name = layout.component_files(name)
-        expected.add(json_name)
-        if tensors_name in files:
-            expected.add(tensors_name)
-    for name in extra_files:
-        if not isinstance(name, str) or name not in files:
-            faults.append(f"extra file {name!r} is not listed in the manifest files")
-        else:
-            expected.add(name)
-    for name in sorted(expected - set(files)):
-        faults.append(f"{name} is missing from the manifest files")
-    for name in sorted(set(files) - expected):
-        faults.append(f"manifest lists {name} but no component or extra file uses it")
-    return faults
-
 
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
@@ -468,29 +350,9 @@ def _parse_tensors(data: bytes, where: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{where} is not a valid safetensors file: {exc}") from exc
 
 
-def _describe_os_error(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.errno is not None:
-        name = errno.errorcode.get(exc.errno, str(exc.errno))
-        where = f" ({exc.filename})" if exc.filename else ""
-        return f"{name}: {exc.strerror}{where}"
-    return str(exc)
-
-
 def _remove_quietly(path: Path) -> None:
     try:
         if path.is_dir() and not path.is_symlink():
             remove_tree(path)
     except OSError as exc:
         logger.warning("could not remove temporary checkpoint directory %s: %s", path, exc)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_sha256(value: Any) -> bool:
-    return (
-        isinstance(value, str)
-        and len(value) == _SHA256_HEX_LEN
-        and all(c in "0123456789abcdef" for c in value)
-    )

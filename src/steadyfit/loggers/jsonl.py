@@ -6,7 +6,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from steadyfit.loggers.base import Logger
 
@@ -31,15 +31,18 @@ class JsonlLogger(Logger):
 
     def __init__(self, run_dir: str | os.PathLike[str]) -> None:
         self.path = Path(run_dir) / METRICS_FILE
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a", encoding="utf-8")
+        # Opened on the first row: a resume may first rewrite the file (truncate_history).
+        self._file: IO[str] | None = None
 
     def log_row(self, row: dict[str, Any]) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
         self._file.write(json.dumps({key: _plain(value) for key, value in row.items()}) + "\n")
         self._file.flush()
 
     def close(self) -> None:
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.close()
 
 
@@ -57,7 +60,10 @@ def truncate_history(run_dir: str | os.PathLike[str], after_step: int) -> int:
         except json.JSONDecodeError:
             dropped += 1
             continue
-        step = row.get("step") if isinstance(row, dict) else None
+        if not isinstance(row, dict):
+            dropped += 1
+            continue
+        step = row.get("step")
         # The summary row is rewritten when the run finishes; rows past the checkpoint will be logged again.
         if row.get("kind") == "summary" or (isinstance(step, int) and step > after_step):
             dropped += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 import warnings
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ RUN_DIR_TAG = "steadyfit.run_dir"
 # MLflow's limits: 100 params per batch call, 6000 characters per param value.
 _PARAMS_PER_BATCH = 100
 _MAX_PARAM_CHARS = 6000
+_NOT_IN_MLFLOW_NAMES = re.compile(r"[^\w\-./: ]")
 
 
 class MLflowLogger(Logger):
@@ -82,17 +84,24 @@ class MLflowLogger(Logger):
         if step is None:
             return
         timestamp_ms = int(time.time() * 1000)
-        metrics = [Metric(tag, value, timestamp_ms, step) for tag, value in scalars(row).items()]
+        metrics = [
+            Metric(_metric_name(tag), value, timestamp_ms, step) for tag, value in scalars(row).items()
+        ]
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
 
     def log_artifact(self, path: str) -> None:
-        """Copy a file, or a directory (as a folder of the same name), into the run's artifacts."""
-        source = Path(path)
+        """Copy a file or a directory into the run's artifacts, at its path inside the run directory
+        (``RUN_DIR/final/model.safetensors`` -> ``final/model.safetensors``), else at the top."""
+        source = Path(path).resolve()
+        place = source.relative_to(self.run_dir) if source.is_relative_to(self.run_dir) else Path(source.name)
         if source.is_dir():
-            self.client.log_artifacts(self.run_id, str(source), artifact_path=source.name)
+            self.client.log_artifacts(self.run_id, str(source), artifact_path=place.as_posix())
         else:
-            self.client.log_artifact(self.run_id, str(source))
+            folder = place.parent.as_posix()
+            self.client.log_artifact(
+                self.run_id, str(source), artifact_path=None if folder == "." else folder
+            )
 
     def close(self) -> None:
         """Mark the run finished (a resumed run sets it running again)."""
@@ -132,6 +141,12 @@ class MLflowLogger(Logger):
             # MLflow's default artifact root is ./mlruns under the working directory; keep the run together.
             artifact_location = (self.run_dir / "mlflow-artifacts").as_uri()
         return self.client.create_experiment(name, artifact_location=artifact_location)
+
+
+def _metric_name(tag: str) -> str:
+    """MLflow refuses names outside letters, digits and ``_ - . / :`` and space; a user's metric may
+    be called ``top@5``, which must not stop training."""
+    return _NOT_IN_MLFLOW_NAMES.sub("_", tag)
 
 
 def _param_text(value: Any) -> str:

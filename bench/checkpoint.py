@@ -1,0 +1,208 @@
+"""Save and load time of steadyfit's checkpoint store against plain ``torch.save`` / ``torch.load``.
+
+The state is a ~100 MB fp32 MLP plus its AdamW state after one step (~300 MB in all), the shape of what
+the Trainer saves. After a discarded warm-up round, each repetition runs every variant once, in a fixed
+interleaved order, on the same state, with ``os.sync()`` before each; the table reports medians (min–max):
+
+- ``torch.save``: one pickle file, no fsync (the data may still sit in the page cache when it returns).
+- ``torch.save + fsync``: the same file fsynced, and its directory: the durable, fair comparison.
+- ``steadyfit save``: ``CheckpointStore.save``: safetensors + JSON into a temporary directory, SHA-256
+  manifest, fsync of every file and directory, atomic rename.
+- ``steadyfit async, blocked``: how long ``AsyncCheckpointWriter.submit`` blocks the training loop (the
+  copy of every tensor to host memory); ``steadyfit async, total``: submit until the commit.
+- ``torch.load`` (``weights_only=True``) and ``steadyfit load`` (manifest verified, then parsed), both
+  reading files that are still in the page cache from the save just before.
+
+Usage::
+
+    python bench/checkpoint.py                     # 3 repetitions, markdown table
+    python bench/checkpoint.py --reps 5 --json checkpoint.json
+    python bench/checkpoint.py --smoke             # a ~2 MB model, 1 repetition (CI; no timing claims)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SRC_DIR = Path(__file__).resolve().parent.parent / "src"
+if str(SRC_DIR) not in sys.path:
+    sys.path.insert(0, str(SRC_DIR))  # run from a checkout without installing steadyfit
+
+from steadyfit.checkpoint import AsyncCheckpointWriter, CheckpointStore  # noqa: E402
+
+# Targets from the checkpoint issue: the fsync is the honest cost of a durable save.
+SYNC_SAVE_TARGET = 1.3
+ASYNC_BLOCKING_TARGET = 0.25
+
+
+def build_state(hidden: int, layers: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """An MLP of ``layers`` square ``hidden`` layers and its AdamW after one step (moments allocated)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(hidden, hidden) for _ in range(layers)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, hidden)).square().mean().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    tensors = list(model.state_dict().values())
+    tensors += [v for s in optimizer.state_dict()["state"].values() for v in s.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def timed(action: Callable[[], Any]) -> tuple[float, Any]:
+    # Flush everything dirty first: a previous unsynced write must not be paid for by the next variant.
+    os.sync()
+    start = time.perf_counter()
+    result = action()
+    return time.perf_counter() - start, result
+
+
+def one_repetition(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, workdir: Path, rep: int
+) -> dict[str, float]:
+    """Every variant once; files are deleted as soon as they are measured, so the disk never fills."""
+    times: dict[str, float] = {}
+    torch_state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    components = {"optimizer": optimizer.state_dict(), "trainer": {"step": rep, "epoch": 0}}
+
+    plain = workdir / f"plain-{rep}.pt"
+    times["torch.save"], _ = timed(lambda: torch.save(torch_state, plain))
+    plain.unlink()
+
+    durable = workdir / f"durable-{rep}.pt"
+
+    def save_and_fsync() -> None:
+        torch.save(torch_state, durable)
+        fsync(durable)
+        fsync(workdir)
+
+    times["torch.save + fsync"], _ = timed(save_and_fsync)
+    times["torch.load"], _ = timed(lambda: torch.load(durable, weights_only=True))
+    durable.unlink()
+
+    store = CheckpointStore(workdir / f"run-{rep}")
+    times["steadyfit save"], path = timed(lambda: store.save(1, model.state_dict(), components))
+    times["steadyfit load"], _ = timed(lambda: store.load(path))
+    shutil.rmtree(store.run_dir)
+
+    async_store = CheckpointStore(workdir / f"async-{rep}")
+    os.sync()
+    with AsyncCheckpointWriter(async_store) as writer:
+        start = time.perf_counter()
+        writer.submit(1, model.state_dict(), components)
+        times["steadyfit async, blocked"] = time.perf_counter() - start
+        writer.wait()
+        times["steadyfit async, total"] = time.perf_counter() - start
+    shutil.rmtree(async_store.run_dir)
+    return times
+
+
+def summarise(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    summary = {
+        name: {"median_s": statistics.median(values), "min_s": min(values), "max_s": max(values)}
+        for name, values in samples.items()
+    }
+    save, fair, sync = (
+        summary[n]["median_s"] for n in ("torch.save", "torch.save + fsync", "steadyfit save")
+    )
+    summary["steadyfit save"]["vs_torch_save"] = sync / save
+    summary["steadyfit save"]["vs_torch_save_fsync"] = sync / fair
+    summary["steadyfit load"]["vs_torch_load"] = (
+        summary["steadyfit load"]["median_s"] / summary["torch.load"]["median_s"]
+    )
+    summary["steadyfit async, blocked"]["vs_sync_save"] = (
+        summary["steadyfit async, blocked"]["median_s"] / sync
+    )
+    return summary
+
+
+def markdown_table(summary: dict[str, dict[str, float]], size_bytes: int, reps: int) -> str:
+    lines = [
+        f"State: {size_bytes / 1e6:.0f} MB (model + AdamW moments), {reps} repetition(s), medians.",
+        "",
+        "| operation | median s | min–max s | ratio |",
+        "|---|---:|---:|---|",
+    ]
+    ratio_notes = {
+        "vs_torch_save": "vs torch.save",
+        "vs_torch_save_fsync": "vs torch.save + fsync",
+        "vs_torch_load": "vs torch.load",
+        "vs_sync_save": "vs steadyfit save",
+    }
+    for name, row in summary.items():
+        ratios = ", ".join(f"{row[key]:.2f}× {label}" for key, label in ratio_notes.items() if key in row)
+        lines.append(f"| {name} | {row['median_s']:.3f} | {row['min_s']:.3f}–{row['max_s']:.3f} | {ratios} |")
+    sync = summary["steadyfit save"]
+    blocked = summary["steadyfit async, blocked"]["vs_sync_save"]
+    lines += [
+        "",
+        f"Targets: sync save ≤ {SYNC_SAVE_TARGET}× torch.save + fsync: "
+        f"{'met' if sync['vs_torch_save_fsync'] <= SYNC_SAVE_TARGET else 'NOT met'} "
+        f"({sync['vs_torch_save_fsync']:.2f}×; {sync['vs_torch_save']:.2f}× the raw torch.save); "
+        f"async blocking ≤ {ASYNC_BLOCKING_TARGET:.0%} of a sync save: "
+        f"{'met' if blocked <= ASYNC_BLOCKING_TARGET else 'NOT met'} ({blocked:.0%}).",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary dir)")
+    parser.add_argument("--smoke", action="store_true", help="a ~2 MB state, 1 repetition, for CI")
+    args = parser.parse_args(argv)
+    if args.reps < 1:
+        raise SystemExit("--reps: must be at least 1")
+    reps = 1 if args.smoke else args.reps
+    # 6 layers of 2048 x 2048 fp32: 25.2 M parameters, 100.7 MB of weights.
+    model, optimizer = build_state(*((256, 2) if args.smoke else (2048, 6)))
+    size = state_bytes(model, optimizer)
+
+    samples: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-checkpoint-", dir=args.dir) as workdir:
+        # A discarded warm-up round: the first write of a few hundred MB in a process costs 2-4x the next
+        # ones (first-touch page allocation), whichever variant runs first.
+        one_repetition(model, optimizer, Path(workdir), rep=-1)
+        for rep in range(reps):
+            print(f"[rep {rep + 1}/{reps}]", file=sys.stderr, flush=True)
+            for name, seconds in one_repetition(model, optimizer, Path(workdir), rep).items():
+                samples.setdefault(name, []).append(seconds)
+    summary = summarise(samples)
+    print(markdown_table(summary, size, reps))
+    if args.json is not None:
+        report = {
+            "smoke": args.smoke,
+            "reps": reps,
+            "state_bytes": size,
+            "summary": summary,
+            "samples": samples,
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

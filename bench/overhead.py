@@ -1,0 +1,652 @@
+"""Per-step overhead of steadyfit against the hand-written loop and its peers, on the same jobs.
+
+Each (runner, job) pair trains in its own subprocess; repetitions are interleaved (every runner once, then
+again) so a noisy neighbour hurts all runners alike. Only the training loop is timed: a global optimizer
+step post-hook (``torch.optim.optimizer.register_optimizer_step_post_hook``) stamps the end of every
+optimizer step, and the time per step is ``(last stamp - first stamp) / (steps - 1)``. Imports, model and
+data construction, the first step (lazy optimizer state) and anything after the last step (a final
+evaluation, a final checkpoint) are outside it; evaluation at epoch boundaries between steps is inside it,
+for every runner alike.
+
+Runners: ``raw`` (bench/raw_loop.py over in-memory tensors, one indexing operation per batch: the floor),
+``raw_dataloader`` (the same loop fed by a standard ``torch.utils.data.DataLoader``), ``steadyfit`` (its
+``Trainer``), and when installed ``hf`` (transformers.Trainer), ``lightning`` and ``accelerate``.
+
+Usage::
+
+    python bench/overhead.py                          # every job, 3 repetitions, markdown table
+    python bench/overhead.py --jobs tiny,workers --reps 5 --json results.json
+    python bench/overhead.py --smoke                  # tiny versions, 1 repetition, no peers (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+BENCH_DIR = Path(__file__).resolve().parent
+SRC_DIR = BENCH_DIR.parent / "src"
+JOBS = ("tiny", "compute", "digits", "workers")
+CORE_RUNNERS = ("raw", "raw_dataloader", "steadyfit")
+PEER_RUNNERS = ("hf", "lightning", "accelerate")
+RESULT_PREFIX = "RESULT "
+# Final losses of runners trained on the same data, seed, optimizer and schedule should agree this closely
+# (peers draw their own shuffling order, so they are not bitwise equal).
+LOSS_RTOL = 0.10
+LOSS_ATOL = 0.02
+SEED = 1234
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+class SlowDataset(Dataset):
+    """In-memory samples whose ``__getitem__`` burns a fixed, deterministic amount of CPU (a decode)."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, work: int) -> None:
+        self.inputs = inputs
+        self.targets = targets
+        self.work = work
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Stands in for decoding or augmenting a sample: pure Python work that holds the GIL.
+        checksum = 0
+        for k in range(self.work):
+            checksum = (checksum * 31 + k) % 1_000_003
+        return self.inputs[index], self.targets[index]
+
+
+@dataclass
+class Job:
+    """One training job, identical for every runner."""
+
+    name: str
+    build_model: Callable[[], torch.nn.Module]
+    train_data: Dataset
+    check_inputs: torch.Tensor  # final loss is measured on these after training, outside the timing
+    check_targets: torch.Tensor
+    batch_size: int
+    max_steps: int
+    max_epochs: int
+    lr: float = 1e-3
+    max_grad_norm: float = 1.0
+    log_every: int = 50
+    num_workers: int = 0
+    eval_each_epoch: bool = False
+    eval_data: TensorDataset | None = None
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.train_data, TensorDataset)
+
+
+def _mlp(sizes: Iterable[int]) -> torch.nn.Module:
+    sizes = list(sizes)
+    layers: list[torch.nn.Module] = []
+    for fan_in, fan_out in itertools.pairwise(sizes):
+        layers += [torch.nn.Linear(fan_in, fan_out), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers[:-1])
+
+
+def _teacher_data(
+    num_samples: int, features: int, classes: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian inputs labelled by a fixed random linear teacher: learnable, so losses fall and compare."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(num_samples, features, generator=generator)
+    teacher = torch.randn(features, classes, generator=generator)
+    noise = 0.5 * torch.randn(num_samples, classes, generator=generator)
+    return inputs, (inputs @ teacher + noise).argmax(dim=1)
+
+
+class TinyTransformer(torch.nn.Module):
+    """A small encoder classifier over token sequences: compute-bound on a CPU."""
+
+    def __init__(self, vocab: int = 64, d_model: int = 128, layers: int = 2, classes: int = 10) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, d_model)
+        layer = torch.nn.TransformerEncoderLayer(
+            d_model, nhead=4, dim_feedforward=4 * d_model, dropout=0.0, batch_first=True
+        )
+        self.encoder = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(d_model, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens)).mean(dim=1))
+
+
+def _token_data(num_samples: int, seq_len: int, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token sequences; the label is a simple function of token counts, so the loss can fall."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (num_samples, seq_len), generator=generator)
+    return tokens, (tokens < vocab // 2).sum(dim=1) % 10
+
+
+def _digits_data() -> tuple[TensorDataset, TensorDataset]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    inputs = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    targets = torch.tensor(digits.target, dtype=torch.long)
+    order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(SEED))
+    inputs, targets = inputs[order], targets[order]
+    split = int(0.8 * len(targets))
+    return TensorDataset(inputs[:split], targets[:split]), TensorDataset(inputs[split:], targets[split:])
+
+
+def make_job(name: str, smoke: bool = False) -> Job:
+    """Build a job's model factory and data (deterministic: fixed seeds, no download).
+
+    Example:
+        >>> make_job("tiny", smoke=True).max_steps
+        40
+    """
+    if name == "tiny":
+        inputs, targets = _teacher_data(4096 if smoke else 16384, 32, 10, SEED)
+        return Job(
+            name,
+            lambda: _mlp([32, 64, 64, 10]),
+            TensorDataset(inputs, targets),
+            inputs[:2048],
+            targets[:2048],
+            batch_size=64,
+            max_steps=40 if smoke else 2000,
+            max_epochs=1000,
+        )
+    if name == "compute":
+        tokens, labels = _token_data(256 if smoke else 4096, 16 if smoke else 64, 64, SEED)
+        return Job(
+            name,
+            TinyTransformer,
+            TensorDataset(tokens, labels),
+            tokens[:256],
+            labels[:256],
+            batch_size=32,
+            max_steps=4 if smoke else 80,
+            max_epochs=1000,
+            log_every=10,
+        )
+    if name == "digits":
+        train, evaluation = _digits_data()
+        steps_per_epoch = -(-len(train) // 64)
+        epochs = 1 if smoke else 10
+        return Job(
+            name,
+            lambda: _mlp([64, 128, 10]),
+            train,
+            *evaluation.tensors,
+            batch_size=64,
+            max_steps=steps_per_epoch * epochs,
+            max_epochs=epochs,
+            log_every=10,
+            eval_each_epoch=True,
+            eval_data=evaluation,
+        )
+    if name == "workers":
+        inputs, targets = _teacher_data(640 if smoke else 2560, 32, 10, SEED)
+        return Job(
+            name,
+            lambda: _mlp([32, 64, 64, 10]),
+            SlowDataset(inputs, targets, work=2000),
+            inputs[:2048],
+            targets[:2048],
+            batch_size=64,
+            max_steps=12 if smoke else 200,
+            max_epochs=1000,
+            log_every=10,
+            num_workers=2,
+        )
+    raise ValueError(f"--jobs: unknown job {name!r}; choose from {', '.join(JOBS)}")
+
+
+# ------------------------------------------------------------------------------- shared by all runners
+class StepClock:
+    """Stamps the end of every optimizer step through torch's global optimizer post-hook."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first = 0.0
+        self.last = 0.0
+        self._handle = register_optimizer_step_post_hook(self._stamp)
+
+    def _stamp(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        now = time.perf_counter()
+        if self.count == 0:
+            self.first = now
+        self.last = now
+        self.count += 1
+
+    def seconds_per_step(self) -> float:
+        self._handle.remove()
+        if self.count < 2:
+            raise RuntimeError(f"the runner made {self.count} optimizer step(s); at least 2 are needed")
+        return (self.last - self.first) / (self.count - 1)
+
+
+def build_model(job: Job) -> torch.nn.Module:
+    """The job's model, initialised identically in every runner."""
+    torch.manual_seed(SEED)
+    return job.build_model()
+
+
+def build_optimization(
+    model: torch.nn.Module, job: Job
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (foreach, no weight decay) and a linear decay to 0 over ``max_steps``: what steadyfit builds
+    from ``optimizer=adamw, scheduler=linear``."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=0.0, foreach=True)
+    total = job.max_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total))
+    return optimizer, scheduler
+
+
+def evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Exact per-sample loss and accuracy (batches of 256), one host read at the end."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros(())
+    correct = torch.zeros((), dtype=torch.long)
+    with torch.no_grad():
+        for start in range(0, len(targets), 256):
+            logits = model(inputs[start : start + 256])
+            labels = targets[start : start + 256]
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+            correct += (logits.argmax(dim=1) == labels).sum()
+    model.train(was_training)
+    return {"loss": loss_sum.item() / len(targets), "accuracy": correct.item() / len(targets)}
+
+
+def final_loss(model: torch.nn.Module, job: Job) -> float:
+    return evaluate(model, job.check_inputs, job.check_targets)["loss"]
+
+
+def with_epoch_evaluation(
+    model: torch.nn.Module, job: Job, batches_of_epoch: Callable[[int], Iterable[Any]]
+) -> Callable[[int], Iterator[Any]]:
+    """Wrap an epoch's batches so the job's evaluation runs at every epoch boundary (before epochs 1, 2...),
+    where the Trainer and the peers run theirs."""
+
+    def epoch_batches(epoch: int) -> Iterator[Any]:
+        if job.eval_each_epoch and epoch > 0:
+            assert job.eval_data is not None
+            evaluate(model, *job.eval_data.tensors)
+        yield from batches_of_epoch(epoch)
+
+    return epoch_batches
+
+
+# ------------------------------------------------------------------------------------------- runners
+def run_raw(job: Job, use_dataloader: bool) -> dict[str, Any]:
+    from raw_loop import raw_loop, tensor_batches
+
+    model = build_model(job)
+    optimizer, scheduler = build_optimization(model, job)
+    if use_dataloader:
+        loader = DataLoader(
+            job.train_data,
+            batch_size=job.batch_size,
+            shuffle=True,
+            num_workers=job.num_workers,
+            generator=torch.Generator().manual_seed(SEED),
+        )
+
+        def batches(epoch: int) -> Iterable[Any]:
+            return loader
+
+    else:
+        if not job.in_memory:
+            return {"skipped": "needs a TensorDataset (this job's __getitem__ is the point)"}
+        inputs, targets = job.train_data.tensors
+
+        def batches(epoch: int) -> Iterable[Any]:
+            order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(SEED + epoch))
+            return tensor_batches(inputs, targets, job.batch_size, order)
+
+    clock = StepClock()
+    raw_loop(
+        model,
+        with_epoch_evaluation(model, job, batches),
+        loss_fn=F.cross_entropy,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        max_epochs=job.max_epochs,
+        max_steps=job.max_steps,
+        max_grad_norm=job.max_grad_norm,
+        log_every=job.log_every,
+    )
+    return {
+        "seconds_per_step": clock.seconds_per_step(),
+        "steps": clock.count,
+        "final_loss": final_loss(model, job),
+    }
+
+
+def run_steadyfit(job: Job) -> dict[str, Any]:
+    from steadyfit import TrainConfig, Trainer, accuracy
+
+    model = build_model(job)
+    with tempfile.TemporaryDirectory(prefix="bench-steadyfit-") as run_dir:
+        config = TrainConfig(
+            run_dir=run_dir,
+            seed=SEED,
+            max_steps=job.max_steps,
+            max_epochs=job.max_epochs,
+            batch_size=job.batch_size,
+            optimizer="adamw",
+            lr=job.lr,
+            weight_decay=0.0,
+            scheduler="linear",
+            max_grad_norm=job.max_grad_norm,
+            log_every=job.log_every,
+            save_every=0,
+            num_workers=job.num_workers,
+            progress=False,
+            device="cpu",
+        )
+        trainer = Trainer(
+            model,
+            config,
+            train_data=job.train_data,
+            eval_data=job.eval_data if job.eval_each_epoch else None,
+            loss_fn=F.cross_entropy,
+            metrics={"accuracy": accuracy} if job.eval_each_epoch else None,
+        )
+        clock = StepClock()
+        trainer.fit()
+        seconds = clock.seconds_per_step()
+    return {"seconds_per_step": seconds, "steps": clock.count, "final_loss": final_loss(model, job)}
+
+
+def run_peer(runner: str, job: Job) -> dict[str, Any]:
+    if runner == "hf":
+        from peers import hf_runner as module
+    elif runner == "lightning":
+        from peers import lightning_runner as module
+    else:
+        from peers import accelerate_runner as module
+    return module.run(job)
+
+
+def run_one(runner: str, job: Job) -> dict[str, Any]:
+    """Train ``job`` with ``runner`` in this process; returns seconds_per_step, steps, final_loss."""
+    if runner == "raw":
+        return run_raw(job, use_dataloader=False)
+    if runner == "raw_dataloader":
+        return run_raw(job, use_dataloader=True)
+    if runner == "steadyfit":
+        return run_steadyfit(job)
+    return run_peer(runner, job)
+
+
+def is_installed(runner: str) -> bool:
+    """Whether a runner's framework can be imported (looked up without importing it)."""
+    modules = {
+        "hf": ["transformers"],
+        "lightning": ["lightning", "pytorch_lightning"],
+        "accelerate": ["accelerate"],
+    }.get(runner)
+    if modules is None:
+        return True
+    return any(importlib.util.find_spec(name) is not None for name in modules)
+
+
+# --------------------------------------------------------------------------------------- orchestration
+@dataclass
+class Measurements:
+    """Every repetition of every (job, runner) pair."""
+
+    seconds: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    losses: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    steps: dict[tuple[str, str], int] = field(default_factory=dict)
+    skipped: dict[tuple[str, str], str] = field(default_factory=dict)
+    failed: set[tuple[str, str]] = field(default_factory=set)
+
+    def add(self, job: str, runner: str, result: dict[str, Any]) -> None:
+        key = (job, runner)
+        if "skipped" in result:
+            self.skipped[key] = result["skipped"]
+            if result.get("failed"):
+                self.failed.add(key)
+            return
+        self.seconds.setdefault(key, []).append(result["seconds_per_step"])
+        self.losses.setdefault(key, []).append(result["final_loss"])
+        self.steps[key] = result["steps"]
+
+
+def run_worker(runners: list[str], jobs: list[str], smoke: bool, threads: int | None) -> None:
+    """Child process: train each job with each runner and print one RESULT line per pair."""
+    warnings.simplefilter("ignore")  # peers' advice (no GPU, no logger...) would drown the results
+    sys.path.insert(0, str(BENCH_DIR))
+    if threads is not None:
+        torch.set_num_threads(threads)
+    for name in jobs:
+        for runner in runners:
+            result = run_one(runner, make_job(name, smoke))
+            print(RESULT_PREFIX + json.dumps({"job": name, "runner": runner, **result}), flush=True)
+
+
+def spawn(runners: list[str], jobs: list[str], smoke: bool, threads: int | None) -> list[dict[str, Any]]:
+    """Run a worker subprocess; return its RESULT rows, plus a ``failed`` row for each pair it did not
+    report."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC_DIR), env.get("PYTHONPATH")]))
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", ",".join(runners)]
+    command += ["--jobs", ",".join(jobs)]
+    if smoke:
+        command.append("--smoke")
+    if threads is not None:
+        command += ["--threads", str(threads)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    rows = [
+        json.loads(line.removeprefix(RESULT_PREFIX))
+        for line in proc.stdout.splitlines()
+        if line.startswith(RESULT_PREFIX)
+    ]
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        print(
+            f"warning: {','.join(runners)} failed on {','.join(jobs)} (exit {proc.returncode}):\n{tail}",
+            file=sys.stderr,
+        )
+        done = {(row["job"], row["runner"]) for row in rows}
+        rows += [
+            {"job": job, "runner": runner, "skipped": f"failed (exit {proc.returncode})", "failed": True}
+            for job in jobs
+            for runner in runners
+            if (job, runner) not in done
+        ]
+    return rows
+
+
+def measure(jobs: list[str], runners: list[str], reps: int, threads: int | None) -> Measurements:
+    """Interleave repetitions: every (job, runner) once, then again, so drift hurts all runners alike.
+    Each pair trains in a fresh subprocess: no runner inherits another's warm caches or imports."""
+    results = Measurements()
+    for rep in range(reps):
+        for job in jobs:
+            for runner in runners:
+                print(f"[rep {rep + 1}/{reps}] {job:8s} {runner}", file=sys.stderr, flush=True)
+                for row in spawn([runner], [job], smoke=False, threads=threads):
+                    results.add(row["job"], row["runner"], row)
+    return results
+
+
+def measure_smoke(jobs: list[str], runners: list[str], threads: int | None) -> Measurements:
+    """One subprocess for every pair: CI checks that everything runs, not the timings."""
+    results = Measurements()
+    for row in spawn(runners, jobs, smoke=True, threads=threads):
+        results.add(row["job"], row["runner"], row)
+    return results
+
+
+def summarise(results: Measurements, jobs: list[str], runners: list[str]) -> list[dict[str, Any]]:
+    """One row per (job, runner): median / min / max seconds per step, ratios, final loss, fairness flag."""
+    rows = []
+    for job in jobs:
+        medians = {
+            r: statistics.median(results.seconds[(job, r)]) for r in runners if (job, r) in results.seconds
+        }
+        losses = {
+            r: statistics.median(results.losses[(job, r)]) for r in runners if (job, r) in results.losses
+        }
+        reference_loss = losses.get("raw", losses.get("raw_dataloader"))
+        for runner in runners:
+            key = (job, runner)
+            if key in results.skipped:
+                rows.append({"job": job, "runner": runner, "skipped": results.skipped[key]})
+                continue
+            if key not in results.seconds:
+                continue
+            samples = results.seconds[key]
+            loss = losses[runner]
+            agrees = (
+                reference_loss is None or abs(loss - reference_loss) <= LOSS_ATOL + LOSS_RTOL * reference_loss
+            )
+            rows.append(
+                {
+                    "job": job,
+                    "runner": runner,
+                    "reps": len(samples),
+                    "steps": results.steps[key],
+                    "median_s": medians[runner],
+                    "min_s": min(samples),
+                    "max_s": max(samples),
+                    "vs_raw": medians[runner] / medians["raw"] if "raw" in medians else None,
+                    "vs_raw_dataloader": (
+                        medians[runner] / medians["raw_dataloader"] if "raw_dataloader" in medians else None
+                    ),
+                    "final_loss": loss,
+                    "loss_agrees": agrees,
+                }
+            )
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The summary as a markdown table (milliseconds per optimizer step)."""
+
+    def ratio(value: float | None) -> str:
+        return "–" if value is None else f"{value:.2f}×"
+
+    lines = [
+        "| job | runner | median ms/step | min–max ms | vs raw | vs DataLoader loop | final loss |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        if "skipped" in row:
+            lines.append(f"| {row['job']} | {row['runner']} | skipped: {row['skipped']} | | | | |")
+            continue
+        flag = "" if row["loss_agrees"] else " ⚠"
+        lines.append(
+            f"| {row['job']} | {row['runner']} | {1e3 * row['median_s']:.3f} | "
+            f"{1e3 * row['min_s']:.3f}–{1e3 * row['max_s']:.3f} | {ratio(row['vs_raw'])} | "
+            f"{ratio(row['vs_raw_dataloader'])} | {row['final_loss']:.4f}{flag} |"
+        )
+    return "\n".join(lines)
+
+
+def _parse_list(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    unknown = [item for item in items if item not in allowed]
+    if unknown or not items:
+        raise SystemExit(f"{flag}: unknown or empty {unknown or value!r}; choose from {', '.join(allowed)}")
+    return items
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", default=",".join(JOBS), help=f"comma-separated, from {', '.join(JOBS)}")
+    parser.add_argument(
+        "--runners",
+        default=None,
+        help="comma-separated, from raw, raw_dataloader, steadyfit, hf, lightning, accelerate "
+        "(default: all installed; with --smoke: the first three)",
+    )
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny jobs, 1 repetition, for CI; no timing claims"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads in every runner (default: torch's; 1 with --smoke)",
+    )
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    jobs = _parse_list(args.jobs, JOBS, "--jobs")
+    if args.worker is not None:
+        run_worker(args.worker.split(","), jobs, args.smoke, args.threads)
+        return 0
+    if args.reps < 1:
+        raise SystemExit("--reps: must be at least 1")
+    if args.smoke and args.threads is None:
+        args.threads = 1  # CI machines are often shared: one thread per runner avoids spin-wait contention
+    default_runners = CORE_RUNNERS if args.smoke else CORE_RUNNERS + PEER_RUNNERS
+    runners = (
+        _parse_list(args.runners, CORE_RUNNERS + PEER_RUNNERS, "--runners")
+        if args.runners
+        else list(default_runners)
+    )
+    missing = [runner for runner in runners if not is_installed(runner)]
+    for runner in missing:
+        print(f"note: {runner} is not installed; skipped (pip install -e '.[bench]')", file=sys.stderr)
+    runners = [runner for runner in runners if runner not in missing]
+
+    results = (
+        measure_smoke(jobs, runners, args.threads)
+        if args.smoke
+        else measure(jobs, runners, args.reps, args.threads)
+    )
+    rows = summarise(results, jobs, runners)
+    print(markdown_table(rows))
+    for row in rows:
+        if "skipped" not in row and not row["loss_agrees"]:
+            print(
+                f"warning: {row['job']}/{row['runner']} final loss {row['final_loss']:.4f} disagrees with "
+                "the raw loop's: the comparison may not be like for like",
+                file=sys.stderr,
+            )
+    if args.json is not None:
+        report = {
+            "smoke": args.smoke,
+            "reps": 1 if args.smoke else args.reps,
+            "torch": torch.__version__,
+            "threads": args.threads or torch.get_num_threads(),
+            "rows": rows,
+            "samples": [
+                {"job": job, "runner": runner, "seconds_per_step": values}
+                for (job, runner), values in results.seconds.items()
+            ],
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    core_failures = sorted(f"{job}/{runner}" for job, runner in results.failed if runner in CORE_RUNNERS)
+    if core_failures:
+        print(f"error: core runners failed: {', '.join(core_failures)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""The manifest: building it, and verifying a checkpoint directory against it before anything is parsed."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from steadyfit.checkpoint import layout
+from steadyfit.checkpoint.atomic import FileRecord, hash_file
+from steadyfit.checkpoint.errors import CheckpointError
+from steadyfit.checkpoint.payload import loads_json
+
+_MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+_SHA256_HEX_LEN = 64
+
+
+def build_manifest(
+    step: int, components: Sequence[str], extra_files: Sequence[str], records: Mapping[str, FileRecord]
+) -> dict[str, Any]:
+    """The manifest of a checkpoint whose files (all but the manifest itself) have these records.
+
+    Example:
+        >>> build_manifest(7, ["trainer"], [], {"model.safetensors": FileRecord(8, "0" * 64)})["step"]
+        7
+    """
+    return {
+        "format_version": layout.FORMAT_VERSION,
+        "step": step,
+        "model": layout.MODEL_FILE,
+        "components": list(components),
+        "extra_files": list(extra_files),
+        "files": {name: {"size": r.size, "sha256": r.sha256} for name, r in sorted(records.items())},
+    }
+
+
+def inspect_checkpoint(
+    path: Path, *, keep: bool
+) -> tuple[list[str], dict[str, Any] | None, dict[str, bytes]]:
+    """Verify a checkpoint directory against its manifest; with ``keep`` also return the verified bytes.
+
+    Nothing but the manifest (JSON) is parsed. Files are opened with ``O_NOFOLLOW`` and each one's size is
+    checked before it is read, so a planted huge or linked file is never read.
+
+    Returns:
+        ``(faults, manifest, contents)``: ``manifest`` is None unless ``faults`` is empty; ``contents`` maps
+        each file name to its bytes when ``keep``.
+
+    Example:
+        >>> inspect_checkpoint(Path("/nonexistent"), keep=False)[0]
+        ['/nonexistent is not a directory']
+    """
+    if path.is_symlink():
+        return [f"{path} is a symlink (checkpoints are never followed through links)"], None, {}
+    if not path.is_dir():
+        return [f"{path} is not a directory"], None, {}
+    with os.scandir(path) as scan:
+        entries = {entry.name: entry for entry in scan}
+    manifest_entry = entries.pop(layout.MANIFEST_FILE, None)
+    if manifest_entry is None:
+        return [f"missing {layout.MANIFEST_FILE} (incomplete or foreign directory)"], None, {}
+    manifest_stat = manifest_entry.stat(follow_symlinks=False)
+    if not stat.S_ISREG(manifest_stat.st_mode):
+        return [f"{layout.MANIFEST_FILE} is not a regular file"], None, {}
+    if manifest_stat.st_size > _MAX_MANIFEST_BYTES:
+        return [f"{layout.MANIFEST_FILE} is implausibly large ({manifest_stat.st_size} bytes)"], None, {}
+    try:
+        _, raw = hash_file(path / layout.MANIFEST_FILE, keep=True)
+        assert raw is not None
+        manifest = loads_json(raw, where=layout.MANIFEST_FILE)
+    except (OSError, CheckpointError) as exc:
+        return [f"unreadable {layout.MANIFEST_FILE}: {exc}"], None, {}
+    faults = manifest_faults(manifest, path.name)
+    if faults:
+        return faults, None, {}
+
+    listed: dict[str, dict[str, Any]] = manifest["files"]
+    for name in sorted(entries):
+        entry = entries[name]
+        if entry.is_symlink():
+            faults.append(f"symlink {name} (not allowed in a checkpoint)")
+        elif not entry.is_file(follow_symlinks=False):
+            faults.append(f"unexpected non-file entry {name}")
+        elif name not in listed:
+            faults.append(f"unexpected file {name} (not in the manifest)")
+    contents: dict[str, bytes] = {}
+    for name, expected in sorted(listed.items()):
+        entry = entries.get(name)
+        if entry is None:
+            faults.append(f"missing file {name}")
+            continue
+        if entry.is_symlink() or not entry.is_file(follow_symlinks=False):
+            continue
+        size = entry.stat(follow_symlinks=False).st_size
+        if size != expected["size"]:
+            faults.append(
+                f"size mismatch for file {name}: manifest says {expected['size']} bytes, found {size}"
+            )
+            continue
+        try:
+            record, data = hash_file(path / name, keep=keep)
+        except OSError as exc:
+            faults.append(f"unreadable file {name}: {describe_os_error(exc)}")
+            continue
+        if record.size != expected["size"]:
+            faults.append(f"size mismatch for file {name}: changed while reading")
+        elif record.sha256 != expected["sha256"]:
+            faults.append(f"sha256 mismatch for file {name} (content changed or corrupted)")
+        elif data is not None:
+            contents[name] = data
+    return faults, (manifest if not faults else None), contents
+
+
+def manifest_faults(manifest: Any, dir_name: str) -> list[str]:
+    """Schema and naming checks on a parsed manifest; the roles must account for every listed file.
+
+    Example:
+        >>> manifest_faults({"format_version": 0}, "step-00000001")
+        ['unsupported format_version 0 in manifest.json']
+    """
+    if not isinstance(manifest, dict):
+        return [f"malformed {layout.MANIFEST_FILE}: not a JSON object"]
+    if manifest.get("format_version") != layout.FORMAT_VERSION:
+        return [f"unsupported format_version {manifest.get('format_version')!r} in {layout.MANIFEST_FILE}"]
+    files = manifest.get("files")
+    components = manifest.get("components")
+    extra_files = manifest.get("extra_files")
+    step = manifest.get("step")
+    if (
+        not isinstance(files, dict)
+        or not isinstance(components, list)
+        or not isinstance(extra_files, list)
+        or not _is_int(step)
+        or manifest.get("model") != layout.MODEL_FILE
+    ):
+        return [
+            f"malformed {layout.MANIFEST_FILE}: missing or mistyped files/components/extra_files/step/model"
+        ]
+    faults = []
+    for name, entry in files.items():
+        if not layout.FILE_NAME_RE.match(name) or name == layout.MANIFEST_FILE:
+            faults.append(f"bad name in manifest: {name!r} (must be a plain file name)")
+        elif (
+            not isinstance(entry, dict)
+            or not _is_int(entry.get("size"))
+            or entry["size"] < 0
+            or not _is_sha256(entry.get("sha256"))
+        ):
+            faults.append(f"malformed manifest entry for {name!r}")
+    if faults:
+        return faults
+    dir_step = layout.step_of(dir_name)
+    if dir_step is not None and dir_step != step:
+        faults.append(f"manifest step {step} does not match directory name {dir_name}")
+    expected = {layout.MODEL_FILE}
+    for name in components:
+        if not isinstance(name, str) or not layout.COMPONENT_NAME_RE.match(name):
+            faults.append(f"bad component name in manifest: {name!r}")
+            continue
+        json_name, tensors_name = layout.component_files(name)
+        expected.add(json_name)
+        if tensors_name in files:
+            expected.add(tensors_name)
+    for name in extra_files:
+        if not isinstance(name, str) or name not in files:
+            faults.append(f"extra file {name!r} is not listed in the manifest files")
+        else:
+            expected.add(name)
+    for name in sorted(expected - set(files)):
+        faults.append(f"{name} is missing from the manifest files")
+    for name in sorted(set(files) - expected):
+        faults.append(f"manifest lists {name} but no component or extra file uses it")
+    return faults
+
+
+def describe_os_error(exc: BaseException) -> str:
+    """``ENOSPC: No space left on device (path)`` for an OSError, ``str(exc)`` for anything else."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        name = errno.errorcode.get(exc.errno, str(exc.errno))
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{name}: {exc.strerror}{where}"
+    return str(exc)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_sha256(value: Any) -> bool:
+    return (
+        isinstance(value, str)
+        and len(value) == _SHA256_HEX_LEN
+        and all(c in "0123456789abcdef" for c in value)
+    )

@@ -1,0 +1,239 @@
+"""torch.distributed for the loop: the torchrun environment, process group, DDP / FSDP2 wrapping, gradient
+sync control, reductions, and full (gathered) state dicts for checkpoints. No communication code of our own:
+every collective here is a torch.distributed call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from steadyfit.config import ConfigError, TrainConfig
+
+# A collective that waits longer than this on a vanished peer fails instead of hanging the job.
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("STEADYFIT_COLLECTIVE_TIMEOUT_S", "300")))
+
+
+def torchrun_world_size() -> int | None:
+    """WORLD_SIZE from the torchrun environment, or None outside torchrun."""
+    value = os.environ.get("WORLD_SIZE")
+    return int(value) if value else None
+
+
+class Distributed:
+    """The process group and how the model takes part in it.
+
+    ``strategy`` is ``none`` in a single process, ``ddp`` or ``fsdp`` under torchrun (``auto`` picks ddp
+    when the world size is above one). Reductions are no-ops in a single process.
+
+    Example:
+        >>> context = Distributed.setup(TrainConfig())
+        >>> context.world_size, context.is_main
+        (1, True)
+    """
+
+    def __init__(self, strategy: str, rank: int, local_rank: int, world_size: int, owns_group: bool) -> None:
+        self.strategy = strategy
+        self.rank = rank
+        self.local_rank = local_rank
+        self.world_size = world_size
+        self.owns_group = owns_group
+
+    @classmethod
+    def setup(cls, config: TrainConfig) -> Distributed:
+        """Read torchrun's environment and join (or create) the default process group."""
+        world_size = torchrun_world_size()
+        if world_size is None:
+            if config.strategy in ("ddp", "fsdp"):
+                raise ConfigError(
+                    f"strategy: {config.strategy!r} needs a process group; launch with torchrun, e.g. "
+                    "torchrun --nproc_per_node=2 -m steadyfit fit ..."
+                )
+            return cls("none", 0, 0, 1, owns_group=False)
+        strategy = config.strategy if config.strategy != "auto" else ("ddp" if world_size > 1 else "none")
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        owns_group = False
+        if strategy != "none" and not dist.is_initialized():
+            use_cuda = config.device != "cpu" and torch.cuda.is_available()
+            if use_cuda:
+                torch.cuda.set_device(local_rank)
+            dist.init_process_group(
+                backend="nccl" if use_cuda else "gloo",
+                timeout=COLLECTIVE_TIMEOUT,
+                device_id=torch.device("cuda", local_rank) if use_cuda else None,
+            )
+            owns_group = True
+        if strategy != "none":
+            rank, world_size = dist.get_rank(), dist.get_world_size()
+        return cls(strategy, rank, local_rank, world_size, owns_group)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.strategy != "none" and dist.is_initialized()
+
+    def device(self, name: str) -> torch.device:
+        """The device of this rank: ``cuda:LOCAL_RANK`` under torchrun on GPUs."""
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError(
+                    "device: 'cuda' was asked for but no CUDA device is available; use cpu or auto"
+                )
+            return torch.device(
+                "cuda", self.local_rank if self.is_distributed else torch.cuda.current_device()
+            )
+        return torch.device(name)
+
+    # ------------------------------------------------------------------------------------ the model
+    def wrap(
+        self, model: torch.nn.Module, precision: str, block_names: tuple[str, ...] = ()
+    ) -> torch.nn.Module:
+        """DDP, or FSDP2 ``fully_shard`` on each child block then the root. Returns the module to call."""
+        if self.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [model_device(model).index] if model_device(model).type == "cuda" else None
+            return DistributedDataParallel(model, device_ids=device_ids)
+        if self.strategy == "fsdp":
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+            policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+            for block in shard_blocks(model, block_names):
+                fully_shard(block, mp_policy=policy)
+            fully_shard(model, mp_policy=policy)
+            return model
+        return model
+
+    @contextlib.contextmanager
+    def gradient_sync(self, train_model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+        """Synchronise gradients only on the last micro-batch of a window (DDP ``no_sync`` before it)."""
+        if self.strategy == "ddp" and not enabled:
+            with train_model.no_sync():  # type: ignore[operator]
+                yield
+            return
+        if self.strategy == "fsdp":
+            train_model.set_requires_gradient_sync(enabled)  # type: ignore[operator]
+        yield
+
+    # ------------------------------------------------------------------------------------ reductions
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum across ranks (in place for the caller's tensor); identity in a single process."""
+        if self.is_distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` on every rank (plain data such as RNG states, between our own processes)."""
+        if not self.is_distributed:
+            return [value]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def broadcast_object(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank."""
+        if not self.is_distributed:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def barrier(self) -> None:
+        if self.is_distributed:
+            dist.barrier()
+
+    def teardown(self) -> None:
+        """Destroy the process group if we created it."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self.owns_group = False
+        self.rank, self.world_size = 0, 1
+
+    # ------------------------------------------------------------------------------------ state dicts
+    def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Full weights (FSDP shards gathered, on CPU) — a collective under FSDP: every rank calls it."""
+        if self.strategy != "fsdp":
+            return model.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        if self.strategy != "fsdp":
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+
+    def load_model_state(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+        if self.strategy != "fsdp":
+            model.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+    def load_optimizer_state(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    ) -> None:
+        if self.strategy != "fsdp":
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 grads), or the tensor itself: in-place ops act on the shard."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered to a plain tensor (e.g. FSDP2's global grad norm), or the tensor itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def shard_blocks(model: torch.nn.Module, block_names: tuple[str, ...]) -> list[torch.nn.Module]:
+    """What FSDP2 shards separately: modules whose class name is in ``block_names``, or by default each
+    direct child that holds parameters (a transformer's blocks live one level down, in a ModuleList)."""
+    if block_names:
+        return [module for module in model.modules() if type(module).__name__ in block_names]
+    blocks = []
+    for child in model.children():
+        if isinstance(child, torch.nn.ModuleList | torch.nn.ModuleDict):
+            blocks.extend(grandchild for grandchild in child.children() if _has_parameters(grandchild))
+        elif _has_parameters(child):
+            blocks.append(child)
+    return blocks
+
+
+def _has_parameters(module: torch.nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def local_share(length: int, global_batch: int, world_size: int, rank: int, batch_index: int) -> int:
+    """Samples rank ``rank`` gets from global micro-batch ``batch_index`` under striding (0 for an empty share
+    of a short last batch)."""
+    size = max(0, min(global_batch, length - batch_index * global_batch))
+    return len(range(rank, size, world_size))

@@ -1,0 +1,80 @@
+"""Run the fault-test training script as a real process and interrupt it on what it prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = Path(__file__).with_name("train_script.py")
+TIMEOUT_S = 120
+
+
+def command(run_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, str(SCRIPT), str(run_dir), *overrides]
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_to_end(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    completed = subprocess.run(
+        command(run_dir, *overrides), env=environment(), capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+    assert completed.returncode == 0, completed.stderr
+    return completed
+
+
+def run_until(run_dir: Path, line: str, sig: int, *overrides: str) -> tuple[int, str]:
+    """Start a run, send ``sig`` once it prints ``line``; returns (exit status, everything it printed)."""
+    process = subprocess.Popen(
+        command(run_dir, *overrides),
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen = []
+    try:
+        assert process.stdout is not None
+        for output in process.stdout:
+            seen.append(output)
+            if output.strip() == line:
+                process.send_signal(sig)
+                break
+        else:
+            raise AssertionError(f"the run ended without printing {line!r}:\n{''.join(seen)}")
+        rest, _ = process.communicate(timeout=TIMEOUT_S)
+        seen.append(rest)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return process.returncode, "".join(seen)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+KILL = signal.SIGKILL
+TERM = signal.SIGTERM
+INT = signal.SIGINT

@@ -1,0 +1,203 @@
+"""Guarantees 2, 3 and 4 with real processes: kill, preempt, corrupt, then rerun the same command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from harness import (
+    INT,
+    KILL,
+    TERM,
+    assert_bitwise_equal,
+    final_weights,
+    metric_rows,
+    run_to_end,
+    run_until,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Two uninterrupted runs: they must agree bitwise, or no resume test would prove anything."""
+    base = tmp_path_factory.mktemp("reference")
+    run_to_end(base / "a")
+    run_to_end(base / "b")
+    first, second = final_weights(base / "a"), final_weights(base / "b")
+    assert_bitwise_equal(first, second)
+    return first, metric_rows(base / "a")
+
+
+def _train_rows(rows):
+    return [row for row in rows if row["kind"] == "train"]
+
+
+@pytest.mark.parametrize("kill_after_step", [1, 4, 9, 16, 27])
+def test_sigkill_anywhere_then_rerun_is_bitwise_equal(tmp_path, reference, kill_after_step):
+    # Steps 3, 6, 9 ... submit a checkpoint: killing right after "step 9" lands while it is being written.
+    weights, reference_rows = reference
+    status, _ = run_until(tmp_path, f"step {kill_after_step}", KILL)
+    assert status == -KILL
+    completed = run_to_end(tmp_path)
+    assert "done 39" in completed.stdout
+    assert_bitwise_equal(final_weights(tmp_path), weights)
+    steps = [row["step"] for row in _train_rows(metric_rows(tmp_path))]
+    assert steps == sorted(set(steps)), "each step is logged exactly once after a resume"
+    assert steps == [row["step"] for row in _train_rows(reference_rows)]
+    assert [row["loss"] for row in _train_rows(metric_rows(tmp_path))] == [
+        row["loss"] for row in _train_rows(reference_rows)
+    ]
+
+
+def test_sigkill_with_dataloader_workers(tmp_path):
+    run_to_end(tmp_path / "reference", "num_workers=2")
+    status, _ = run_until(tmp_path / "killed", "step 8", KILL, "num_workers=2")
+    assert status == -KILL
+    run_to_end(tmp_path / "killed", "num_workers=2")
+    assert_bitwise_equal(final_weights(tmp_path / "killed"), final_weights(tmp_path / "reference"))
+
+
+@pytest.mark.parametrize(("sig", "code"), [(TERM, 143), (INT, 130)])
+def test_preemption_checkpoints_and_exits(tmp_path, reference, sig, code):
+    status, output = run_until(tmp_path, "step 5", sig)
+    assert status == code, output
+    checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert "step-00000005" in checkpoints or "step-00000006" in checkpoints, checkpoints
+    run_to_end(tmp_path)
+    assert_bitwise_equal(final_weights(tmp_path), reference[0])
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, reference):
+    status, _ = run_until(tmp_path, "saved " + str(tmp_path / "checkpoints" / "step-00000012"), KILL)
+    assert status == -KILL
+    newest = tmp_path / "checkpoints" / "step-00000012" / "model.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-1] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    completed = run_to_end(tmp_path)
+    assert "skipping damaged checkpoint" in completed.stdout + completed.stderr
+    assert "step-00000012" in completed.stdout + completed.stderr
+    assert_bitwise_equal(final_weights(tmp_path), reference[0])
+
+
+def test_every_checkpoint_damaged_refuses_to_restart(tmp_path):
+    status, _ = run_until(tmp_path, "saved " + str(tmp_path / "checkpoints" / "step-00000006"), KILL)
+    assert status == -KILL
+    for checkpoint in (tmp_path / "checkpoints").iterdir():
+        (checkpoint / "manifest.json").write_text("{}")
+    import subprocess
+
+    from harness import command, environment
+
+    completed = subprocess.run(
+        command(tmp_path), env=environment(), capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode != 0
+    assert "every checkpoint" in completed.stderr and "step-00000003" in completed.stderr
+
+
+def test_changed_batch_size_on_resume_is_refused(tmp_path):
+    status, _ = run_until(tmp_path, "saved " + str(tmp_path / "checkpoints" / "step-00000003"), KILL)
+    assert status == -KILL
+    from steadyfit import ConfigError, Trainer
+    from steadyfit.config import make_config
+
+    config = make_config({"run_dir": str(tmp_path), "batch_size": 16, "grad_accum_steps": 2, "seed": 7})
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(32, 3)
+    )
+    data = torch.utils.data.TensorDataset(torch.randn(203, 16), torch.zeros(203, dtype=torch.long))
+    with pytest.raises(ConfigError, match=r"batch_size: the checkpoint .* batch_size x world size\) 8"):
+        Trainer(model, config, train_data=data, loss_fn=torch.nn.functional.cross_entropy).fit()
+
+
+def test_planted_pickle_is_never_executed(tmp_path):
+    status, _ = run_until(tmp_path, "saved " + str(tmp_path / "checkpoints" / "step-00000003"), KILL)
+    assert status == -KILL
+    checkpoint = tmp_path / "checkpoints" / "step-00000003"
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"x": Evil()}, checkpoint / "model.safetensors")
+    import hashlib
+
+    manifest_path = checkpoint / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    entries = manifest["files"]
+    body = (checkpoint / "model.safetensors").read_bytes()
+    record = {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    if isinstance(entries, dict):
+        entries["model.safetensors"].update(record)
+    else:
+        next(e for e in entries if e["name"] == "model.safetensors").update(record)
+    manifest_path.write_text(json.dumps(manifest))
+    import subprocess
+
+    from harness import command, environment
+
+    completed = subprocess.run(
+        command(tmp_path), env=environment(), capture_output=True, text=True, timeout=120
+    )
+    assert not marker.exists(), "a pickle in a checkpoint was executed"
+    assert completed.returncode != 0
+    assert "step-00000003" in completed.stderr
+
+
+def test_rotation_keeps_newest_and_best(tmp_path):
+    run_to_end(tmp_path, "keep_last=1", "eval_every=3")
+    rows = metric_rows(tmp_path)
+    best_step = min((row for row in rows if row["kind"] == "eval"), key=lambda row: row["eval_loss"])["step"]
+    remaining = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert "step-00000039" in remaining
+    assert f"step-{best_step:08d}" in remaining
+    assert len(remaining) <= 2
+
+
+def test_second_run_on_the_same_directory_is_refused(tmp_path):
+    import subprocess
+
+    from harness import command, environment
+
+    first = subprocess.Popen(
+        command(tmp_path, "max_epochs=50"), env=environment(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert first.stdout is not None
+        for line in first.stdout:
+            if line.startswith("step"):
+                break
+        second = subprocess.run(
+            [*command(tmp_path)[:1], "-m", "steadyfit", "fit", f"run_dir={tmp_path}"],
+            env=environment(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert second.returncode == 2
+        assert ".lock" in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_resume_never_refuses_existing_checkpoints(tmp_path):
+    status, _ = run_until(tmp_path, "saved " + str(tmp_path / "checkpoints" / "step-00000003"), KILL)
+    assert status == -KILL
+    import subprocess
+
+    from harness import command, environment
+
+    completed = subprocess.run(
+        command(tmp_path, "resume=never"), env=environment(), capture_output=True, text=True
+    )
+    assert completed.returncode != 0
+    assert "resume: 'never'" in completed.stderr
+    assert (tmp_path / "checkpoints" / "step-00000003").is_dir()
+    shutil.rmtree(tmp_path / "checkpoints")

@@ -1,0 +1,89 @@
+"""Exact resume in one process for every optimizer, schedule, precision and EMA: a run that crashes after a
+checkpoint and is started again equals, bitwise, the run that never stopped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import base_config, make_mlp, make_regression
+from steadyfit import Callback, Trainer, seed_everything
+
+CE = torch.nn.functional.cross_entropy
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, state):
+        if state.step == self.step:
+            raise Crash
+
+
+def _run(run_dir, crash_at=None, **overrides):
+    seed_everything(0)
+    model = make_mlp(dropout=0.2)
+    values = {"batch_size": 8, "grad_accum_steps": 2, "max_epochs": 3, "save_every": 4, "deterministic": True}
+    values.update(overrides)
+    config = base_config(run_dir, **values)
+    callbacks = [CrashAt(crash_at)] if crash_at else []
+    data = make_regression(90)
+    trainer = Trainer(model, config, train_data=data, eval_data=data, loss_fn=CE, callbacks=callbacks)
+    if crash_at:
+        with pytest.raises(Crash):
+            trainer.fit()
+        return None
+    trainer.fit()
+    return trainer
+
+
+def _assert_resume_exact(tmp_path, **overrides):
+    first = _run(tmp_path / "a", **overrides)
+    second = _run(tmp_path / "b", **overrides)
+    _run(tmp_path / "c", crash_at=10, **overrides)
+    resumed = _run(tmp_path / "c", **overrides)
+    for trainer in (second, resumed):
+        for key, value in first.model.state_dict().items():
+            assert torch.equal(value, trainer.model.state_dict()[key]), key
+        assert trainer.state.step == first.state.step
+        assert trainer.optimizer.param_groups[0]["lr"] == first.optimizer.param_groups[0]["lr"]
+    return first, resumed
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "adafactor", "lamb", "lion"])
+def test_every_optimizer_resumes_exactly(tmp_path, optimizer):
+    if optimizer in ("lamb", "lion"):
+        pytest.importorskip("pytorch_optimizer")
+    _assert_resume_exact(tmp_path, optimizer=optimizer, lr=0.01, momentum=0.9 if optimizer == "sgd" else 0.0)
+
+
+@pytest.mark.parametrize("scheduler", ["constant", "linear", "cosine", "step", "onecycle", "wsd"])
+def test_every_schedule_resumes_exactly(tmp_path, scheduler):
+    _assert_resume_exact(tmp_path, scheduler=scheduler, warmup_steps=3, step_size=5, gamma=0.5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_resumes_exactly(tmp_path, precision):
+    first, resumed = _assert_resume_exact(tmp_path, precision=precision)
+    if precision == "fp16":
+        assert resumed.precision.loss_scale() == first.precision.loss_scale()
+
+
+def test_ema_resumes_exactly(tmp_path):
+    first, resumed = _assert_resume_exact(tmp_path, ema_decay=0.9)
+    for key, value in first.ema.state_dict().items():
+        assert torch.equal(value, resumed.ema.state_dict()[key]), key
+
+
+def test_extending_max_epochs_continues_the_run(tmp_path):
+    short = _run(tmp_path / "a", max_epochs=2)
+    longer = _run(tmp_path / "a", max_epochs=3)
+    assert longer.state.step > short.state.step
+    full = _run(tmp_path / "b", max_epochs=3)
+    for key, value in full.model.state_dict().items():
+        assert torch.equal(value, longer.model.state_dict()[key]), key

@@ -1,0 +1,88 @@
+"""A training run for the fault tests: `python train_script.py RUN_DIR key=value ...`.
+
+Prints `step N` after every optimizer step and `saved PATH` after each committed checkpoint (flushed), so
+a test can time its signal on what the child says, never on sleeps. The model is built after seeding, so
+every process starts from the same weights.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from steadyfit import Callback, Trainer, seed_everything
+from steadyfit.config import make_config, parse_overrides
+
+
+class Announce(Callback):
+    def on_step_end(self, trainer, state):
+        print(f"step {state.step}", flush=True)
+
+    def on_checkpoint_saved(self, trainer, state, path):
+        print(f"saved {path}", flush=True)
+
+
+def build(width: int):
+    generator = torch.Generator().manual_seed(1234)
+    inputs = torch.randn(203, 16, generator=generator)
+    targets = (inputs[:, :4].sum(dim=1) > 0).long() + (inputs[:, 4] > 1).long()
+    data = torch.utils.data.TensorDataset(inputs, targets)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, width), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(width, 3)
+    )
+    return model, data
+
+
+class ListData(torch.utils.data.Dataset):
+    """A plain map-style dataset (not a TensorDataset), to go through DataLoader workers."""
+
+    def __init__(self, tensors):
+        self.inputs, self.targets = tensors.tensors
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        return self.inputs[index], self.targets[index]
+
+
+def main() -> None:
+    run_dir, *overrides = sys.argv[1:]
+    values = {
+        "run_dir": run_dir,
+        "seed": 7,
+        "batch_size": 8,
+        "grad_accum_steps": 2,
+        "max_epochs": 3,
+        "save_every": 3,
+        "keep_last": 2,
+        "log_every": 2,
+        "deterministic": True,
+        "progress": False,
+        "lr": 0.01,
+        "scheduler": "cosine",
+        "warmup_steps": 3,
+        "max_grad_norm": 1.0,
+    }
+    values.update(parse_overrides(overrides))
+    width = int(values.pop("width", 32))
+    config = make_config(values)
+    seed_everything(config.seed)
+    torch.set_num_threads(1)
+    model, data = build(width)
+    train = ListData(data) if config.num_workers else data
+    trainer = Trainer(
+        model,
+        config,
+        train_data=train,
+        eval_data=data,
+        loss_fn=torch.nn.functional.cross_entropy,
+        callbacks=[Announce()],
+    )
+    result = trainer.fit()
+    print(f"done {result.global_step}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

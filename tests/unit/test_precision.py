@@ -1,0 +1,68 @@
+"""Mixed precision on CPU: bf16 and fp16 (with loss scaling) train digits about as well as fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steadyfit import TrainConfig, Trainer, seed_everything
+from steadyfit.recipes import digits
+
+
+def _digits_accuracy(tmp_path, precision):
+    seed_everything(0)
+    recipe = digits.build(TrainConfig())
+    config = TrainConfig(
+        run_dir=str(tmp_path / precision),
+        precision=precision,
+        max_epochs=6,
+        batch_size=32,
+        lr=0.003,
+        scheduler="cosine",
+        progress=False,
+        log_every=0,
+        eval_every=0,
+    )
+    trainer = Trainer(
+        recipe.model,
+        config,
+        train_data=recipe.train_data,
+        eval_data=recipe.eval_data,
+        loss_fn=recipe.loss_fn,
+        metrics=recipe.metrics,
+    )
+    trainer.fit()
+    return trainer.evaluate()["eval_accuracy"], trainer
+
+
+@pytest.mark.slow
+def test_bf16_and_fp16_reach_95_percent_of_fp32(tmp_path):
+    fp32, _ = _digits_accuracy(tmp_path, "fp32")
+    bf16, _ = _digits_accuracy(tmp_path, "bf16")
+    fp16, trainer = _digits_accuracy(tmp_path, "fp16")
+    assert fp32 > 0.9
+    assert bf16 >= 0.95 * fp32
+    assert fp16 >= 0.95 * fp32
+    assert trainer.precision.scaler is not None and trainer.precision.loss_scale() > 0
+
+
+def test_fp16_overflow_is_a_counted_scaler_skip(tmp_path):
+    from helpers import base_config, make_mlp, make_regression
+
+    data = make_regression(40)
+    model = make_mlp()
+    calls = []
+
+    def overflow_once(grad):
+        calls.append(1)
+        return grad * float("inf") if len(calls) == 2 else grad
+
+    model[0].weight.register_hook(overflow_once)
+    config = base_config(tmp_path, precision="fp16", batch_size=4, max_epochs=1)
+    trainer = Trainer(model, config, train_data=data, loss_fn=torch.nn.functional.cross_entropy)
+    scale_before = trainer.precision.loss_scale()
+    result = trainer.fit()
+    assert trainer.state.scaler_skips == 1 and result.global_step == 9
+    assert trainer.precision.loss_scale() == scale_before / 2  # halved once, never grown in 9 steps
+    for value in model.state_dict().values():
+        assert torch.isfinite(value).all()
