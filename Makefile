@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PIP := $(VENV)/bin/pip
 TORCH := torch==2.13.0
+# Every integration is tested with the real library, so the test set-up installs every extra but `bench`.
+TEST_EXTRAS := dev,optim,plot,tensorboard,mlflow,wandb,recipes,hf,torchmetrics,sweep
 
 .PHONY: demo test venv lint
 
@@ -19,7 +21,7 @@ demo: venv
 	$(VENV)/bin/steadyfit fit
 
 test: venv
-	$(PIP) install --quiet "$(TORCH)" -e ".[dev,optim,plot,tensorboard,mlflow,recipes]"
+	$(PIP) install --quiet "$(TORCH)" -e ".[$(TEST_EXTRAS)]"
 	$(VENV)/bin/python -m pytest -q
 
 lint: venv

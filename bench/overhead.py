@@ -3,10 +3,12 @@
 Each (runner, job) pair trains in its own subprocess; repetitions are interleaved (every runner once, then
 again) so a noisy neighbour hurts all runners alike. Only the training loop is timed: a global optimizer
 step post-hook (``torch.optim.optimizer.register_optimizer_step_post_hook``) stamps the end of every
-optimizer step, and the time per step is ``(last stamp - first stamp) / (steps - 1)``. Imports, model and
-data construction, the first step (lazy optimizer state) and anything after the last step (a final
-evaluation, a final checkpoint) are outside it; evaluation at epoch boundaries between steps is inside it,
-for every runner alike.
+optimizer step, and the time per step is ``(last stamp - first stamp) / (steps - 1)``, in wall time and in
+the CPU time of the training process (``time.process_time``: insensitive to other processes on a shared
+machine, but blind to work done in DataLoader worker processes, so use wall time for the workers job).
+Imports, model and data construction, the first step (lazy optimizer state) and anything after the last
+step (a final evaluation, a final checkpoint) are outside it; evaluation at epoch boundaries between steps
+is inside it, for every runner alike.
 
 Runners: ``raw`` (bench/raw_loop.py over in-memory tensors, one indexing operation per batch: the floor),
 ``raw_dataloader`` (the same loop fed by a standard ``torch.utils.data.DataLoader``), ``steadyfit`` (its
@@ -48,6 +50,7 @@ JOBS = ("tiny", "compute", "digits", "workers")
 CORE_RUNNERS = ("raw", "raw_dataloader", "steadyfit")
 PEER_RUNNERS = ("hf", "lightning", "accelerate")
 RESULT_PREFIX = "RESULT "
+NOT_APPLICABLE = {("workers", "raw"): "needs a TensorDataset (this job's __getitem__ is the point)"}
 # Final losses of runners trained on the same data, seed, optimizer and schedule should agree this closely
 # (peers draw their own shuffling order, so they are not bitwise equal).
 LOSS_RTOL = 0.10
@@ -220,26 +223,38 @@ def make_job(name: str, smoke: bool = False) -> Job:
 
 # ------------------------------------------------------------------------------- shared by all runners
 class StepClock:
-    """Stamps the end of every optimizer step through torch's global optimizer post-hook."""
+    """Stamps the end of every optimizer step through torch's global optimizer post-hook, in wall time and
+    in this process's CPU time (robust to other processes sharing the machine)."""
 
     def __init__(self) -> None:
         self.count = 0
-        self.first = 0.0
-        self.last = 0.0
+        self.first = self.last = 0.0
+        self.first_cpu = self.last_cpu = 0.0
         self._handle = register_optimizer_step_post_hook(self._stamp)
 
     def _stamp(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         if self.count == 0:
-            self.first = now
-        self.last = now
+            self.first, self.first_cpu = now, cpu
+        self.last, self.last_cpu = now, cpu
         self.count += 1
 
     def seconds_per_step(self) -> float:
+        """Wall seconds per step between the first and the last stamp; stops stamping."""
         self._handle.remove()
         if self.count < 2:
             raise RuntimeError(f"the runner made {self.count} optimizer step(s); at least 2 are needed")
         return (self.last - self.first) / (self.count - 1)
+
+    def result(self, model: torch.nn.Module, job: Job) -> dict[str, Any]:
+        """What every runner reports: timings, step count and the final loss (measured after the timing)."""
+        seconds = self.seconds_per_step()
+        return {
+            "seconds_per_step": seconds,
+            "cpu_seconds_per_step": (self.last_cpu - self.first_cpu) / (self.count - 1),
+            "steps": self.count,
+            "final_loss": final_loss(model, job),
+        }
 
 
 def build_model(job: Job) -> torch.nn.Module:
@@ -314,7 +329,7 @@ def run_raw(job: Job, use_dataloader: bool) -> dict[str, Any]:
 
     else:
         if not job.in_memory:
-            return {"skipped": "needs a TensorDataset (this job's __getitem__ is the point)"}
+            return {"skipped": NOT_APPLICABLE[(job.name, "raw")]}
         inputs, targets = job.train_data.tensors
 
         def batches(epoch: int) -> Iterable[Any]:
@@ -333,11 +348,7 @@ def run_raw(job: Job, use_dataloader: bool) -> dict[str, Any]:
         max_grad_norm=job.max_grad_norm,
         log_every=job.log_every,
     )
-    return {
-        "seconds_per_step": clock.seconds_per_step(),
-        "steps": clock.count,
-        "final_loss": final_loss(model, job),
-    }
+    return clock.result(model, job)
 
 
 def run_steadyfit(job: Job) -> dict[str, Any]:
@@ -351,6 +362,7 @@ def run_steadyfit(job: Job) -> dict[str, Any]:
             max_steps=job.max_steps,
             max_epochs=job.max_epochs,
             batch_size=job.batch_size,
+            eval_batch_size=256,
             optimizer="adamw",
             lr=job.lr,
             weight_decay=0.0,
@@ -372,8 +384,8 @@ def run_steadyfit(job: Job) -> dict[str, Any]:
         )
         clock = StepClock()
         trainer.fit()
-        seconds = clock.seconds_per_step()
-    return {"seconds_per_step": seconds, "steps": clock.count, "final_loss": final_loss(model, job)}
+        result = clock.result(model, job)
+    return result
 
 
 def run_peer(runner: str, job: Job) -> dict[str, Any]:
@@ -387,7 +399,7 @@ def run_peer(runner: str, job: Job) -> dict[str, Any]:
 
 
 def run_one(runner: str, job: Job) -> dict[str, Any]:
-    """Train ``job`` with ``runner`` in this process; returns seconds_per_step, steps, final_loss."""
+    """Train ``job`` with ``runner`` in this process; see :meth:`StepClock.result`."""
     if runner == "raw":
         return run_raw(job, use_dataloader=False)
     if runner == "raw_dataloader":
@@ -415,6 +427,7 @@ class Measurements:
     """Every repetition of every (job, runner) pair."""
 
     seconds: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    cpu_seconds: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     losses: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     steps: dict[tuple[str, str], int] = field(default_factory=dict)
     skipped: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -428,6 +441,7 @@ class Measurements:
                 self.failed.add(key)
             return
         self.seconds.setdefault(key, []).append(result["seconds_per_step"])
+        self.cpu_seconds.setdefault(key, []).append(result["cpu_seconds_per_step"])
         self.losses.setdefault(key, []).append(result["final_loss"])
         self.steps[key] = result["steps"]
 
@@ -477,16 +491,36 @@ def spawn(runners: list[str], jobs: list[str], smoke: bool, threads: int | None)
     return rows
 
 
-def measure(jobs: list[str], runners: list[str], reps: int, threads: int | None) -> Measurements:
+def measure(
+    jobs: list[str], runners: list[str], reps: int, threads: int | None, log: Path | None = None
+) -> Measurements:
     """Interleave repetitions: every (job, runner) once, then again, so drift hurts all runners alike.
-    Each pair trains in a fresh subprocess: no runner inherits another's warm caches or imports."""
+    Each pair trains in a fresh subprocess: no runner inherits another's warm caches or imports. Every
+    result row is appended to ``log`` (JSON lines) as it arrives, so an interrupted run keeps its data."""
     results = Measurements()
     for rep in range(reps):
         for job in jobs:
             for runner in runners:
                 print(f"[rep {rep + 1}/{reps}] {job:8s} {runner}", file=sys.stderr, flush=True)
-                for row in spawn([runner], [job], smoke=False, threads=threads):
+                if (job, runner) in NOT_APPLICABLE:
+                    rows = [{"job": job, "runner": runner, "skipped": NOT_APPLICABLE[(job, runner)]}]
+                else:
+                    rows = spawn([runner], [job], smoke=False, threads=threads)
+                for row in rows:
                     results.add(row["job"], row["runner"], row)
+                    if log is not None:
+                        with log.open("a", encoding="utf-8") as stream:
+                            stream.write(json.dumps(row) + "\n")
+    return results
+
+
+def read_log(log: Path) -> Measurements:
+    """Rebuild measurements from a ``--log`` file (for example of an interrupted run)."""
+    results = Measurements()
+    for line in log.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            results.add(row["job"], row["runner"], row)
     return results
 
 
@@ -499,24 +533,22 @@ def measure_smoke(jobs: list[str], runners: list[str], threads: int | None) -> M
 
 
 def summarise(results: Measurements, jobs: list[str], runners: list[str]) -> list[dict[str, Any]]:
-    """One row per (job, runner): median / min / max seconds per step, ratios, final loss, fairness flag."""
+    """One row per (job, runner): wall and CPU seconds per step (median, min, max), ratios to the raw loop
+    and to the DataLoader loop, final loss and whether it agrees with the raw loop's."""
     rows = []
     for job in jobs:
-        medians = {
-            r: statistics.median(results.seconds[(job, r)]) for r in runners if (job, r) in results.seconds
-        }
-        losses = {
-            r: statistics.median(results.losses[(job, r)]) for r in runners if (job, r) in results.losses
-        }
+        present = [r for r in runners if (job, r) in results.seconds]
+        wall = {r: statistics.median(results.seconds[(job, r)]) for r in present}
+        cpu = {r: statistics.median(results.cpu_seconds[(job, r)]) for r in present}
+        losses = {r: statistics.median(results.losses[(job, r)]) for r in present}
         reference_loss = losses.get("raw", losses.get("raw_dataloader"))
         for runner in runners:
             key = (job, runner)
             if key in results.skipped:
                 rows.append({"job": job, "runner": runner, "skipped": results.skipped[key]})
                 continue
-            if key not in results.seconds:
+            if runner not in present:
                 continue
-            samples = results.seconds[key]
             loss = losses[runner]
             agrees = (
                 reference_loss is None or abs(loss - reference_loss) <= LOSS_ATOL + LOSS_RTOL * reference_loss
@@ -525,15 +557,16 @@ def summarise(results: Measurements, jobs: list[str], runners: list[str]) -> lis
                 {
                     "job": job,
                     "runner": runner,
-                    "reps": len(samples),
+                    "reps": len(results.seconds[key]),
                     "steps": results.steps[key],
-                    "median_s": medians[runner],
-                    "min_s": min(samples),
-                    "max_s": max(samples),
-                    "vs_raw": medians[runner] / medians["raw"] if "raw" in medians else None,
-                    "vs_raw_dataloader": (
-                        medians[runner] / medians["raw_dataloader"] if "raw_dataloader" in medians else None
-                    ),
+                    "median_s": wall[runner],
+                    "min_s": min(results.seconds[key]),
+                    "max_s": max(results.seconds[key]),
+                    "vs_raw": _ratio(wall, runner, "raw"),
+                    "vs_raw_dataloader": _ratio(wall, runner, "raw_dataloader"),
+                    "cpu_median_s": cpu[runner],
+                    "cpu_vs_raw": _ratio(cpu, runner, "raw"),
+                    "cpu_vs_raw_dataloader": _ratio(cpu, runner, "raw_dataloader"),
                     "final_loss": loss,
                     "loss_agrees": agrees,
                 }
@@ -541,25 +574,32 @@ def summarise(results: Measurements, jobs: list[str], runners: list[str]) -> lis
     return rows
 
 
+def _ratio(medians: dict[str, float], runner: str, reference: str) -> float | None:
+    return medians[runner] / medians[reference] if reference in medians else None
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The summary as a markdown table (milliseconds per optimizer step)."""
+    """The summary as a markdown table (milliseconds per optimizer step; ratios of medians)."""
 
     def ratio(value: float | None) -> str:
         return "–" if value is None else f"{value:.2f}×"
 
     lines = [
-        "| job | runner | median ms/step | min–max ms | vs raw | vs DataLoader loop | final loss |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| job | runner | wall ms/step (median) | min–max | vs raw | vs DataLoader loop "
+        "| CPU ms/step | CPU vs raw | CPU vs DataLoader loop | final loss |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         if "skipped" in row:
-            lines.append(f"| {row['job']} | {row['runner']} | skipped: {row['skipped']} | | | | |")
+            lines.append(f"| {row['job']} | {row['runner']} | skipped: {row['skipped']} |" + " |" * 7)
             continue
         flag = "" if row["loss_agrees"] else " ⚠"
         lines.append(
             f"| {row['job']} | {row['runner']} | {1e3 * row['median_s']:.3f} | "
             f"{1e3 * row['min_s']:.3f}–{1e3 * row['max_s']:.3f} | {ratio(row['vs_raw'])} | "
-            f"{ratio(row['vs_raw_dataloader'])} | {row['final_loss']:.4f}{flag} |"
+            f"{ratio(row['vs_raw_dataloader'])} | {1e3 * row['cpu_median_s']:.3f} | "
+            f"{ratio(row['cpu_vs_raw'])} | {ratio(row['cpu_vs_raw_dataloader'])} | "
+            f"{row['final_loss']:.4f}{flag} |"
         )
     return "\n".join(lines)
 
@@ -592,6 +632,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="torch intra-op threads in every runner (default: torch's; 1 with --smoke)",
     )
+    parser.add_argument(
+        "--log", type=Path, default=None, help="append every result row to this JSON-lines file as it arrives"
+    )
+    parser.add_argument(
+        "--from-log", type=Path, default=None, help="print the table of a --log file instead of measuring"
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -614,11 +660,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {runner} is not installed; skipped (pip install -e '.[bench]')", file=sys.stderr)
     runners = [runner for runner in runners if runner not in missing]
 
-    results = (
-        measure_smoke(jobs, runners, args.threads)
-        if args.smoke
-        else measure(jobs, runners, args.reps, args.threads)
-    )
+    if args.from_log is not None:
+        results = read_log(args.from_log)
+    elif args.smoke:
+        results = measure_smoke(jobs, runners, args.threads)
+    else:
+        results = measure(jobs, runners, args.reps, args.threads, args.log)
     rows = summarise(results, jobs, runners)
     print(markdown_table(rows))
     for row in rows:
@@ -636,7 +683,12 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads or torch.get_num_threads(),
             "rows": rows,
             "samples": [
-                {"job": job, "runner": runner, "seconds_per_step": values}
+                {
+                    "job": job,
+                    "runner": runner,
+                    "seconds_per_step": values,
+                    "cpu_seconds_per_step": results.cpu_seconds[(job, runner)],
+                }
                 for (job, runner), values in results.seconds.items()
             ],
         }

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 def run(job: Job) -> dict[str, Any]:
     from accelerate import Accelerator
 
-    from overhead import SEED, StepClock, build_model, build_optimization, evaluate, final_loss
+    from overhead import SEED, StepClock, build_model, build_optimization, evaluate
 
     accelerator = Accelerator(cpu=True)
     model = build_model(job)
@@ -53,5 +53,4 @@ def run(job: Job) -> dict[str, Any]:
                 break
         if step >= job.max_steps:
             break
-    seconds = clock.seconds_per_step()
-    return {"seconds_per_step": seconds, "steps": clock.count, "final_loss": final_loss(model, job)}
+    return clock.result(model, job)

@@ -42,7 +42,7 @@ def _accuracy(prediction: Any) -> dict[str, float]:
 def run(job: Job) -> dict[str, Any]:
     from transformers import Trainer, TrainingArguments
 
-    from overhead import StepClock, build_model, build_optimization, final_loss
+    from overhead import StepClock, build_model, build_optimization
 
     model = build_model(job)
     optimizer, scheduler = build_optimization(model, job)
@@ -76,5 +76,5 @@ def run(job: Job) -> dict[str, Any]:
         )
         clock = StepClock()
         trainer.train()
-        seconds = clock.seconds_per_step()
-    return {"seconds_per_step": seconds, "steps": clock.count, "final_loss": final_loss(model, job)}
+        result = clock.result(model, job)
+    return result

@@ -28,7 +28,7 @@ def _import_lightning() -> Any:
 
 
 def run(job: Job) -> dict[str, Any]:
-    from overhead import SEED, StepClock, build_model, build_optimization, final_loss
+    from overhead import SEED, StepClock, build_model, build_optimization
 
     lightning = _import_lightning()
 
@@ -78,5 +78,4 @@ def run(job: Job) -> dict[str, Any]:
     )
     clock = StepClock()
     trainer.fit(Module(model), train_dataloaders=train_loader, val_dataloaders=eval_loader)
-    seconds = clock.seconds_per_step()
-    return {"seconds_per_step": seconds, "steps": clock.count, "final_loss": final_loss(model, job)}
+    return clock.result(model, job)

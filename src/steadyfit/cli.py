@@ -6,78 +6,60 @@ import argparse
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
 
 from steadyfit.checkpoint import CheckpointError, RunLockedError
-from steadyfit.config import ConfigError, make_config, parse_overrides, read_yaml
+from steadyfit.config import ConfigError
 from steadyfit.guard import NonFiniteError
+from steadyfit.launch import train
 from steadyfit.loss import LossContractError
-from steadyfit.recipes import BUILTIN, default_config_path, resolve_recipe
 from steadyfit.signals import Preempted
 
 # Exit statuses (DESIGN.md): 0 done, 2 bad config or usage, 143/130 preempted with a checkpoint, 1 otherwise.
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-DEFAULT_RECIPE = "digits"
-
-
-def resolve_fit_config(source: str | None, overrides: list[str]) -> tuple[str, dict[str, Any]]:
-    """Merge a recipe's defaults, a YAML file and ``key=value`` overrides; returns (recipe, fields).
-
-    Raises:
-        ConfigError: for a missing file, unknown recipe or bad override.
-    """
-    file_values: dict[str, Any] = {}
-    if source is None:
-        recipe = DEFAULT_RECIPE
-    elif source.endswith((".yaml", ".yml")) or Path(source).is_file():
-        file_values = read_yaml(source)
-        recipe = file_values.pop("recipe", None)
-        if not recipe:
-            raise ConfigError(
-                f"{source}: no 'recipe:' field; name a built-in recipe ({', '.join(BUILTIN)}) "
-                "or 'package.module:function'"
-            )
-    else:
-        recipe = source
-    values: dict[str, Any] = {}
-    if recipe in BUILTIN:
-        values.update(read_yaml(default_config_path(recipe)))
-        values.pop("recipe", None)
-    values.update(file_values)
-    override_values = parse_overrides(overrides)
-    if "recipe" in override_values:
-        raise ConfigError("recipe: choose the recipe with the first argument, not as key=value")
-    values.update(override_values)
-    return str(recipe), values
 
 
 def run_fit(source: str | None, overrides: list[str]) -> int:
-    """``steadyfit fit``: build the recipe after seeding, train, print where the results are."""
-    from steadyfit.rng import seed_everything
-    from steadyfit.trainer import Trainer
-
-    recipe_name, values = resolve_fit_config(source, overrides)
-    config = make_config(values)
-    build = resolve_recipe(recipe_name)
-    seed_everything(config.seed)  # before the model is built: its initial weights depend on the seed
-    recipe = build(config)
-    trainer = Trainer(
-        recipe.model,
-        config,
-        train_data=recipe.train_data,
-        eval_data=recipe.eval_data,
-        loss_fn=recipe.loss_fn,
-        metrics=recipe.metrics,
-        collate_fn=recipe.collate_fn,
-    )
-    result = trainer.fit()
+    """``steadyfit fit``: train, then say where the results are."""
+    trainer, result = train(source, overrides)
     metrics = " ".join(f"{key}={value:.4f}" for key, value in result.metrics.items())
     print(f"steadyfit: done at step {result.global_step} (epoch {result.epoch}) {metrics}")
     if result.best_metric is not None:
         print(f"steadyfit: best {trainer.tracker.metric}={result.best_metric:.4f} at step {result.best_step}")
-    print(f"steadyfit: run directory {config.run_dir} (metrics.jsonl, checkpoints/, final/model.safetensors)")
+    where = "metrics.jsonl, checkpoints/, final/model.safetensors"
+    print(f"steadyfit: run directory {trainer.config.run_dir} ({where})")
+    return EXIT_OK
+
+
+def run_lr_find(
+    source: str | None, overrides: list[str], out: str | None, min_lr: float, max_lr: float, num_steps: int
+) -> int:
+    """``steadyfit lr-find``: an LR sweep on a copy of the model; the run directory gets only the plot."""
+    from steadyfit.lr_finder import lr_find_command
+
+    result = lr_find_command(source, overrides, out, min_lr=min_lr, max_lr=max_lr, num_steps=num_steps)
+    print(f"steadyfit: {result.summary()}")
+    return EXIT_OK
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    """``steadyfit sweep``: an Optuna search, each trial a normal run under the sweep directory."""
+    from steadyfit.sweep import run_sweep
+
+    run_sweep(args.source, args.space, args.trials, args.dir, args.workers, args.overrides)
+    return EXIT_OK
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    """``steadyfit sample``: text generated from a finished tinylm run's final weights."""
+    from steadyfit.sample import sample_run
+
+    print(
+        sample_run(
+            args.run_dir, prompt=args.prompt, chars=args.chars, temperature=args.temperature, seed=args.seed
+        )
+    )
     return EXIT_OK
 
 
@@ -99,6 +81,26 @@ def build_parser() -> argparse.ArgumentParser:
     fit = commands.add_parser("fit", help="train a recipe or a YAML config (default: the digits recipe)")
     fit.add_argument("source", nargs="?", help="built-in recipe, package.module:function, or config.yaml")
     fit.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. lr=3e-4 max_epochs=5")
+    lr_find = commands.add_parser("lr-find", help="sweep the learning rate on a copy of the model")
+    lr_find.add_argument("source", nargs="?", help="built-in recipe, package.module:function, or config.yaml")
+    lr_find.add_argument("overrides", nargs="*", help="key=value config overrides")
+    lr_find.add_argument("--out", help="path of the PNG (default RUN_DIR/lr_find.png)")
+    lr_find.add_argument("--min-lr", type=float, default=1e-7)
+    lr_find.add_argument("--max-lr", type=float, default=10.0)
+    lr_find.add_argument("--num-steps", type=int, default=100)
+    sweep = commands.add_parser("sweep", help="hyperparameter search with Optuna (resumable)")
+    sweep.add_argument("source", nargs="?", help="built-in recipe, package.module:function, or config.yaml")
+    sweep.add_argument("overrides", nargs="*", help="key=value config overrides for every trial")
+    sweep.add_argument("--space", required=True, help="YAML search space (see docs/sweeps.md)")
+    sweep.add_argument("--trials", type=int, required=True, help="finished trials the study should hold")
+    sweep.add_argument("--workers", type=int, default=1, help="trials run in parallel processes")
+    sweep.add_argument("--dir", help="sweep directory (default sweeps/<recipe or config name>)")
+    sample = commands.add_parser("sample", help="generate text from a finished tinylm run")
+    sample.add_argument("run_dir")
+    sample.add_argument("--prompt", default="def ")
+    sample.add_argument("--chars", type=int, default=300)
+    sample.add_argument("--temperature", type=float, default=0.8)
+    sample.add_argument("--seed", type=int, default=0)
     report = commands.add_parser("report", help="plots and a summary of a run directory")
     report.add_argument("run_dir")
     report.add_argument("--compare", nargs="*", default=[], metavar="RUN_DIR", help="runs to overlay")
@@ -114,12 +116,25 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed the usage message
         return EXIT_USAGE if exc.code else EXIT_OK
-    if args.command == "fit" and args.source and "=" in args.source and not Path(args.source).exists():
+    if (
+        args.command in ("fit", "lr-find")
+        and args.source
+        and "=" in args.source
+        and not Path(args.source).exists()
+    ):
         args.overrides.insert(0, args.source)  # `steadyfit fit lr=1e-3`: no source, overrides only
         args.source = None
     try:
         if args.command == "fit":
             return run_fit(args.source, args.overrides)
+        if args.command == "sample":
+            return run_sample(args)
+        if args.command == "sweep":
+            return run_sweep_command(args)
+        if args.command == "lr-find":
+            return run_lr_find(
+                args.source, args.overrides, args.out, args.min_lr, args.max_lr, args.num_steps
+            )
         return run_report(args.run_dir, args.compare, args.out)
     except (ConfigError, RunLockedError) as exc:
         print(f"steadyfit: error: {exc}", file=sys.stderr)

@@ -76,6 +76,9 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress: bool = True
     ema_decay: float | None = Field(default=None, gt=0, lt=1)
+    diagnostics: bool = True
+    stop_on: list[str] = Field(default_factory=list)
+    diagnostic_thresholds: dict[str, float] = Field(default_factory=dict)
     micro_batch_size: int | Literal["auto"] | None = None
 
     @field_validator("betas")

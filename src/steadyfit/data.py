@@ -84,16 +84,21 @@ class ResumableBatchSampler:
         return max(self.num_batches() - self.start_batch, 0)
 
     def __iter__(self) -> Iterator[list[int]]:
-        if self.shuffle:
-            order = epoch_permutation(self.length, self.seed, self.epoch)
-        else:
-            order = torch.arange(self.length)
+        return (indices.tolist() for indices in self.index_tensors())
+
+    def index_tensors(self) -> Iterator[torch.Tensor]:
+        """The micro-batches' indices as tensors (what in-memory data indexes with directly)."""
+        order = (
+            epoch_permutation(self.length, self.seed, self.epoch)
+            if self.shuffle
+            else torch.arange(self.length)
+        )
         step = self.global_batch_size
         for start in range(self.start_batch * step, self.length, step):
-            share = order[start : start + step][self.rank :: self.world_size].tolist()
+            share = order[start : start + step][self.rank :: self.world_size]
             # An empty share of a short last batch gets a stand-in sample, weighted zero by the loop, so every
             # rank runs the same number of forward/backward passes (collectives must match).
-            yield share or [int(order[start])]
+            yield share if share.numel() else order[start : start + 1]
 
 
 class TensorBatches:
@@ -103,16 +108,15 @@ class TensorBatches:
     fraction of the Python overhead.
     """
 
-    def __init__(self, tensors: Sequence[torch.Tensor], sampler: Iterable[list[int]]) -> None:
+    def __init__(self, tensors: Sequence[torch.Tensor], sampler: ResumableBatchSampler) -> None:
         self.tensors = tensors
         self.sampler = sampler
 
     def __len__(self) -> int:
-        return len(self.sampler)  # type: ignore[arg-type]
+        return len(self.sampler)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        for indices in self.sampler:
-            index = torch.as_tensor(indices, dtype=torch.long)
+        for index in self.sampler.index_tensors():
             yield tuple(tensor[index] for tensor in self.tensors)
 
 

@@ -5,6 +5,7 @@ every collective here is a torch.distributed call.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -69,6 +70,9 @@ class Distributed:
                 timeout=COLLECTIVE_TIMEOUT,
                 device_id=torch.device("cuda", local_rank) if use_cuda else None,
             )
+            # One group per process, torn down at exit: a second Trainer in the same process joins it
+            # (re-creating a group under torchrun can pick up the old group's addresses and hang).
+            atexit.register(_destroy_group)
             owns_group = True
         if strategy != "none":
             rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -155,13 +159,6 @@ class Distributed:
         if self.is_distributed:
             dist.barrier()
 
-    def teardown(self) -> None:
-        """Destroy the process group if we created it."""
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-        self.owns_group = False
-        self.rank, self.world_size = 0, 1
-
     # ------------------------------------------------------------------------------------ state dicts
     def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Full weights (FSDP shards gathered, on CPU) — a collective under FSDP: every rank calls it."""
@@ -197,6 +194,11 @@ class Distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -29,10 +29,9 @@ class NonFiniteGuard:
 
     @staticmethod
     def is_finite(loss_sum: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
-        finite = torch.isfinite(loss_sum.detach())
-        if grad_norm is not None:
-            finite = finite & torch.isfinite(grad_norm)
-        return bool(finite)
+        # One op and one read: a sum is finite only if both terms are (inf - inf is NaN, caught too).
+        total = loss_sum.detach() if grad_norm is None else loss_sum.detach() + grad_norm
+        return bool(torch.isfinite(total))
 
     def record_skip(self, state: TrainState, last_checkpoint: str | None, what: str) -> None:
         """Count a skipped step, or stop with a message that says where and what to do."""

@@ -185,6 +185,10 @@ def _summarize(run: _Run) -> dict[str, Any]:
         "nonfinite_skips": int(max(skips, default=0)),
         "diagnostics": sum(diagnostics.values()),
         "diagnostic_counts": dict(diagnostics),
+        "findings": sorted(
+            (int(row_step(row) or 0), str(row.get("diagnostic", "unnamed")), str(row.get("message", "")))
+            for row in run.of_kind("diagnostic")
+        ),
         "best": _best(run),
         "final": final,
         "samples_per_sec": statistics.median(throughput) if throughput else None,
@@ -269,7 +273,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("non-finite", f"{skips} step{'' if skips == 1 else 's'} skipped"),
         ("diagnostics", diagnostics),
     ]
-    return "\n".join(f"{label:<12} {text}" for label, text in lines)
+    text = "\n".join(f"{label:<12} {text}" for label, text in lines)
+    findings = summary.get("findings", [])
+    if findings:
+        text += "\n" + "\n".join(f"  step {step}: [{name}] {message}" for step, name, message in findings)
+    return text
 
 
 def _duration(seconds: float) -> str:
@@ -298,6 +306,7 @@ class _Panel:
     log_if_wide: bool = False
     from_zero: bool = False
     marks: Sequence[int] = ()
+    findings: Sequence[tuple[int, str]] = ()
 
 
 def write_report(
@@ -406,10 +415,18 @@ def _panels(runs: list[_Run]) -> list[_Panel]:
         tokens.append(_Curve(label, *run.series("train", "tokens_per_sec"), color))
         for key in _memory_keys(run):
             steps, values = run.series("train", key)
-            memory.append(_Curve(f"{prefix}{key}", steps, [v / 2**30 for v in values], color))
+            scale_to_gib = 2**30 if key.endswith("_bytes") else 2**10
+            memory.append(_Curve(f"{prefix}{key}", steps, [v / scale_to_gib for v in values], color))
         scale.append(_Curve(label, *run.series("train", "loss_scale"), color))
     return [
-        _Panel("Loss", "loss", loss, log_if_wide=True, marks=_skip_steps(runs[0]) if single else ()),
+        _Panel(
+            "Loss",
+            "loss",
+            loss,
+            log_if_wide=True,
+            marks=_skip_steps(runs[0]) if single else (),
+            findings=_findings(runs[0]) if single else (),
+        ),
         _Panel("Eval metrics", "value", metrics),
         _Panel("Learning rate", "learning rate", lr),
         _Panel("Gradient norm", "gradient norm", grad, log_if_wide=True),
@@ -427,7 +444,16 @@ def _eval_metric_keys(run: _Run) -> list[str]:
 
 def _memory_keys(run: _Run) -> list[str]:
     keys = dict.fromkeys(key for row in run.of_kind("train") for key in row)
-    return [key for key in keys if key.endswith("_bytes") and ("mem" in key or "rss" in key)]
+    return [key for key in keys if key.endswith(("_bytes", "_mb")) and ("mem" in key or "rss" in key)]
+
+
+def _findings(run: _Run) -> list[tuple[int, str]]:
+    """(step, name) of each diagnostic finding, to mark on the loss panel."""
+    return [
+        (step, str(row.get("diagnostic", "finding")))
+        for row in run.of_kind("diagnostic")
+        if (step := row_step(row)) is not None
+    ]
 
 
 def _skip_steps(run: _Run) -> list[int]:
@@ -479,6 +505,20 @@ def _draw(ax: Any, panel: _Panel) -> None:
             linewidth=1,
             label="non-finite skip" if number == 0 else None,
         )
+    for number, (step, name) in enumerate(panel.findings):
+        ax.axvline(
+            step, color="darkorange", linestyle="--", linewidth=1, label="diagnostic" if number == 0 else None
+        )
+        ax.annotate(
+            name,
+            (step, 1),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            fontsize=7,
+            color="darkorange",
+            va="top",
+            ha="right",
+        )
     finite = [v for curve in curves for v in curve.values if math.isfinite(v)]
     if panel.log_if_wide and finite and min(finite) > 0 and max(finite) / min(finite) > _LOG_SCALE_RATIO:
         _log_axis(ax, decades=math.log10(max(finite) / min(finite)))
@@ -493,5 +533,5 @@ def _draw(ax: Any, panel: _Panel) -> None:
     ax.spines[["top", "right"]].set_visible(False)
     if ax.get_yscale() == "linear":
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
-    if len(curves) > 1 or panel.marks:
+    if len(curves) > 1 or panel.marks or panel.findings:
         ax.legend(fontsize=8, frameon=False)

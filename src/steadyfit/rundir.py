@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ from steadyfit.checkpoint import (
     RunLockedError,
 )
 from steadyfit.checkpoint.layout import CHECKPOINTS_DIR, step_dir_name
+from steadyfit.checkpoint.payload import snapshot as payload_snapshot
 from steadyfit.config import ConfigError
 from steadyfit.loggers.base import Logger
 from steadyfit.loggers.jsonl import JsonlLogger, truncate_history
@@ -40,6 +42,8 @@ CONFIG_FILE = "config.yaml"
 FINAL_DIR = "final"
 FINAL_MODEL_FILE = "model.safetensors"
 FINAL_EMA_FILE = "ema.safetensors"
+# The checkpoint component holding trainer state, optimizer, scheduler, scaler, RNG, EMA and diagnostics.
+STATE_COMPONENT = "state"
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
@@ -98,6 +102,7 @@ class RunDirectory:
         self.last_checkpoint: str | None = None
         self.last_saved_step: int | None = None
         self._committed: list[str] = []
+        self._pending_best: tuple[int, tuple[Any, ...] | None] | None = None
         self.started = time.perf_counter()
 
     # ------------------------------------------------------------------------------------ lifecycle
@@ -144,6 +149,20 @@ class RunDirectory:
 
     def log(self, row: dict[str, Any]) -> None:
         row.setdefault("time_s", round(time.perf_counter() - self.started, 3))
+        self._write(row)
+        diagnostics = self.trainer.diagnostics
+        if diagnostics is None or row.get("kind") not in ("train", "eval"):
+            return
+        # Diagnostics read numbers already on the host (this row): no synchronisation of their own.
+        for finding in diagnostics.observe(row):
+            self._write(finding)
+            if finding.get("first_seen", True):
+                # A warning is printed even with progress=false: it is not progress.
+                print(f"steadyfit: warning: {finding.get('message', finding)}", file=sys.stderr, flush=True)
+            if finding.get("diagnostic") in self.config.stop_on:
+                self.trainer.request_stop(f"diagnostic {finding['diagnostic']}: {finding.get('message', '')}")
+
+    def _write(self, row: dict[str, Any]) -> None:
         for logger in self.loggers:
             logger.log_row(row)
         self.progress.log(row)
@@ -206,7 +225,8 @@ class RunDirectory:
 
     def _load(self, path: Path) -> None:
         trainer = self.trainer
-        model_state, components, extra_files = self.store.load(path)
+        model_state, stored, extra_files = self.store.load(path)
+        components = stored[STATE_COMPONENT]
         saved_config = yaml.safe_load(extra_files.get(CONFIG_FILE, b"{}")) or {}
         state = TrainState.from_dict(components["trainer_state"])
         saved_world = int(state.extra.get("world_size", 1))
@@ -231,6 +251,8 @@ class RunDirectory:
         rng_states = components["rng"]["ranks"]
         # Same world size: each rank continues its own streams. A resharded FSDP resume (other world size)
         # continues correctly but not bitwise: there is no saved stream for a new rank.
+        if trainer.diagnostics is not None and "diagnostics" in components:
+            trainer.diagnostics.load_state_dict(components["diagnostics"])
         restore_rng(rng_states[self.dist.rank] if self.dist.rank < len(rng_states) else rng_states[0])
         trainer.state = state
         trainer.window_stats.load_state_dict(state.extra.get("window_stats", {}))
@@ -278,30 +300,50 @@ class RunDirectory:
         self.fire_committed()
 
     def save_best(self) -> None:
-        """Evaluation improved: this step's checkpoint becomes the best one."""
+        """Evaluation improved: this step's state becomes the best checkpoint.
+
+        The state is copied to host memory now and committed at the next save point (``save_every``,
+        preemption, the end), unless a better one replaces it first: a run that improves at every
+        evaluation writes one best checkpoint, not one per evaluation. A crash before that save point loses
+        nothing a resume does not recompute: the resumed run replays the same evaluations.
+        """
         state = self.trainer.state
         state.best_checkpoint = str(self._checkpoint_path(state.step))
-        self.save(force=True)
+        captured = self._capture()
+        self._pending_best = None
+        if captured is not None:
+            model_state, components, extra_files, protect = captured
+            # Host copies (the training goes on mutating the originals); cost: one copy of the state.
+            copied = (payload_snapshot(model_state), payload_snapshot(components), extra_files, protect)
+            self._pending_best = (state.step, copied)
+        else:
+            self._pending_best = (state.step, None)  # other ranks: only the bookkeeping
 
-    def save(self, force: bool = False) -> None:
+    def save(self) -> None:
         """Snapshot everything to host memory now; write, fsync and commit in the background.
 
         Every rank calls it at the same step (gathering FSDP shards and RNG states are collectives); rank 0
-        alone writes.
+        alone writes. A pending best checkpoint is committed first.
         """
-        trainer, state = self.trainer, self.trainer.state
-        if self.last_saved_step == state.step and not force:
+        step = self.trainer.state.step
+        pending, self._pending_best = self._pending_best, None
+        if pending is not None and pending[0] != step:
+            self._submit(*pending)
+        if self.last_saved_step == step:
             return
+        self._submit(step, self._capture())
+
+    def _capture(self) -> tuple[Any, ...] | None:
+        """Everything a checkpoint holds, on rank 0 (None elsewhere); a collective under several ranks."""
+        trainer, state = self.trainer, self.trainer.state
         state.extra["dataset_length"] = _length(trainer.train_data)
         state.extra["world_size"] = self.dist.world_size
         state.extra["window_stats"] = trainer.window_stats.state_dict()
         model_state = self.dist.model_state(trainer.model)
         optimizer_state = self.dist.optimizer_state(trainer.model, trainer.optimizer)
         rng_states = self.dist.gather_objects(capture_rng())
-        self.last_checkpoint = str(self._checkpoint_path(state.step))
-        self.last_saved_step = state.step
         if not self.is_main:
-            return
+            return None
         components = {
             "optimizer": optimizer_state,
             "scheduler": trainer.scheduler.state_dict(),
@@ -311,10 +353,22 @@ class RunDirectory:
         }
         if trainer.ema is not None:
             components["ema"] = trainer.ema.state_dict()
+        if trainer.diagnostics is not None:
+            components["diagnostics"] = trainer.diagnostics.state_dict()
         extra_files = {
             CONFIG_FILE: yaml.safe_dump(redact(self.config.to_yaml_dict()), sort_keys=False).encode()
         }
         protect = [Path(state.best_checkpoint)] if state.best_checkpoint else []
+        # Everything but the weights in one component: state.json + state.safetensors (fewer files to fsync).
+        return detach_all(model_state), {STATE_COMPONENT: components}, extra_files, protect
+
+    def _submit(self, step: int, snapshot: tuple[Any, ...] | None) -> None:
+        """Hand a captured state to the writer (rank 0); every rank records that this step is saved."""
+        self.last_checkpoint = str(self._checkpoint_path(step))
+        self.last_saved_step = max(step, self.last_saved_step or 0)
+        if not self.is_main or not snapshot:
+            return
+        model_state, components, extra_files, protect = snapshot
         keep_last = self.config.keep_last
 
         def committed(path: Path) -> None:
@@ -322,7 +376,7 @@ class RunDirectory:
             self.store.rotate(keep_last, protect=protect)
             self._committed.append(str(path))
 
-        self.writer.submit(state.step, detach_all(model_state), components, extra_files, on_done=committed)
+        self.writer.submit(step, model_state, components, extra_files, on_done=committed)
 
     def wait_for_commit(self) -> None:
         """Block until the last save is committed; every rank returns only after rank 0's commit."""
@@ -363,6 +417,9 @@ class RunDirectory:
         final_dir.mkdir(exist_ok=True)
         final_path = final_dir / FINAL_MODEL_FILE
         write_weights(final_path, contiguous_state(final_weights), step=state.step)
+        if hasattr(trainer.model, "save_pretrained") and hasattr(trainer.model, "config"):
+            # Hugging Face models: config.json and weights that from_pretrained(RUN_DIR/final) loads.
+            trainer.model.save_pretrained(str(final_dir), state_dict=final_weights, safe_serialization=True)
         if trainer.ema is not None:
             write_weights(
                 final_dir / FINAL_EMA_FILE,

@@ -11,7 +11,8 @@ One optimizer step, as fit() runs it::
           for micro_batch in window:                      # DDP: no_sync on all but the last
             forward + loss under autocast -> (sum, count)
             backward(scale(mean * n_i / n_window))         # or backward(sum) for (sum, count) losses
-          unscale -> divide grads by the window's count (sum losses) -> norm (+ clip)
+          unscale -> [ranks: one all_reduce of count, loss, samples and the preemption vote]
+          divide grads by the window's count (sum losses, ranks) -> pre-clip norm -> clip
           guard: loss and norm finite? no -> skip, count, optimizer/scheduler/step untouched
           optimizer.step -> scaler.update -> scheduler.step -> step += 1
           log (host reads happen here only) -> on_step_end
@@ -37,17 +38,18 @@ import torch
 from steadyfit import data as data_mod
 from steadyfit.callbacks import Callback, CallbackList
 from steadyfit.config import ConfigError, TrainConfig, make_config
+from steadyfit.diagnostics import Diagnostics, validate_diagnostics
 from steadyfit.distributed import Distributed, full_tensor, local_share, local_tensor
 from steadyfit.ema import WeightEMA
+from steadyfit.evaluation import evaluate_model, predict
 from steadyfit.guard import NonFiniteGuard
-from steadyfit.loggers.window import WindowStats
+from steadyfit.loggers.window import WindowStats, memory_mb
 from steadyfit.loss import as_sum_and_count, model_loss
-from steadyfit.metrics import MetricAccumulator
 from steadyfit.optim import resolve_optimizer
 from steadyfit.precision import Precision
 from steadyfit.rng import seed_everything, set_deterministic
 from steadyfit.rundir import RunDirectory
-from steadyfit.schedules import resolve_scheduler
+from steadyfit.schedules import build_factor, resolve_scheduler
 from steadyfit.signals import PreemptionFlag
 from steadyfit.state import FitResult, TrainState
 from steadyfit.tracking import BestTracker, metric_key
@@ -70,6 +72,7 @@ class Trainer:
         collate_fn: passed to the DataLoaders we build.
 
     Example:
+        >>> import tempfile
         >>> from steadyfit import Trainer, TrainConfig
         >>> model = torch.nn.Linear(4, 2)
         >>> data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
@@ -122,9 +125,12 @@ class Trainer:
         self.scheduler: Any = None
         self._train_model: Callable[..., Any] = self.model
         self.tracker = self._build_tracker()
+        validate_diagnostics(self.config.stop_on, self.config.diagnostic_thresholds)
         self.run: RunDirectory | None = None
         self._params: list[torch.nn.Parameter] = []
         self._preempt_votes: torch.Tensor | None = None
+        self.diagnostics: Diagnostics | None = None
+        self.ema: WeightEMA | None = None
 
     # ----------------------------------------------------------------------------------------- public
     def fit(self) -> FitResult:
@@ -146,21 +152,18 @@ class Trainer:
         set_deterministic(config.deterministic)
         self._prepare_optimization()
         self.run = RunDirectory(self, total_steps=self.total_steps)
-        try:
-            with self.run, PreemptionFlag() as preemption:
-                try:
-                    self.run.resume_or_start()
-                    self.model.train()
-                    self.callbacks.fire("on_fit_start", self, self.state)
-                    while not self._is_done():
-                        self._train_epoch(preemption)
-                    self._finish()
-                    self.callbacks.fire("on_fit_end", self, self.state)
-                except BaseException as exc:
-                    self.callbacks.fire("on_exception", self, self.state, exc)
-                    raise
-        finally:
-            self._leave_process_group()
+        with self.run, PreemptionFlag() as preemption:
+            try:
+                self.run.resume_or_start()
+                self.model.train()
+                self.callbacks.fire("on_fit_start", self, self.state)
+                while not self._is_done():
+                    self._train_epoch(preemption)
+                self._finish()
+                self.callbacks.fire("on_fit_end", self, self.state)
+            except BaseException as exc:
+                self.callbacks.fire("on_exception", self, self.state, exc)
+                raise
         return self._result()
 
     def evaluate(self, data: Any = None) -> dict[str, float]:
@@ -182,60 +185,17 @@ class Trainer:
         return metrics
 
     def _evaluate_model(self, model: torch.nn.Module, data: Any) -> dict[str, float]:
-        accumulator = MetricAccumulator(self.metrics, self.device)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for index, batch in enumerate(data_mod.eval_batches(data, self.spec)):
-                    batch = data_mod.move_to(batch, self.device, self.non_blocking)
-                    num_samples = self._eval_samples_in(data, batch, index)
-                    with self.precision.autocast():
-                        outputs, value, targets = self._forward(model, batch)
-                    if num_samples == 0:
-                        continue  # a stand-in that only kept this rank in step with the others
-                    total, count, _ = as_sum_and_count(value, num_samples)
-                    accumulator.add_loss(total, count)
-                    accumulator.add_batch(outputs, targets, num_samples)
-        finally:
-            model.train(was_training)
-        # One host read and, under several ranks, one collective for the whole evaluation.
-        return accumulator.compute(reduce=self.dist.all_reduce_sum if self.dist.is_distributed else None)
-
-    def _eval_samples_in(self, data: Any, batch: Any, batch_index: int) -> int:
-        if self.dist.is_distributed and data_mod.is_map_style(data):
-            size = self.config.resolved_eval_batch_size * self.dist.world_size
-            return local_share(len(data), size, self.dist.world_size, self.dist.rank, batch_index)
-        return data_mod.count_samples(batch)
+        return evaluate_model(model, data, self._forward, self.metrics, self.spec, self.precision, self.dist)
 
     def predict(self, data: Any) -> Any:
         """The model's outputs over ``data``, in order (tensors concatenated along the batch dimension).
 
+        Under several ranks every rank predicts the whole of ``data``.
+
         Example:
             >>> logits = trainer.predict(test_ds)  # doctest: +SKIP
         """
-        outputs: list[Any] = []
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                for batch in data_mod.eval_batches(data, self.spec):
-                    batch = data_mod.move_to(batch, self.device, self.non_blocking)
-                    inputs = (
-                        batch
-                        if isinstance(batch, dict)
-                        else batch[0]
-                        if isinstance(batch, (tuple, list))
-                        else batch
-                    )
-                    with self.precision.autocast():
-                        out = self.model(**inputs) if isinstance(inputs, dict) else self.model(inputs)
-                    outputs.append(out)
-        finally:
-            self.model.train(was_training)
-        if outputs and all(isinstance(out, torch.Tensor) for out in outputs):
-            return torch.cat(outputs)
-        return outputs
+        return predict(self.model, data, self.spec, self.precision)
 
     def request_stop(self, reason: str = "stop requested by a callback") -> None:
         """Stop at the next step boundary (after that step's evaluation and checkpoint)."""
@@ -321,7 +281,7 @@ class Trainer:
             self.ema.update(self.model)
         self.state.step += 1
         self.state.samples_seen += window_samples
-        self.window_stats.add(loss_sum, loss_count, window_samples, grad_norm)
+        self.window_stats.add(loss_sum, loss_count, window_samples, grad_norm, counts_tokens=is_pair)
         return True
 
     def _accumulate(
@@ -329,7 +289,7 @@ class Trainer:
     ) -> tuple[Any, ...]:
         """Forward and backward every micro-batch of the window; grads end up summed over the window."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=self.device)
+        loss_sum: Any = 0.0
         loss_count: Any = 0
         is_pair = False
         pieces = list(self._micro_batches(window, sample_counts))
@@ -352,7 +312,7 @@ class Trainer:
                 else:
                     backward_loss = value * (num_samples / window_samples)
                 self.precision.scale(backward_loss).backward()
-            loss_sum = loss_sum + total.detach().float()
+            loss_sum = total.detach().float() + loss_sum
             loss_count = loss_count + count
         return loss_sum, loss_count, is_pair
 
@@ -460,6 +420,9 @@ class Trainer:
 
     def _log_train(self) -> None:
         row = self.window_stats.row(self.state, self.optimizer)
+        row["memory_mb"], row["peak_memory_mb"] = memory_mb(self.device)
+        if self._lr_factor is not None:
+            row["scheduled_lr"] = self.scheduler.base_lrs[0] * self._lr_factor(self.state.step)
         if self.precision.uses_scaler:
             row["loss_scale"] = self.precision.loss_scale()
         self.run.log(row)
@@ -500,6 +463,9 @@ class Trainer:
         self.scheduler = resolve_scheduler(self.optimizer, config, self.total_steps, self._user_scheduler)
         self._train_model = torch.compile(wrapped) if config.compile else wrapped
         self.ema = WeightEMA(self.model, config.ema_decay) if config.ema_decay else None
+        if config.diagnostics and self.dist.is_main:
+            self.diagnostics = Diagnostics(config, self.total_steps)
+        self._lr_factor = build_factor(config, self.total_steps) if self._user_scheduler is None else None
         self.micro_limit = config.micro_batch_size if isinstance(config.micro_batch_size, int) else None
         self.window_stats = WindowStats(self.device)
         self.last_metrics: dict[str, float] = {}
@@ -536,12 +502,6 @@ class Trainer:
         return BestTracker(
             metric, config.greater_is_better, config.early_stopping_patience, config.early_stopping_threshold
         )
-
-    def _leave_process_group(self) -> None:
-        """Tear down a process group fit() created; afterwards evaluate() and predict() run locally."""
-        if self.dist.owns_group:
-            self.dist.teardown()
-            self.spec.rank, self.spec.world_size = 0, 1
 
     def _is_done(self) -> bool:
         state, config = self.state, self.config

@@ -111,7 +111,10 @@ def test_changed_batch_size_on_resume_is_refused(tmp_path):
         torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(32, 3)
     )
     data = torch.utils.data.TensorDataset(torch.randn(203, 16), torch.zeros(203, dtype=torch.long))
-    with pytest.raises(ConfigError, match=r"batch_size: the checkpoint .* batch_size x world size\) 8"):
+    with pytest.raises(
+        ConfigError,
+        match=r"batch_size: the checkpoint .* \(batch_size x world size\) 8, this run asks for 16",
+    ):
         Trainer(model, config, train_data=data, loss_fn=torch.nn.functional.cross_entropy).fit()
 
 
@@ -165,8 +168,9 @@ def test_second_run_on_the_same_directory_is_refused(tmp_path):
 
     from harness import command, environment
 
+    # Long enough never to finish: it is killed once the second run has been refused.
     first = subprocess.Popen(
-        command(tmp_path, "max_epochs=50"), env=environment(), stdout=subprocess.PIPE, text=True
+        command(tmp_path, "max_epochs=1000000"), env=environment(), stdout=subprocess.PIPE, text=True
     )
     try:
         assert first.stdout is not None
@@ -185,6 +189,7 @@ def test_second_run_on_the_same_directory_is_refused(tmp_path):
     finally:
         first.kill()
         first.wait()
+        first.stdout.close()
 
 
 def test_resume_never_refuses_existing_checkpoints(tmp_path):

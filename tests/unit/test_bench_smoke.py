@@ -29,7 +29,7 @@ def test_overhead_smoke_trains_every_job_with_every_core_runner(tmp_path: Path) 
     report_path = tmp_path / "overhead.json"
     proc = run_bench("overhead.py", "--smoke", "--json", str(report_path))
     assert proc.returncode == 0, proc.stderr
-    assert "| job | runner | median ms/step |" in proc.stdout
+    assert "| job | runner | wall ms/step (median) |" in proc.stdout
     rows = {(row["job"], row["runner"]): row for row in json.loads(report_path.read_text())["rows"]}
     for job in JOBS:
         for runner in CORE_RUNNERS:
@@ -78,11 +78,16 @@ def test_step_clock_counts_each_optimizer_step_once() -> None:
 
 def test_summary_flags_a_runner_whose_final_loss_disagrees() -> None:
     results = Measurements()
-    results.add("tiny", "raw", {"seconds_per_step": 1e-3, "steps": 10, "final_loss": 1.0})
-    results.add("tiny", "steadyfit", {"seconds_per_step": 2e-3, "steps": 10, "final_loss": 1.05})
-    results.add("tiny", "hf", {"seconds_per_step": 4e-3, "steps": 10, "final_loss": 2.0})
+    for runner, seconds, loss in (("raw", 1e-3, 1.0), ("steadyfit", 2e-3, 1.05), ("hf", 4e-3, 2.0)):
+        row = {
+            "seconds_per_step": seconds,
+            "cpu_seconds_per_step": seconds / 2,
+            "steps": 10,
+            "final_loss": loss,
+        }
+        results.add("tiny", runner, row)
     rows = {row["runner"]: row for row in summarise(results, ["tiny"], ["raw", "steadyfit", "hf"])}
     assert rows["steadyfit"]["loss_agrees"] and rows["steadyfit"]["vs_raw"] == 2.0
-    assert not rows["hf"]["loss_agrees"] and rows["hf"]["vs_raw"] == 4.0
+    assert not rows["hf"]["loss_agrees"] and rows["hf"]["cpu_vs_raw"] == 4.0
     table = markdown_table(list(rows.values()))
-    assert "| tiny | hf | 4.000 | 4.000–4.000 | 4.00× | – | 2.0000 ⚠ |" in table
+    assert "| tiny | hf | 4.000 | 4.000–4.000 | 4.00× | – | 2.000 | 4.00× | – | 2.0000 ⚠ |" in table

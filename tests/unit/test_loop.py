@@ -268,3 +268,15 @@ def test_user_dataloader_and_workers(tmp_path):
 def test_train_config_defaults_are_valid():
     config = TrainConfig()
     assert config.optimizer == "adamw" and config.resume == "auto"
+
+
+def test_token_losses_count_tokens_and_report_token_throughput(tmp_path):
+    def two_tokens_per_sample(outputs, targets):
+        return CE(outputs, targets, reduction="sum") * 2, torch.tensor(2 * targets.numel())
+
+    config = base_config(tmp_path, batch_size=4, log_every=5, max_epochs=1)
+    trainer = Trainer(make_mlp(), config, train_data=make_regression(40), loss_fn=two_tokens_per_sample)
+    trainer.fit()
+    assert trainer.state.tokens_seen == 80
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["tokens_per_sec"] > 0 for row in rows if row["kind"] == "train")

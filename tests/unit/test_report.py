@@ -112,6 +112,7 @@ def test_summarize_reports_best_final_steps_wall_time_skips_and_diagnostics(tmp_
         "best": {"metric": "eval_accuracy", "value": 0.75, "step": 20},
         "final": {"loss": 0.5, "lr": pytest.approx(9e-4), "eval_loss": 0.6, "eval_accuracy": 0.74},
         "samples_per_sec": 5025.0,  # median of steps 10, 20, 30 (resumed), 40
+        "findings": [(0, "memory", "m"), (20, "nonfinite", "m")],
     }
 
 

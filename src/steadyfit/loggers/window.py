@@ -24,10 +24,15 @@ class WindowStats:
         self.run_loss_count = 0.0
         self.samples = 0
         self.pending_steps = 0
+        self.counts_tokens = False
         self.grad_norm: torch.Tensor | None = None
         self.started = time.perf_counter()
 
-    def add(self, loss_sum: torch.Tensor, count: Any, samples: int, grad_norm: torch.Tensor) -> None:
+    def add(
+        self, loss_sum: torch.Tensor, count: Any, samples: int, grad_norm: torch.Tensor, counts_tokens: bool
+    ) -> None:
+        """Add one optimizer step; ``counts_tokens``: the loss's count is tokens (a ``(sum, count)`` loss)."""
+        self.counts_tokens = counts_tokens
         self.loss_sum += loss_sum
         self.loss_count += count
         self.samples += samples
@@ -42,6 +47,8 @@ class WindowStats:
         loss_sum, loss_count, grad_norm = values
         self.run_loss_sum += loss_sum
         self.run_loss_count += loss_count
+        if self.counts_tokens:
+            state.tokens_seen += int(loss_count)
         row = {
             "kind": "train",
             "step": state.step,
@@ -50,6 +57,7 @@ class WindowStats:
             "lr": optimizer.param_groups[0]["lr"],
             "grad_norm": grad_norm,
             "samples_per_sec": self.samples / elapsed,
+            **({"tokens_per_sec": loss_count / elapsed} if self.counts_tokens else {}),
             "step_time_s": elapsed / max(self.pending_steps, 1),
             "samples_seen": state.samples_seen,
             "nonfinite_skips": state.nonfinite_skips,
@@ -89,3 +97,19 @@ class WindowStats:
         total = self.run_loss_sum + float(self.loss_sum)
         count = self.run_loss_count + float(self.loss_count)
         return total / count if count else None
+
+
+def memory_mb(device: torch.device) -> tuple[float, float]:
+    """(current, peak) memory in MiB: CUDA allocated memory, or the process's resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20, torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            resident_pages = int(statm.read().split()[1])
+        current = resident_pages * resource.getpagesize() / 2**20
+    except OSError:
+        current = peak_kib / 1024
+    return round(current, 1), round(peak_kib / 1024, 1)

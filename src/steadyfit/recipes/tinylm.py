@@ -47,7 +47,7 @@ class TinyLMConfig:
 
     vocab_size: int = VOCAB_SIZE
     context_length: int = 128
-    d_model: int = 96
+    d_model: int = 64
     n_layer: int = 3
     mlp_ratio: int = 4
 
@@ -67,7 +67,8 @@ class TinyLMConfig:
         """The hyperparameters a tinylm state dict was saved from (its shapes determine them).
 
         Raises:
-            KeyError or ValueError: when the tensors are not those of a tinylm model.
+            KeyError: when a tensor every tinylm model has is missing.
+            ValueError: when the shapes do not fit together as a tinylm model.
         """
         vocab_size, d_model = state["tok_emb.weight"].shape
         context_length = state["pos_emb.weight"].shape[0]

@@ -1,0 +1,396 @@
+"""Hyperparameter sweeps with Optuna: each trial a normal run in its own directory, the study in SQLite.
+
+Layout of a sweep directory::
+
+    SWEEP_DIR/study.db        the Optuna study (resumable; shared by worker processes)
+    SWEEP_DIR/space.yaml      the search space, as given
+    SWEEP_DIR/sweep.yaml      config source, overrides, objective, sampler and pruner settings
+    SWEEP_DIR/trial-0003/     trial 3's run directory (config.yaml, metrics.jsonl, checkpoints/ ...)
+    SWEEP_DIR/results.md      one row per trial: params, value, state
+    SWEEP_DIR/sweep.png       best value against trials (needs matplotlib)
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from steadyfit.callbacks import Callback
+from steadyfit.config import ConfigError, TrainConfig, parse_overrides, parse_scalar, read_yaml
+from steadyfit.launch import build_trainer, prepare
+from steadyfit.tracking import infer_greater_is_better, metric_key
+
+if TYPE_CHECKING:
+    import optuna
+
+    from steadyfit.state import TrainState
+    from steadyfit.trainer import Trainer
+
+STUDY_FILE = "study.db"
+SPACE_FILE = "space.yaml"
+SWEEP_FILE = "sweep.yaml"
+RESULTS_FILE = "results.md"
+PLOT_FILE = "sweep.png"
+STUDY_NAME = "steadyfit-sweep"
+RUN_DIR_ATTR = "run_dir"
+PARAM_TYPES = ("float", "int", "categorical")
+# Median pruning compares a trial with the trials before it: it needs a couple of finished ones first.
+PRUNER_STARTUP_TRIALS = 2
+
+
+def _import_optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise ConfigError("sweep: needs Optuna; pip install 'steadyfit[sweep]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def read_space(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read and check a search space YAML: ``field: {type: float|int|categorical, ...}``.
+
+    ``float`` / ``int`` take ``low``, ``high`` and optionally ``log: true`` or ``step``; ``categorical`` takes
+    ``choices``. Every name must be a TrainConfig field.
+
+    Raises:
+        ConfigError: naming the file, the parameter and what is wrong.
+
+    Example:
+        >>> Path("/tmp/space.yaml").write_text("lr: {type: float, low: 1e-4, high: 1e-1, log: true}")
+        51
+        >>> read_space("/tmp/space.yaml")["lr"]["log"]
+        True
+    """
+    space = read_yaml(path)
+    if not space:
+        raise ConfigError(
+            f"{path}: the search space is empty; add e.g. lr: {{type: float, low: 1e-4, high: 1e-1}}"
+        )
+    for name, spec in space.items():
+        where = f"{path}: {name}"
+        if name not in TrainConfig.model_fields or name in ("run_dir", "resume"):
+            raise ConfigError(f"{where}: not a TrainConfig field that a sweep can vary")
+        if not isinstance(spec, dict) or spec.get("type") not in PARAM_TYPES:
+            raise ConfigError(f"{where}: expected a mapping with type: {' | '.join(PARAM_TYPES)}")
+        if spec["type"] == "categorical":
+            choices = spec.get("choices")
+            if not isinstance(choices, list) or not choices:
+                raise ConfigError(f"{where}: categorical needs a non-empty 'choices' list")
+            continue
+        for key in ("low", "high", "step"):
+            if isinstance(spec.get(key), str):
+                spec[key] = parse_scalar(spec[key], f"{name}.{key}")  # YAML reads 1e-3 as a string
+        low, high = spec.get("low"), spec.get("high")
+        if (
+            not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
+            or low >= high
+        ):
+            raise ConfigError(f"{where}: needs numbers low < high (got low={low!r}, high={high!r})")
+        if spec.get("log") and low <= 0:
+            raise ConfigError(f"{where}: log: true needs low > 0")
+        unknown = set(spec) - {"type", "low", "high", "log", "step"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; allowed: type, low, high, log, step")
+    return space
+
+
+def suggest(trial: optuna.Trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Draw one value per parameter of the space from the trial."""
+    params: dict[str, Any] = {}
+    for name, spec in space.items():
+        if spec["type"] == "categorical":
+            params[name] = trial.suggest_categorical(name, spec["choices"])
+        elif spec["type"] == "int":
+            params[name] = trial.suggest_int(
+                name,
+                int(spec["low"]),
+                int(spec["high"]),
+                step=int(spec.get("step", 1)),
+                log=bool(spec.get("log")),
+            )
+        else:
+            params[name] = trial.suggest_float(
+                name,
+                float(spec["low"]),
+                float(spec["high"]),
+                step=spec.get("step"),
+                log=bool(spec.get("log")),
+            )
+    return params
+
+
+class PruningCallback(Callback):
+    """Reports each evaluation's objective to the trial; stops the run when the pruner says so.
+
+    Also prints a flushed line for each committed checkpoint of the trial.
+
+    Example:
+        >>> callback = PruningCallback(trial, "eval_accuracy")  # doctest: +SKIP
+    """
+
+    def __init__(self, trial: optuna.Trial, metric: str) -> None:
+        self.trial = trial
+        self.metric = metric
+        self.pruned_at: int | None = None
+
+    def on_evaluate(self, trainer: Trainer, state: TrainState, metrics: dict[str, float]) -> None:
+        value = float(metrics[self.metric])
+        if not math.isfinite(value):
+            return
+        self.trial.report(value, state.step)
+        # The final evaluation of a finished run: pruning would only throw away a complete result.
+        is_last = trainer.total_steps is not None and state.step >= trainer.total_steps
+        if not is_last and self.trial.should_prune():
+            self.pruned_at = state.step
+            trainer.request_stop(f"pruned by the sweep at step {state.step} ({self.metric}={value:.4g})")
+
+    def on_fit_start(self, trainer: Trainer, state: TrainState) -> None:
+        if state.step:
+            print(f"sweep: trial {self.trial.number} resumed its run at step {state.step}", flush=True)
+
+    def on_checkpoint_saved(self, trainer: Trainer, state: TrainState, path: str) -> None:
+        # A line to follow the sweep by (and for tests to synchronise on): the trial can resume from here.
+        print(f"sweep: trial {self.trial.number} checkpoint {path}", flush=True)
+
+
+class Objective:
+    """One trial: draw params, train a normal run in the trial's directory, return ``metric_for_best``.
+
+    Picklable, so worker processes started with 'spawn' get their own.
+    """
+
+    def __init__(
+        self, source: str | None, overrides: dict[str, Any], space: dict[str, dict[str, Any]], sweep_dir: Path
+    ) -> None:
+        self.source = source
+        self.overrides = overrides
+        self.space = space
+        self.sweep_dir = sweep_dir
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        optuna = _import_optuna()
+        params = suggest(trial, self.space)
+        # A re-enqueued interrupted trial carries its old run directory: resume=auto continues it there.
+        run_dir = trial.user_attrs.get(RUN_DIR_ATTR) or str(self.sweep_dir / f"trial-{trial.number:04d}")
+        trial.set_user_attr(RUN_DIR_ATTR, run_dir)
+        values = self.overrides | params | {"run_dir": run_dir, "progress": False, "resume": "auto"}
+        recipe_name, config = prepare(self.source, values)
+        metric = objective_metric(config)
+        pruning = PruningCallback(trial, metric)
+        print(f"sweep: trial {trial.number} started in {run_dir} with {params}", flush=True)
+        result = build_trainer(recipe_name, config, callbacks=[pruning]).fit()
+        if pruning.pruned_at is not None:
+            print(f"sweep: trial {trial.number} pruned at step {pruning.pruned_at}", flush=True)
+            raise optuna.TrialPruned()
+        if result.best_metric is None or not math.isfinite(result.best_metric):
+            raise RuntimeError(f"trial {trial.number}: no finite {metric} (see {run_dir}/metrics.jsonl)")
+        print(f"sweep: trial {trial.number} completed {metric}={result.best_metric:.6g}", flush=True)
+        return float(result.best_metric)
+
+
+def objective_metric(config: TrainConfig) -> str:
+    """The metric a sweep optimises: ``metric_for_best`` (``eval_loss`` when unset)."""
+    return metric_key(config.metric_for_best or "eval_loss")
+
+
+def is_greater_better(config: TrainConfig) -> bool:
+    """The objective's direction: ``greater_is_better``, or inferred from the metric's name."""
+    if config.greater_is_better is not None:
+        return config.greater_is_better
+    return infer_greater_is_better(objective_metric(config))
+
+
+def run_sweep(
+    config_source: str | None,
+    space_path: str,
+    trials: int,
+    sweep_dir: str | None = None,
+    workers: int = 1,
+    overrides: list[str] = (),
+) -> optuna.Study:
+    """Run (or resume) a sweep of ``trials`` finished trials (completed or pruned) over a search space.
+
+    Args:
+        config_source: recipe name or YAML config, as for ``steadyfit fit`` (None: digits).
+        space_path: the search space YAML (see :func:`read_space`).
+        trials: how many trials should be finished when the sweep ends, counting earlier runs of it.
+        sweep_dir: the sweep directory (default ``sweeps/<recipe or config name>``).
+        workers: processes running trials in parallel on the shared SQLite study.
+        overrides: ``key=value`` strings applied to every trial (the space's values win).
+
+    Returns:
+        The Optuna study (``study.best_trial``, ``study.trials``).
+
+    Raises:
+        ConfigError: for a bad space, config or argument; a missing Optuna.
+
+    Example:
+        >>> study = run_sweep("digits", "space.yaml", trials=6, sweep_dir="sweeps/digits")  # doctest: +SKIP
+        >>> study.best_params  # doctest: +SKIP
+        {'lr': 0.0071, 'weight_decay': 0.0003}
+    """
+    optuna = _import_optuna()
+    if trials < 1:
+        raise ConfigError(f"--trials: must be at least 1 (got {trials})")
+    if workers < 1:
+        raise ConfigError(f"--workers: must be at least 1 (got {workers})")
+    space = read_space(space_path)
+    fixed = parse_overrides(list(overrides))
+    _, config = prepare(config_source, fixed)
+    default_name = Path(config_source).stem if config_source else "digits"
+    root = Path(sweep_dir or Path("sweeps") / default_name)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / SPACE_FILE).write_text(yaml.safe_dump(space, sort_keys=False), encoding="utf-8")
+    direction = "maximize" if is_greater_better(config) else "minimize"
+    storage = _storage_url(root)
+    study = optuna.create_study(
+        storage=storage,
+        study_name=STUDY_NAME,
+        direction=direction,
+        sampler=_sampler(optuna, config.seed, 0),
+        pruner=_pruner(optuna),
+        load_if_exists=True,
+    )
+    _requeue_interrupted(optuna, study, root)
+    settings = {
+        "config": config_source,
+        "overrides": list(overrides),
+        "trials": trials,
+        "metric": objective_metric(config),
+        "direction": direction,
+        "sampler": {"name": "TPESampler", "seed": config.seed},
+        "pruner": {"name": "MedianPruner", "n_startup_trials": PRUNER_STARTUP_TRIALS},
+        "study": STUDY_FILE,
+    }
+    (root / SWEEP_FILE).write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    remaining = trials - len(study.get_trials(deepcopy=False, states=finished))
+    objective = Objective(config_source, fixed, space, root)
+    seed = config.seed + len(study.get_trials(deepcopy=False))
+    if remaining > 0:
+        shares = [remaining // workers + (i < remaining % workers) for i in range(workers)]
+        shares = [share for share in shares if share]
+        if len(shares) == 1:
+            _optimize(storage, seed, 0, objective, shares[0])
+        else:
+            _run_workers(storage, seed, objective, shares)
+    study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+    write_results(study, root, objective_metric(config))
+    return study
+
+
+def _storage_url(root: Path) -> str:
+    return f"sqlite:///{(root / STUDY_FILE).resolve()}"
+
+
+def _sampler(optuna: Any, seed: int, worker: int) -> Any:
+    # A different seed per process and per restart, so a resumed sweep does not replay the same draws.
+    return optuna.samplers.TPESampler(seed=seed + 1000 * worker)
+
+
+def _pruner(optuna: Any) -> Any:
+    return optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS)
+
+
+def _requeue_interrupted(optuna: Any, study: optuna.Study, root: Path) -> None:
+    """Trials left RUNNING by a killed sweep: mark them failed and queue their params again, with their run
+    directory, so the new trial resumes from the old one's checkpoint."""
+    storage = optuna.storages.RDBStorage(_storage_url(root))
+    study_id = storage.get_study_id_from_name(STUDY_NAME)
+    for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, stale.number)
+        storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+        attrs = {"resumes_trial": stale.number}
+        if RUN_DIR_ATTR in stale.user_attrs:
+            attrs[RUN_DIR_ATTR] = stale.user_attrs[RUN_DIR_ATTR]
+        study.enqueue_trial(stale.params, user_attrs=attrs)
+        print(f"sweep: trial {stale.number} was interrupted; queued again to resume its run", flush=True)
+
+
+def _optimize(storage: str, seed: int, worker: int, objective: Objective, count: int) -> None:
+    optuna = _import_optuna()
+    study = optuna.load_study(
+        study_name=STUDY_NAME, storage=storage, sampler=_sampler(optuna, seed, worker), pruner=_pruner(optuna)
+    )
+    # A failing trial (an exception in the user's recipe) is recorded as FAIL; the others go on.
+    study.optimize(objective, n_trials=count, catch=(Exception,))
+
+
+def _run_workers(storage: str, seed: int, objective: Objective, shares: list[int]) -> None:
+    # 'spawn': a fresh interpreter per worker, safe with threads and CUDA in the parent.
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=_optimize, args=(storage, seed, worker, objective, count))
+        for worker, count in enumerate(shares)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    failed = [p.exitcode for p in processes if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"sweep: {len(failed)} worker process(es) failed (exit codes {failed})")
+
+
+def write_results(study: optuna.Study, root: Path, metric: str) -> None:
+    """``results.md`` (one row per trial) and ``sweep.png`` (best value against trials)."""
+    optuna = _import_optuna()
+    complete = optuna.trial.TrialState.COMPLETE
+    best_number = study.best_trial.number if study.get_trials(deepcopy=False, states=(complete,)) else None
+    lines = [
+        f"# Sweep results ({metric}, {study.direction.name.lower()})",
+        "",
+        "| trial | params | value | state | run dir |",
+        "|---|---|---|---|---|",
+    ]
+    for trial in study.get_trials(deepcopy=False):
+        params = ", ".join(f"{name}={_format(value)}" for name, value in trial.params.items())
+        value = _format(trial.value) if trial.value is not None else ""
+        state = trial.state.name.lower()
+        if trial.number == best_number:
+            state += " (best)"
+        if "resumes_trial" in trial.user_attrs:
+            state += f" (resumes {trial.user_attrs['resumes_trial']})"
+        run_dir = Path(trial.user_attrs.get(RUN_DIR_ATTR, "")).name
+        lines.append(f"| {trial.number} | {params} | {value} | {state} | {run_dir} |")
+    (root / RESULTS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _plot(study, root / PLOT_FILE, metric)
+
+
+def _format(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _plot(study: optuna.Study, path: Path, metric: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(
+            f"sweep: skipping {path.name}: matplotlib is missing (pip install 'steadyfit[plot]')", flush=True
+        )
+        return
+    maximize = study.direction.name == "MAXIMIZE"
+    numbers, values, best = [], [], []
+    for trial in study.get_trials(deepcopy=False):
+        if trial.value is None or trial.state.name != "COMPLETE":
+            continue
+        numbers.append(trial.number)
+        values.append(trial.value)
+        best.append(max(values) if maximize else min(values))
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.scatter(numbers, values, label="trial", color="tab:gray")
+    axes.step(numbers, best, where="post", label="best so far", color="tab:blue")
+    axes.set_xlabel("trial")
+    axes.set_ylabel(metric)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

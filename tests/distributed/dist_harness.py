@@ -1,0 +1,167 @@
+"""Launch dist_script.py under real torchrun agents on 127.0.0.1 (gloo, CPU) and read what the ranks print."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = Path(__file__).with_name("dist_script.py")
+TIMEOUT_S = 60
+
+KILL = signal.SIGKILL
+TERM = signal.SIGTERM
+
+
+def environment(**extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src"),
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        # gloo would otherwise pick the interface the host name resolves to; the tests stay on loopback.
+        "GLOO_SOCKET_IFNAME": "lo",
+        # A rank blocked on a dead peer gives up well inside the test's timeout.
+        "STEADYFIT_COLLECTIVE_TIMEOUT_S": "20",
+        **extra,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+LOOPBACK_RENDEZVOUS = ("--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0")
+
+
+def torchrun(
+    *target: str,
+    nproc: int = 2,
+    flags: tuple[str, ...] = (),
+    rendezvous: tuple[str, ...] = LOOPBACK_RENDEZVOUS,
+) -> list[str]:
+    """A torchrun command on loopback: a free rendezvous port, workers' store on 127.0.0.1."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        *rendezvous,
+        "--local-addr=127.0.0.1",
+        *flags,
+        *target,
+    ]
+
+
+def script(*runs: tuple[Path, dict[str, object]]) -> list[str]:
+    """dist_script.py and its arguments: one ``(run_dir, overrides)`` per run, run one after another."""
+    arguments = [str(SCRIPT)]
+    for position, (run_dir, overrides) in enumerate(runs):
+        arguments += ["--"] if position else []
+        arguments += [str(run_dir), *(f"{key}={value}" for key, value in overrides.items())]
+    return arguments
+
+
+def run_to_end(command: list[str], **extra_env: str) -> str:
+    """Run a launch to completion; returns everything it printed."""
+    completed = subprocess.run(
+        command,
+        env=environment(**extra_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=TIMEOUT_S,
+        cwd=ROOT,
+    )
+    assert completed.returncode == 0, completed.stdout
+    return completed.stdout
+
+
+def run_until(
+    command: list[str],
+    is_cue: Callable[[str], bool],
+    act: Callable[[dict[int, int]], None],
+    **extra_env: str,
+) -> str:
+    """Start a launch; once a printed line satisfies ``is_cue``, call ``act`` with the worker pids by rank.
+
+    Returns everything the launch printed; the launch's own exit status is not checked (a preempted or
+    killed group makes torchrun fail, which is the point of these tests).
+    """
+    process = subprocess.Popen(
+        command,
+        env=environment(**extra_env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
+    seen: list[str] = []
+    pids: dict[int, int] = {}
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            seen.append(line)
+            words = line.split()
+            if len(words) == 3 and words[0] == "pid":
+                pids[int(words[1])] = int(words[2])
+            if is_cue(line.strip()):
+                act(pids)
+                break
+        else:
+            raise AssertionError(f"the launch ended before the cue:\n{''.join(seen)}")
+        rest, _ = process.communicate(timeout=TIMEOUT_S)
+        seen.append(rest)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+    return "".join(seen)
+
+
+def results(output: str) -> dict[int, list[dict]]:
+    """The `result RANK {json}` lines of a launch, per rank, in run order."""
+    found: dict[int, list[dict]] = {}
+    for line in output.splitlines():
+        if line.startswith("result "):
+            _, rank, payload = line.split(" ", 2)
+            found.setdefault(int(rank), []).append(json.loads(payload))
+    return found
+
+
+def printed(output: str, word: str) -> list[list[str]]:
+    """The words after ``word`` on each line that starts with it."""
+    return [line.split()[1:] for line in output.splitlines() if line.split()[:1] == [word]]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tolerance: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=tolerance, atol=tolerance, msg=f"{key} differs")
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,215 @@
+"""Training runs for the distributed tests: `torchrun ... dist_script.py RUN_DIR key=value [-- RUN_DIR ...]`.
+
+Each `RUN_DIR key=value ...` group is one run; several groups run one after another in the same processes,
+which then hold the process group themselves (the Trainer joins it), so one launch pays torch's start-up
+once; with a leading `--trainer-owns-group` each run's Trainer creates and destroys it instead. A single
+group leaves the process group to the Trainer, as a user script would.
+
+Keys beyond TrainConfig's fields: `loss` (mean: a classifier's cross-entropy; pair: a ragged token loss
+returning `(sum, count)`), `dropout`, `train_size`, `eval_size`, `nan_at` (rank 1 returns a NaN loss once,
+in optimizer step `nan_at`) and `mode` (fit, or evaluate: score the untrained model without training).
+
+Prints, flushed, for the tests to synchronise on (never sleeps): `pid RANK PID` at start, `step RANK N`
+after each optimizer step, `saved PATH` after each committed checkpoint (rank 0), `exit RANK STATUS` when a
+preemption ends the run and `result RANK {json}` at the end of each run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from steadyfit import Callback, Preempted, Trainer, seed_everything
+from steadyfit.config import make_config, parse_overrides
+
+FEATURES = 6
+CLASSES = 3
+SEQUENCE = 5
+IGNORE = -100
+SCRIPT_KEYS = {"loss": "mean", "dropout": 0.0, "train_size": 33, "eval_size": 25, "nan_at": 0, "mode": "fit"}
+DEFAULTS = {
+    "seed": 7,
+    "batch_size": 4,
+    "max_epochs": 2,
+    "log_every": 1,
+    "progress": False,
+    "optimizer": "sgd",
+    "lr": 0.1,
+    "momentum": 0.9,
+    "max_grad_norm": 1.0,
+}
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def say(line: str) -> None:
+    # One write per line: both ranks share torchrun's stdout, and print() would write the newline apart.
+    sys.stdout.write(f"{line}\n")
+    sys.stdout.flush()
+
+
+def make_data(size: int, loss: str, seed: int) -> torch.utils.data.TensorDataset:
+    """Classification samples (mean loss) or padded sequences of 1..SEQUENCE tokens (pair loss)."""
+    generator = torch.Generator().manual_seed(seed)
+    if loss == "mean":
+        inputs = torch.randn(size, FEATURES, generator=generator)
+        targets = (inputs[:, :2].sum(dim=1) > 0).long() + (inputs[:, 2] > 1).long()
+        return torch.utils.data.TensorDataset(inputs, targets)
+    inputs = torch.randn(size, SEQUENCE, FEATURES, generator=generator)
+    targets = (inputs[..., :2].sum(dim=-1) > 0).long() + (inputs[..., 2] > 1).long()
+    lengths = torch.randint(1, SEQUENCE + 1, (size, 1), generator=generator)
+    targets[torch.arange(SEQUENCE).expand(size, SEQUENCE) >= lengths] = IGNORE
+    return torch.utils.data.TensorDataset(inputs, targets)
+
+
+def make_model(dropout: float) -> torch.nn.Module:
+    """Two linear blocks (FSDP2 shards each), applied per token for sequences. Seed before calling."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(FEATURES, 16),
+        torch.nn.Tanh(),
+        torch.nn.Dropout(dropout),
+        torch.nn.Linear(16, CLASSES),
+    )
+
+
+def token_loss(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy summed over real tokens, with their count: the `(sum, count)` contract."""
+    total = torch.nn.functional.cross_entropy(
+        outputs.reshape(-1, CLASSES), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    return total, (targets != IGNORE).sum()
+
+
+def token_accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    real = targets != IGNORE
+    return ((outputs.argmax(dim=-1) == targets) & real).sum().float(), real.sum()
+
+
+def class_accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    return (outputs.argmax(dim=-1) == targets).sum().float(), targets.numel()
+
+
+class Announce(Callback):
+    """Prints what the tests wait for, and tells the poisoned loss which step is running."""
+
+    def __init__(self) -> None:
+        self.steps_done = 0
+
+    def on_fit_start(self, trainer, state):
+        self.steps_done = state.step
+
+    def on_step_end(self, trainer, state):
+        self.steps_done = state.step
+        say(f"step {rank()} {state.step}")
+
+    def on_checkpoint_saved(self, trainer, state, path):
+        say(f"saved {path}")
+
+
+class PoisonOnce:
+    """Wraps a loss: rank 1 returns NaN once, in optimizer step ``step`` (1-based), in training only."""
+
+    def __init__(self, loss_fn, announce: Announce, step: int) -> None:
+        self.loss_fn = loss_fn
+        self.announce = announce
+        self.step = step
+        self.fired = False
+
+    def __call__(self, outputs, targets):
+        value = self.loss_fn(outputs, targets)
+        if self.fired or rank() != 1 or not torch.is_grad_enabled():
+            return value
+        if self.announce.steps_done + 1 != self.step:
+            return value
+        self.fired = True
+        if isinstance(value, tuple):
+            return value[0] * float("nan"), value[1]
+        return value * float("nan")
+
+
+def build_trainer(run_dir: str, overrides: dict[str, Any]) -> tuple[Trainer, str]:
+    """The Trainer of one run (model built after seeding, so every process starts from the same weights)."""
+    values = {"run_dir": run_dir, **DEFAULTS, **overrides}
+    script = {key: values.pop(key, default) for key, default in SCRIPT_KEYS.items()}
+    config = make_config(values)
+    seed_everything(config.seed)
+    model = make_model(float(script["dropout"]))
+    loss = str(script["loss"])
+    train = make_data(int(script["train_size"]), loss, seed=1)
+    evaluation = make_data(int(script["eval_size"]), loss, seed=2)
+    announce = Announce()
+    loss_fn: Any = token_loss if loss == "pair" else torch.nn.functional.cross_entropy
+    if script["nan_at"]:
+        loss_fn = PoisonOnce(loss_fn, announce, int(script["nan_at"]))
+    metric = token_accuracy if loss == "pair" else class_accuracy
+    trainer = Trainer(
+        model,
+        config,
+        train_data=train,
+        eval_data=evaluation,
+        loss_fn=loss_fn,
+        metrics={"accuracy": metric},
+        callbacks=[announce],
+    )
+    return trainer, str(script["mode"])
+
+
+def run(run_dir: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """One run; returns what the tests compare."""
+    trainer, mode = build_trainer(run_dir, overrides)
+    if mode == "evaluate":
+        return {"metrics": trainer.evaluate()}
+    try:
+        result = trainer.fit()
+    except Preempted as exc:
+        say(f"exit {rank()} {exc.code}")
+        raise
+    return {
+        "global_step": result.global_step,
+        "nonfinite_skips": result.nonfinite_skips,
+        "metrics": result.metrics,
+    }
+
+
+def split_runs(arguments: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    runs, current = [], []
+    for argument in [*arguments, "--"]:
+        if argument != "--":
+            current.append(argument)
+            continue
+        if current:
+            runs.append((current[0], parse_overrides(current[1:])))
+        current = []
+    return runs
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    arguments = sys.argv[1:]
+    # --trainer-owns-group: each run's Trainer creates and destroys the process group, as in a user script
+    # that calls fit() more than once.
+    trainer_owns_group = arguments[:1] == ["--trainer-owns-group"]
+    runs = split_runs(arguments[1:] if trainer_owns_group else arguments)
+    say(f"pid {rank()} {os.getpid()}")
+    owns_group = len(runs) > 1 and "WORLD_SIZE" in os.environ and not trainer_owns_group
+    if owns_group:
+        dist.init_process_group("gloo")
+    try:
+        for run_dir, overrides in runs:
+            say(f"result {rank()} {json.dumps(run(run_dir, overrides))}")
+    finally:
+        if owns_group:
+            # Tear down together: a rank leaving while its peer still talks to it aborts the process.
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

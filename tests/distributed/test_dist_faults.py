@@ -1,0 +1,84 @@
+"""Guarantees 2 and 4 across ranks with real torchrun groups: a SIGKILLed worker under --max-restarts, and a
+SIGTERM reaching one worker, both end in weights bitwise equal to the uninterrupted 2-rank run."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from dist_harness import (
+    KILL,
+    TERM,
+    assert_bitwise_equal,
+    final_weights,
+    printed,
+    results,
+    run_to_end,
+    run_until,
+    script,
+    torchrun,
+)
+
+pytestmark = pytest.mark.slow
+
+# Dropout draws from each rank's own RNG stream, so a resume that restored the wrong rank's stream would show.
+# The checkpoints: the best eval at each epoch end (steps 5, 10, 15) and the preemption's.
+OVERRIDES = {"dropout": 0.2, "deterministic": True, "max_epochs": 3, "optimizer": "adamw", "lr": 0.01}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Two uninterrupted 2-rank runs agree bitwise, or no test here would prove anything."""
+    base = tmp_path_factory.mktemp("uninterrupted")
+    for name in ("a", "b"):
+        output = run_to_end(torchrun(*script((base / name, OVERRIDES))))
+        assert results(output)[0][0]["global_step"] == 15
+    first, second = final_weights(base / "a"), final_weights(base / "b")
+    assert_bitwise_equal(first, second)
+    return first
+
+
+def test_a_sigkilled_worker_restarts_and_finishes_bitwise_equal(reference, tmp_path):
+    run_dir = tmp_path / "run"
+
+    def kill_rank_one(pids: dict[int, int]) -> None:
+        os.kill(pids[1], KILL)
+
+    output = run_until(
+        torchrun(*script((run_dir, {**OVERRIDES, "save_every": 5})), flags=("--max-restarts=1",)),
+        lambda line: line == f"saved {run_dir / 'checkpoints' / 'step-00000005'}",
+        kill_rank_one,
+        # torch shares the rendezvous store with the workers, and restarted workers can read the previous
+        # attempt's gloo addresses from it (pytorch/pytorch#135712); a separate store per attempt avoids it.
+        TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
+    )
+    assert "result 0" in output, output
+    pids = [int(pid) for rank, pid in printed(output, "pid")]
+    assert len(pids) == 4, "torchrun must have restarted both workers once"
+    restarted = output[output.rindex("pid ") :]
+    first_step = min(int(step) for rank, step in printed(restarted, "step"))
+    assert first_step > 5, "the restarted group must resume from a checkpoint, not from step 0"
+    assert_bitwise_equal(final_weights(run_dir), reference)
+
+
+def test_sigterm_to_one_worker_checkpoints_both_at_one_step_and_resumes(reference, tmp_path):
+    run_dir = tmp_path / "run"
+
+    def terminate_rank_one(pids: dict[int, int]) -> None:
+        os.kill(pids[1], TERM)
+
+    output = run_until(
+        torchrun(*script((run_dir, OVERRIDES))), lambda line: line == "step 1 1", terminate_rank_one
+    )
+    assert sorted(printed(output, "exit")) == [["0", "143"], ["1", "143"]], output
+    last_steps = {int(rank): int(step) for rank, step in printed(output, "step")}
+    assert last_steps[0] == last_steps[1] < 5, (
+        "both ranks stop at the same step boundary, before any other save"
+    )
+    checkpoints = sorted((run_dir / "checkpoints").iterdir())
+    assert [path.name for path in checkpoints] == [f"step-{last_steps[0]:08d}"]
+    assert (checkpoints[0] / "manifest.json").is_file()
+
+    output = run_to_end(torchrun(*script((run_dir, OVERRIDES))))
+    assert min(int(step) for rank, step in printed(output, "step")) == last_steps[0] + 1
+    assert_bitwise_equal(final_weights(run_dir), reference)

@@ -1,0 +1,67 @@
+"""A failing save stops training with a clear error and leaves earlier checkpoints intact; compile wiring."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+
+from helpers import base_config, make_mlp, make_regression
+from steadyfit import CheckpointError, Trainer
+from steadyfit.checkpoint import CheckpointStore
+
+CE = torch.nn.functional.cross_entropy
+
+
+def test_disk_full_during_a_save_keeps_earlier_checkpoints(tmp_path, monkeypatch):
+    config = base_config(tmp_path, batch_size=4, save_every=2, max_epochs=1, keep_last=5)
+    trainer = Trainer(make_mlp(), config, train_data=make_regression(40), loss_fn=CE)
+    real_rename = os.rename
+    saves = []
+
+    def full_disk_after_two_saves(src, dst, *args, **kwargs):
+        if "step-" in str(dst) and "checkpoints" in str(dst):
+            saves.append(dst)
+            if len(saves) > 2:
+                raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", full_disk_after_two_saves)
+    with pytest.raises(CheckpointError, match=r"No space left on device|ENOSPC") as failure:
+        trainer.fit()
+    assert "checkpoints" in str(failure.value)
+    monkeypatch.setattr(os, "rename", real_rename)
+    store = CheckpointStore(tmp_path / "run")
+    good = store.list_checkpoints()
+    assert [path.name for path in good] == ["step-00000002", "step-00000004"]
+    assert all(store.verify(path) == [] for path in good)
+
+
+def test_compile_wraps_the_model_once(tmp_path, monkeypatch):
+    compiled = []
+
+    def fake_compile(module, *args, **kwargs):
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = make_mlp()
+    config = base_config(tmp_path, compile=True, batch_size=8, max_epochs=1)
+    Trainer(model, config, train_data=make_regression(32), loss_fn=CE).fit()
+    assert compiled == [model]
+
+
+@pytest.mark.skipif(
+    not os.environ.get("STEADYFIT_TEST_COMPILE"), reason="set STEADYFIT_TEST_COMPILE=1 (compiles C++)"
+)
+def test_compiled_training_matches_eager(tmp_path):
+    weights = []
+    for compile_model in (False, True):
+        model = make_mlp()
+        config = base_config(tmp_path / str(compile_model), compile=compile_model, optimizer="sgd", lr=0.1)
+        Trainer(model, config, train_data=make_regression(32), loss_fn=CE).fit()
+        weights.append(model.state_dict())
+    for key in weights[0]:
+        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,168 @@
+"""Hugging Face models and datasets through steadyfit's Trainer: a tiny GPT-2 built from a config (no hub
+download) trains on a ``datasets.Dataset``, its final weights load with ``from_pretrained``, collators pass
+through, and ``causal_lm_loss`` makes accumulation exact over tokens."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: nothing here may download
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+
+from steadyfit import TrainConfig, Trainer  # noqa: E402
+from steadyfit.hf import PadToLongest, causal_lm_loss  # noqa: E402
+
+TEXT = b"steadyfit trains pytorch models with a loop you can trust: every number it prints is exact. " * 8
+
+
+def tiny_gpt2(seed: int = 0, dropout: float = 0.0) -> transformers.GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        vocab_size=256,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def byte_dataset(lengths: list[int], offset: int = 0) -> datasets.Dataset:
+    """Token ids are the bytes of TEXT: no tokenizer, no download. Rows may have different lengths."""
+    rows = []
+    for index, length in enumerate(lengths):
+        start = (offset + index * 7) % (len(TEXT) - length)
+        rows.append(list(TEXT[start : start + length]))
+    columns = {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows], "labels": rows}
+    return datasets.Dataset.from_dict(columns).with_format("torch")
+
+
+def make_config(tmp_path, name: str, **fields) -> TrainConfig:
+    defaults = dict(run_dir=str(tmp_path / name), max_epochs=None, progress=False, log_every=0, device="cpu")
+    return TrainConfig(**{**defaults, **fields})
+
+
+@torch.no_grad()
+def test_causal_lm_loss_equals_the_models_own_loss():
+    model = tiny_gpt2()
+    batch = byte_dataset([24, 24, 24])[:]
+    outputs = model(**batch)
+    total, count = causal_lm_loss(outputs, batch["labels"])
+    assert int(count) == 3 * 23  # the last position of each row predicts nothing
+    torch.testing.assert_close(total / count, outputs.loss)
+    # A logits tensor works as well as the output object.
+    torch.testing.assert_close(causal_lm_loss(outputs.logits, batch["labels"])[0], total)
+
+
+@torch.no_grad()
+def test_causal_lm_loss_leaves_out_ignored_labels():
+    model = tiny_gpt2()
+    batch = PadToLongest()([{"input_ids": list(TEXT[:10]), "labels": list(TEXT[:10])}])
+    total, count = causal_lm_loss(model(**batch), batch["labels"])
+    masked = batch["labels"].clone()
+    masked[0, 6:] = -100
+    masked_total, masked_count = causal_lm_loss(model(**batch), masked)
+    assert (int(count), int(masked_count)) == (9, 5)
+    assert float(masked_total) < float(total)
+
+
+def test_causal_lm_loss_names_the_problem():
+    with pytest.raises(ValueError, match="no `logits`"):
+        causal_lm_loss(object(), torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="do not match"):
+        causal_lm_loss(torch.zeros(2, 3, 5), torch.zeros(2, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("loss_fn", [None, causal_lm_loss], ids=["outputs.loss", "causal_lm_loss"])
+def test_gpt2_trains_on_a_dataset_and_final_weights_load_with_from_pretrained(tmp_path, loss_fn):
+    model = tiny_gpt2()
+    collated = []
+
+    def collate(features):
+        collated.append(len(features))
+        return transformers.default_data_collator(features)
+
+    config = make_config(tmp_path, "run", max_steps=30, batch_size=8, lr=1e-2)
+    trainer = Trainer(
+        model,
+        config,
+        train_data=byte_dataset([32] * 48),
+        eval_data=byte_dataset([32] * 12, offset=3),
+        loss_fn=loss_fn,
+        collate_fn=collate,
+    )
+    before = trainer.evaluate()["eval_loss"]
+    result = trainer.fit()
+    assert result.global_step == 30
+    assert collated, "the collator given as collate_fn was never called"
+    assert result.metrics["eval_loss"] < 0.6 * before
+
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "run" / "final")
+    trained = model.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        torch.testing.assert_close(tensor, trained[name], rtol=0, atol=0, msg=name)
+
+
+def test_equal_length_rows_need_no_collator(tmp_path):
+    # datasets' __getitems__ returns a list of dicts of tensors; torch's default collate stacks them.
+    config = make_config(tmp_path, "run", max_steps=3, batch_size=4)
+    trainer = Trainer(
+        tiny_gpt2(), config, train_data=byte_dataset([32] * 16), eval_data=byte_dataset([32] * 5)
+    )
+    result = trainer.fit()
+    assert result.global_step == 3
+    assert 0 < result.metrics["eval_loss"] < 6
+
+
+def _train_ragged(tmp_path, name: str, loss_fn, batch_size: int, grad_accum_steps: int) -> dict:
+    model = tiny_gpt2()
+    config = make_config(
+        tmp_path,
+        name,
+        max_steps=3,
+        batch_size=batch_size,
+        grad_accum_steps=grad_accum_steps,
+        optimizer="sgd",
+        lr=0.5,
+    )
+    lengths = [30, 5, 9, 28, 6, 31, 12, 4, 25, 8, 17, 3]  # ragged: micro-batches hold unequal token counts
+    Trainer(model, config, train_data=byte_dataset(lengths), loss_fn=loss_fn, collate_fn=PadToLongest()).fit()
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+def _all_close(left: dict, right: dict) -> bool:
+    return all(torch.allclose(left[key], right[key], rtol=1e-4, atol=1e-6) for key in left)
+
+
+def test_token_level_accumulation_is_exact_with_ragged_padding(tmp_path):
+    large = _train_ragged(tmp_path, "large", causal_lm_loss, batch_size=4, grad_accum_steps=1)
+    accumulated = _train_ragged(tmp_path, "accumulated", causal_lm_loss, batch_size=2, grad_accum_steps=2)
+    for key in large:
+        torch.testing.assert_close(accumulated[key], large[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_the_models_mean_loss_is_not_token_exact_under_accumulation(tmp_path):
+    # The control for the test above: per-micro-batch token means weighted by samples differ from the
+    # token mean of the whole window, which is why causal_lm_loss returns (sum, count).
+    large = _train_ragged(tmp_path, "large", None, batch_size=4, grad_accum_steps=1)
+    accumulated = _train_ragged(tmp_path, "accumulated", None, batch_size=2, grad_accum_steps=2)
+    assert not _all_close(large, accumulated)
+
+
+def test_pad_to_longest_pads_labels_with_ignore_index():
+    batch = PadToLongest(pad_token_id=7)(
+        [{"input_ids": [1, 2, 3], "labels": [1, 2, 3], "id": 0}, {"input_ids": [4], "labels": [4], "id": 1}]
+    )
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 7, 7]]
+    assert batch["labels"].tolist() == [[1, 2, 3], [4, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["id"].tolist() == [0, 1]

@@ -1,0 +1,73 @@
+"""torchmetrics ``Metric`` objects in ``metrics={...}``: same value as our exact accuracy, reset per
+evaluation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+torchmetrics = pytest.importorskip("torchmetrics")
+
+from steadyfit import TrainConfig, Trainer  # noqa: E402
+from steadyfit.metrics import accuracy  # noqa: E402
+
+
+def classification_data(num_samples: int, seed: int, label_noise: float) -> TensorDataset:
+    """Labels mostly follow a fixed linear rule, so a model's accuracy differs from set to set."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(num_samples, 8, generator=generator)
+    labels = (inputs[:, :5]).argmax(dim=1)
+    noisy = torch.rand(num_samples, generator=generator) < label_noise
+    labels[noisy] = torch.randint(0, 5, (int(noisy.sum()),), generator=generator)
+    return TensorDataset(inputs, labels)
+
+
+def make_trainer(tmp_path, eval_data: TensorDataset) -> Trainer:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 5)
+    config = TrainConfig(
+        run_dir=str(tmp_path / "run"),
+        max_steps=20,
+        max_epochs=None,
+        batch_size=16,
+        eval_batch_size=16,
+        lr=0.05,
+        progress=False,
+        log_every=0,
+        device="cpu",
+    )
+    metrics = {"accuracy": accuracy, "tm_accuracy": torchmetrics.Accuracy(task="multiclass", num_classes=5)}
+    return Trainer(
+        model,
+        config,
+        train_data=classification_data(200, seed=1, label_noise=0.2),
+        eval_data=eval_data,
+        loss_fn=torch.nn.functional.cross_entropy,
+        metrics=metrics,
+    )
+
+
+def test_torchmetrics_accuracy_equals_ours_with_a_ragged_last_batch(tmp_path):
+    eval_data = classification_data(103, seed=2, label_noise=0.3)  # 6 batches of 16 and one of 7
+    trainer = make_trainer(tmp_path, eval_data)
+    result = trainer.fit()
+    assert result.metrics["eval_tm_accuracy"] == pytest.approx(result.metrics["eval_accuracy"], rel=1e-6)
+    # The reference: plain counting over the whole set at once.
+    with torch.no_grad():
+        correct = (trainer.model(eval_data.tensors[0]).argmax(dim=1) == eval_data.tensors[1]).sum()
+    assert result.metrics["eval_accuracy"] == pytest.approx(float(correct) / 103, rel=1e-9)
+
+
+def test_torchmetrics_state_is_reset_for_each_evaluation(tmp_path):
+    clean = classification_data(64, seed=3, label_noise=0.0)
+    noisy = classification_data(80, seed=4, label_noise=0.9)
+    trainer = make_trainer(tmp_path, clean)
+    trainer.fit()
+    on_noisy = trainer.evaluate(noisy)
+    on_clean = trainer.evaluate(clean)
+    assert on_noisy["eval_accuracy"] != pytest.approx(on_clean["eval_accuracy"])
+    # Without a reset, the second value would mix both sets' counts.
+    assert on_clean["eval_tm_accuracy"] == pytest.approx(on_clean["eval_accuracy"], rel=1e-6)
+    assert on_noisy["eval_tm_accuracy"] == pytest.approx(on_noisy["eval_accuracy"], rel=1e-6)
+    assert trainer.evaluate(clean) == on_clean
