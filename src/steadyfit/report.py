@@ -276,7 +276,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     text = "\n".join(f"{label:<12} {text}" for label, text in lines)
     findings = summary.get("findings", [])
     if findings:
-        text += "\n" + "\n".join(f"  step {step}: [{name}] {message}" for step, name, message in findings)
+        text += "\n" + "\n".join(f"  step {step}: {message or name}" for step, name, message in findings)
     return text
 
 
@@ -413,10 +413,11 @@ def _panels(runs: list[_Run]) -> list[_Panel]:
         grad.append(_Curve(label, *run.series("train", "grad_norm"), color))
         samples.append(_Curve(label, *run.series("train", "samples_per_sec"), color))
         tokens.append(_Curve(label, *run.series("train", "tokens_per_sec"), color))
-        for key in _memory_keys(run):
+        for number, key in enumerate(_memory_keys(run)):
+            memory_color = f"C{number % 10}" if single else color
             steps, values = run.series("train", key)
             scale_to_gib = 2**30 if key.endswith("_bytes") else 2**10
-            memory.append(_Curve(f"{prefix}{key}", steps, [v / scale_to_gib for v in values], color))
+            memory.append(_Curve(f"{prefix}{key}", steps, [v / scale_to_gib for v in values], memory_color))
         scale.append(_Curve(label, *run.series("train", "loss_scale"), color))
     return [
         _Panel(

@@ -397,9 +397,10 @@ class RunDirectory:
         self.save()
         self.wait_for_commit()
         signum = signum or signal.SIGTERM
-        self.progress.message(
-            f"steadyfit: preempted by signal {signum}; checkpoint {self.last_checkpoint} written"
-        )
+        # Printed even with progress=false: the user needs to know where the run stopped.
+        message = f"steadyfit: preempted by signal {int(signum)}; checkpoint {self.last_checkpoint} written"
+        if self.is_main:
+            print(message, file=sys.stderr, flush=True)
         raise Preempted(signum, self.last_checkpoint)
 
     def finish(self) -> None:
