@@ -26,7 +26,9 @@ def run_fit(source: str | None, overrides: list[str]) -> int:
     metrics = " ".join(f"{key}={value:.4f}" for key, value in result.metrics.items())
     print(f"steadyfit: done at step {result.global_step} (epoch {result.epoch}) {metrics}")
     if result.best_metric is not None:
-        print(f"steadyfit: best {trainer.tracker.metric}={result.best_metric:.4f} at step {result.best_step}")
+        kept = " (the final weights)" if trainer.config.load_best_at_end else ""
+        best = f"{trainer.tracker.metric}={result.best_metric:.4f} at step {result.best_step}"
+        print(f"steadyfit: best {best}{kept}")
     where = "metrics.jsonl, checkpoints/, final/model.safetensors"
     print(f"steadyfit: run directory {trainer.config.run_dir} ({where})")
     return EXIT_OK
