@@ -26,6 +26,7 @@ from steadyfit.checkpoint import (
 from steadyfit.checkpoint.layout import CHECKPOINTS_DIR, step_dir_name
 from steadyfit.checkpoint.payload import snapshot as payload_snapshot
 from steadyfit.config import ConfigError
+from steadyfit.data import dataset_length
 from steadyfit.loggers.base import Logger
 from steadyfit.loggers.jsonl import JsonlLogger, truncate_history
 from steadyfit.loggers.progress import Progress
@@ -232,7 +233,7 @@ class RunDirectory:
         saved_world = int(state.extra.get("world_size", 1))
         self._check_compatible(path, saved_config, saved_world)
         saved_length = state.extra.get("dataset_length")
-        length = _length(trainer.train_data)
+        length = dataset_length(trainer.train_data)
         if saved_length is not None and length is not None and saved_length != length:
             raise ConfigError(
                 f"train_data: the checkpoint {path} was trained on {saved_length} samples, this run has "
@@ -336,7 +337,7 @@ class RunDirectory:
     def _capture(self) -> tuple[Any, ...] | None:
         """Everything a checkpoint holds, on rank 0 (None elsewhere); a collective under several ranks."""
         trainer, state = self.trainer, self.trainer.state
-        state.extra["dataset_length"] = _length(trainer.train_data)
+        state.extra["dataset_length"] = dataset_length(trainer.train_data)
         state.extra["world_size"] = self.dist.world_size
         state.extra["window_stats"] = trainer.window_stats.state_dict()
         model_state = self.dist.model_state(trainer.model)
@@ -442,14 +443,3 @@ class RunDirectory:
 
     def _checkpoint_path(self, step: int) -> Path:
         return self.path / CHECKPOINTS_DIR / step_dir_name(step)
-
-
-def _length(data: Any) -> int | None:
-    from steadyfit.data import dataset_length
-
-    return dataset_length(data)
-
-
-def read_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The resolved config a run wrote first."""
-    return yaml.safe_load((Path(run_dir) / CONFIG_FILE).read_text(encoding="utf-8")) or {}
