@@ -5,7 +5,6 @@ Everything fit() writes to disk goes through here, so the loop in trainer.py sta
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 
 from steadyfit.checkpoint import (
     AsyncCheckpointWriter,
@@ -23,6 +22,7 @@ from steadyfit.checkpoint import (
     RunLock,
     RunLockedError,
 )
+from steadyfit.checkpoint.atomic import replace_file
 from steadyfit.checkpoint.layout import CHECKPOINTS_DIR, step_dir_name
 from steadyfit.checkpoint.payload import snapshot as payload_snapshot
 from steadyfit.config import ConfigError
@@ -47,23 +47,9 @@ FINAL_EMA_FILE = "ema.safetensors"
 STATE_COMPONENT = "state"
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write a small file so readers see the old or the new content, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def write_weights(path: Path, tensors: dict[str, torch.Tensor], step: int) -> None:
     """Write a safetensors file atomically (temporary name, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step)})
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    replace_file(path, save_safetensors(tensors, metadata={"step": str(step)}))
 
 
 def detach_all(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -126,7 +112,7 @@ class RunDirectory:
         try:
             self.store.cleanup_stray()
             config_data = redact(self.config.to_yaml_dict())
-            atomic_write_bytes(self.path / CONFIG_FILE, yaml.safe_dump(config_data, sort_keys=False).encode())
+            replace_file(self.path / CONFIG_FILE, yaml.safe_dump(config_data, sort_keys=False).encode())
             self.loggers = [
                 JsonlLogger(self.path),
                 *build_loggers(self.config.loggers, str(self.path), config_data),

@@ -59,6 +59,24 @@ def write_bytes_durable(path: Path, data: bytes) -> FileRecord:
     return FileRecord(size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
+def replace_file(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so readers see the old or the new content, never a torn file.
+
+    Written to a hidden sibling, fsynced, renamed over ``path``, then the directory fsynced.
+
+    Example:
+        >>> import tempfile
+        >>> target = Path(tempfile.mkdtemp()) / "config.yaml"
+        >>> replace_file(target, b"lr: 0.1\\n"); target.read_bytes()
+        b'lr: 0.1\\n'
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)  # left by a crash between the write and the rename
+    write_bytes_durable(tmp, data)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
 def sync_and_hash(path: Path) -> FileRecord:
     """Fsync a file written by someone else (e.g. safetensors) and hash it in the same single read.
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
+from steadyfit.checkpoint.atomic import replace_file
 from steadyfit.loggers.base import Logger
 from steadyfit.loggers.registry import row_kind
 
@@ -75,12 +76,11 @@ class CSVLogger(Logger):
         self._files[kind].close()
         with path.open(newline="", encoding="utf-8") as existing:
             old_rows = list(csv.DictReader(existing)) if path.stat().st_size else []
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", newline="", encoding="utf-8") as rewritten:
-            writer = csv.DictWriter(rewritten, fieldnames=self._columns[kind])
-            writer.writeheader()
-            writer.writerows(old_rows)
-        os.replace(tmp, path)
+        rewritten = io.StringIO(newline="")
+        writer = csv.DictWriter(rewritten, fieldnames=self._columns[kind])
+        writer.writeheader()
+        writer.writerows(old_rows)
+        replace_file(path, rewritten.getvalue().encode("utf-8"))
         self._files[kind] = path.open("a", newline="", encoding="utf-8")
 
 

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
+from steadyfit.checkpoint.atomic import replace_file
 from steadyfit.loggers.base import Logger
 
 METRICS_FILE = "metrics.jsonl"
@@ -70,9 +71,7 @@ def truncate_history(run_dir: str | os.PathLike[str], after_step: int) -> int:
             continue
         kept.append(line)
     if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        replace_file(path, "".join(line + "\n" for line in kept).encode("utf-8"))
     return dropped
 
 
