@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from steadyfit.config import ConfigError, TrainConfig
+from steadyfit.data import count_samples, is_map_style
 
 # A collective that waits longer than this on a vanished peer fails instead of hanging the job.
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("STEADYFIT_COLLECTIVE_TIMEOUT_S", "300")))
@@ -99,6 +100,17 @@ class Distributed:
                 "cuda", self.local_rank if self.is_distributed else torch.cuda.current_device()
             )
         return torch.device(name)
+
+    def samples_in(self, data: Any, batch: Any, batch_index: int, batch_size: int) -> int:
+        """Real samples of this rank in micro-batch ``batch_index`` of ``data`` (0 for a stand-in).
+
+        Under several ranks with map-style data the count comes from the data position, since a stand-in
+        batch holds one sample that must weigh nothing; otherwise it is the batch's own size.
+        """
+        if self.is_distributed and is_map_style(data):
+            global_batch = batch_size * self.world_size
+            return local_share(len(data), global_batch, self.world_size, self.rank, batch_index)
+        return count_samples(batch)
 
     # ------------------------------------------------------------------------------------ the model
     def wrap(

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from steadyfit import data as data_mod
-from steadyfit.distributed import Distributed, local_share
+from steadyfit.distributed import Distributed
 from steadyfit.loss import as_sum_and_count
 from steadyfit.metrics import MetricAccumulator
 from steadyfit.precision import Precision
@@ -40,7 +40,7 @@ def evaluate_model(
         with torch.no_grad():
             for index, batch in enumerate(data_mod.eval_batches(data, spec)):
                 batch = data_mod.move_to(batch, device, non_blocking)
-                num_samples = _samples_in(data, batch, index, spec, dist)
+                num_samples = dist.samples_in(data, batch, index, spec.eval_batch_size)
                 with precision.autocast():
                     outputs, value, targets = forward(model, batch)
                 if num_samples == 0:
@@ -52,13 +52,6 @@ def evaluate_model(
         model.train(was_training)
     # One host read and, under several ranks, one collective for the whole evaluation.
     return accumulator.compute(reduce=dist.all_reduce_sum if dist.is_distributed else None)
-
-
-def _samples_in(data: Any, batch: Any, batch_index: int, spec: data_mod.LoaderSpec, dist: Distributed) -> int:
-    if dist.is_distributed and data_mod.is_map_style(data):
-        size = spec.eval_batch_size * dist.world_size
-        return local_share(len(data), size, dist.world_size, dist.rank, batch_index)
-    return data_mod.count_samples(batch)
 
 
 def predict(model: torch.nn.Module, data: Any, spec: data_mod.LoaderSpec, precision: Precision) -> Any:

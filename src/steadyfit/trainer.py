@@ -39,7 +39,7 @@ from steadyfit import data as data_mod
 from steadyfit.callbacks import Callback, CallbackList
 from steadyfit.config import ConfigError, TrainConfig, make_config
 from steadyfit.diagnostics import Diagnostics, validate_diagnostics
-from steadyfit.distributed import Distributed, full_tensor, local_share, local_tensor
+from steadyfit.distributed import Distributed, full_tensor, local_tensor
 from steadyfit.ema import WeightEMA
 from steadyfit.evaluation import evaluate_model, predict
 from steadyfit.guard import NonFiniteGuard
@@ -233,7 +233,11 @@ class Trainer:
     def _train_step(self, window: list[Any], first_index: int, preemption: PreemptionFlag) -> bool:
         """One optimizer step over a window of micro-batches. Returns False when the step was skipped."""
         optimizer, precision = self.optimizer, self.precision
-        sample_counts = [self._samples_in(batch, first_index + i) for i, batch in enumerate(window)]
+        batch_size = self.config.batch_size
+        sample_counts = [
+            self.dist.samples_in(self.train_data, batch, first_index + i, batch_size)
+            for i, batch in enumerate(window)
+        ]
         window_samples = sum(sample_counts)
         while True:
             try:
@@ -315,18 +319,6 @@ class Trainer:
             loss_sum = total.detach().float() + loss_sum
             loss_count = loss_count + count
         return loss_sum, loss_count, is_pair
-
-    def _samples_in(self, batch: Any, batch_index: int) -> int:
-        """This rank's real samples in micro-batch ``batch_index`` of the epoch (0 for a stand-in)."""
-        if self.dist.is_distributed and data_mod.is_map_style(self.train_data):
-            return local_share(
-                len(self.train_data),
-                self.config.batch_size * self.dist.world_size,
-                self.dist.world_size,
-                self.dist.rank,
-                batch_index,
-            )
-        return data_mod.count_samples(batch)
 
     def _global_samples(self, first_index: int, num_batches: int, reduced: torch.Tensor) -> int:
         """Samples the step consumed on all ranks: known from the data position for map-style data, without
