@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,3 +32,40 @@ def base_config(tmp_path: Path, **overrides):
     values = {"run_dir": str(tmp_path / "run"), "progress": False, "log_every": 1, "max_epochs": 1}
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def interrupt_on_cue(
+    command: list[str],
+    env: dict[str, str],
+    is_cue: Callable[[str], bool],
+    act: Callable[[subprocess.Popen[str], list[str]], None],
+    timeout_s: float,
+    cwd: Path | None = None,
+) -> tuple[int, str]:
+    """Start ``command``; when a printed line satisfies ``is_cue``, call ``act(process, lines so far)``.
+
+    Synchronises on what the child prints, never on sleeps. Returns (exit status, everything printed,
+    stdout and stderr together); a child that ends without the cue fails the test.
+    """
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd
+    )
+    seen: list[str] = []
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            seen.append(line)
+            if is_cue(line.strip()):
+                act(process, seen)
+                break
+        else:
+            raise AssertionError(f"the child ended before the cue:\n{''.join(seen)}")
+        rest, _ = process.communicate(timeout=timeout_s)
+        seen.append(rest)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+    return process.returncode, "".join(seen)

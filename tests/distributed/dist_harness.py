@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from helpers import interrupt_on_cue
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("dist_script.py")
 TIMEOUT_S = 60
@@ -99,37 +101,17 @@ def run_until(
     Returns everything the launch printed; the launch's own exit status is not checked (a preempted or
     killed group makes torchrun fail, which is the point of these tests).
     """
-    process = subprocess.Popen(
-        command,
-        env=environment(**extra_env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=ROOT,
-    )
-    seen: list[str] = []
-    pids: dict[int, int] = {}
-    try:
-        assert process.stdout is not None
-        for line in process.stdout:
-            seen.append(line)
-            words = line.split()
-            if len(words) == 3 and words[0] == "pid":
-                pids[int(words[1])] = int(words[2])
-            if is_cue(line.strip()):
-                act(pids)
-                break
-        else:
-            raise AssertionError(f"the launch ended before the cue:\n{''.join(seen)}")
-        rest, _ = process.communicate(timeout=TIMEOUT_S)
-        seen.append(rest)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
-    return "".join(seen)
+
+    def act_on_pids(process: subprocess.Popen[str], seen: list[str]) -> None:
+        pids = {
+            int(words[1]): int(words[2])
+            for words in map(str.split, seen)
+            if len(words) == 3 and words[0] == "pid"
+        }
+        act(pids)
+
+    _, output = interrupt_on_cue(command, environment(**extra_env), is_cue, act_on_pids, TIMEOUT_S, cwd=ROOT)
+    return output
 
 
 def results(output: str) -> dict[int, list[dict]]:

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from helpers import interrupt_on_cue
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("train_script.py")
 TIMEOUT_S = 120
@@ -35,30 +37,13 @@ def run_to_end(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess[st
 
 def run_until(run_dir: Path, line: str, sig: int, *overrides: str) -> tuple[int, str]:
     """Start a run, send ``sig`` once it prints ``line``; returns (exit status, everything it printed)."""
-    process = subprocess.Popen(
+    return interrupt_on_cue(
         command(run_dir, *overrides),
-        env=environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        environment(),
+        lambda printed: printed == line,
+        lambda process, _: process.send_signal(sig),
+        TIMEOUT_S,
     )
-    seen = []
-    try:
-        assert process.stdout is not None
-        for output in process.stdout:
-            seen.append(output)
-            if output.strip() == line:
-                process.send_signal(sig)
-                break
-        else:
-            raise AssertionError(f"the run ended without printing {line!r}:\n{''.join(seen)}")
-        rest, _ = process.communicate(timeout=TIMEOUT_S)
-        seen.append(rest)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    return process.returncode, "".join(seen)
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
