@@ -49,7 +49,7 @@ from steadyfit.optim import resolve_optimizer
 from steadyfit.precision import Precision
 from steadyfit.rng import seed_everything, set_deterministic
 from steadyfit.rundir import RunDirectory
-from steadyfit.schedules import build_factor, resolve_scheduler
+from steadyfit.schedules import resolve_scheduler
 from steadyfit.signals import PreemptionFlag
 from steadyfit.state import FitResult, TrainState
 from steadyfit.tracking import BestTracker, metric_key
@@ -457,7 +457,8 @@ class Trainer:
         self.ema = WeightEMA(self.model, config.ema_decay) if config.ema_decay else None
         if config.diagnostics and self.dist.is_main:
             self.diagnostics = Diagnostics(config, self.total_steps)
-        self._lr_factor = build_factor(config, self.total_steps) if self._user_scheduler is None else None
+        # Our schedule's own factor (the LambdaLR's), so logged rows can say what the lr should be.
+        self._lr_factor = self.scheduler.lr_lambdas[0] if self._user_scheduler is None else None
         self.micro_limit = config.micro_batch_size if isinstance(config.micro_batch_size, int) else None
         self.window_stats = WindowStats(self.device)
         self.last_metrics: dict[str, float] = {}
