@@ -24,6 +24,7 @@ from steadyfit.checkpoint import (
 )
 from steadyfit.checkpoint.atomic import replace_file
 from steadyfit.checkpoint.layout import CHECKPOINTS_DIR, step_dir_name
+from steadyfit.checkpoint.payload import prepare_tensors
 from steadyfit.checkpoint.payload import snapshot as payload_snapshot
 from steadyfit.config import ConfigError
 from steadyfit.data import dataset_length
@@ -50,25 +51,6 @@ STATE_COMPONENT = "state"
 def write_weights(path: Path, tensors: dict[str, torch.Tensor], step: int) -> None:
     """Write a safetensors file atomically (temporary name, fsync, rename)."""
     replace_file(path, save_safetensors(tensors, metadata={"step": str(step)}))
-
-
-def detach_all(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: tensor.detach() for name, tensor in tensors.items()}
-
-
-def contiguous_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict with shared storage broken (safetensors refuses aliased tensors)."""
-    state: dict[str, torch.Tensor] = {}
-    seen: dict[int, str] = {}
-    for name, tensor in tensors.items():
-        tensor = tensor.detach()
-        key = tensor.untyped_storage().data_ptr() if tensor.numel() else None
-        if key is not None and key in seen:
-            tensor = tensor.clone()
-        elif key is not None:
-            seen[key] = name
-        state[name] = tensor.contiguous()
-    return state
 
 
 class RunDirectory:
@@ -347,7 +329,7 @@ class RunDirectory:
         }
         protect = [Path(state.best_checkpoint)] if state.best_checkpoint else []
         # Everything but the weights in one component: state.json + state.safetensors (fewer files to fsync).
-        return detach_all(model_state), {STATE_COMPONENT: components}, extra_files, protect
+        return model_state, {STATE_COMPONENT: components}, extra_files, protect
 
     def _submit(self, step: int, snapshot: tuple[Any, ...] | None) -> None:
         """Hand a captured state to the writer (rank 0); every rank records that this step is saved."""
@@ -404,14 +386,14 @@ class RunDirectory:
         final_dir = self.path / FINAL_DIR
         final_dir.mkdir(exist_ok=True)
         final_path = final_dir / FINAL_MODEL_FILE
-        write_weights(final_path, contiguous_state(final_weights), step=state.step)
+        write_weights(final_path, prepare_tensors(final_weights), step=state.step)
         if hasattr(trainer.model, "save_pretrained") and hasattr(trainer.model, "config"):
             # Hugging Face models: config.json and weights that from_pretrained(RUN_DIR/final) loads.
             trainer.model.save_pretrained(str(final_dir), state_dict=final_weights, safe_serialization=True)
         if trainer.ema is not None:
             write_weights(
                 final_dir / FINAL_EMA_FILE,
-                contiguous_state(trainer.ema.state_dict_of_module()),
+                prepare_tensors(trainer.ema.state_dict_of_module()),
                 step=state.step,
             )
         summary = {
