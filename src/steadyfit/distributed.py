@@ -40,12 +40,11 @@ class Distributed:
         (1, True)
     """
 
-    def __init__(self, strategy: str, rank: int, local_rank: int, world_size: int, owns_group: bool) -> None:
+    def __init__(self, strategy: str, rank: int, local_rank: int, world_size: int) -> None:
         self.strategy = strategy
         self.rank = rank
         self.local_rank = local_rank
         self.world_size = world_size
-        self.owns_group = owns_group
 
     @classmethod
     def setup(cls, config: TrainConfig) -> Distributed:
@@ -57,11 +56,10 @@ class Distributed:
                     f"strategy: {config.strategy!r} needs a process group; launch with torchrun, e.g. "
                     "torchrun --nproc_per_node=2 -m steadyfit fit ..."
                 )
-            return cls("none", 0, 0, 1, owns_group=False)
+            return cls("none", 0, 0, 1)
         strategy = config.strategy if config.strategy != "auto" else ("ddp" if world_size > 1 else "none")
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        owns_group = False
         if strategy != "none" and not dist.is_initialized():
             use_cuda = config.device != "cpu" and torch.cuda.is_available()
             if use_cuda:
@@ -74,10 +72,9 @@ class Distributed:
             # One group per process, torn down at exit: a second Trainer in the same process joins it
             # (re-creating a group under torchrun can pick up the old group's addresses and hang).
             atexit.register(_destroy_group)
-            owns_group = True
         if strategy != "none":
             rank, world_size = dist.get_rank(), dist.get_world_size()
-        return cls(strategy, rank, local_rank, world_size, owns_group)
+        return cls(strategy, rank, local_rank, world_size)
 
     @property
     def is_main(self) -> bool:
