@@ -266,9 +266,9 @@ def build_model(job: Job) -> torch.nn.Module:
 def build_optimization(
     model: torch.nn.Module, job: Job
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (foreach, no weight decay) and a linear decay to 0 over ``max_steps``: what steadyfit builds
-    from ``optimizer=adamw, scheduler=linear``."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=0.0, foreach=True)
+    """AdamW (torch's fused kernel, no weight decay) and a linear decay to 0 over ``max_steps``: what
+    steadyfit builds from ``optimizer=adamw, scheduler=linear``, so every runner uses the same kernel."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=0.0, fused=True)
     total = job.max_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / total))
     return optimizer, scheduler

@@ -14,6 +14,7 @@ One optimizer step, as fit() runs it::
           unscale -> [ranks: one all_reduce of count, loss, samples and the preemption vote]
           divide grads by the window's count (sum losses, ranks) -> pre-clip norm -> clip
           guard: loss and norm finite? no -> skip, count, optimizer/scheduler/step untouched
+            (fused optimizers: decided on the device, booked at the next read point, see DeviceSkip)
           optimizer.step -> scaler.update -> scheduler.step -> step += 1
           log (host reads happen here only) -> on_step_end
           evaluate (every eval_every / epoch end) -> on_evaluate -> best tracking, early stopping
@@ -42,7 +43,7 @@ from steadyfit.diagnostics import Diagnostics, validate_diagnostics
 from steadyfit.distributed import Distributed, full_tensor, local_tensor
 from steadyfit.ema import WeightEMA
 from steadyfit.evaluation import evaluate_model, predict
-from steadyfit.guard import NonFiniteGuard
+from steadyfit.guard import MAX_UNREAD_STEPS, DeviceSkip, NonFiniteGuard, UnreadStep
 from steadyfit.loggers.window import WindowStats, memory_mb
 from steadyfit.loss import as_sum_and_count, model_loss
 from steadyfit.optim import resolve_optimizer
@@ -131,6 +132,7 @@ class Trainer:
         self._preempt_votes: torch.Tensor | None = None
         self.diagnostics: Diagnostics | None = None
         self.ema: WeightEMA | None = None
+        self.device_skip: DeviceSkip | None = None
 
     # ----------------------------------------------------------------------------------------- public
     def fit(self) -> FitResult:
@@ -155,6 +157,8 @@ class Trainer:
         with self.run, PreemptionFlag() as preemption:
             try:
                 self.run.resume_or_start()
+                if self.device_skip is not None:
+                    self.device_skip.plan(self.state.step, self._steps_to_next_read())
                 self.model.train()
                 self.callbacks.fire("on_fit_start", self, self.state)
                 while not self._is_done():
@@ -224,6 +228,7 @@ class Trainer:
                 state.batch_in_epoch = 0
             self._after_step(stepped, epoch_ended)
             if self._is_preempted(preemption):
+                self._read_device_steps()
                 self.run.preempt(preemption.signum)
             if epoch_ended:
                 self.callbacks.fire("on_epoch_end", self, state)
@@ -274,19 +279,85 @@ class Trainer:
         elif is_pair:
             self._divide_grads(loss_count)
         grad_norm = self._clip_and_norm()
-        if not self.guard.is_finite(loss_sum, grad_norm):
+        checked = self.guard.checked_value(loss_sum, grad_norm)
+        if self.device_skip is not None and self.state.step > 0:
+            # Decided on the device; booked at the next read point. (The first step of a run is checked on
+            # the host: torch's fused SGD leaves its momentum buffer uninitialised when that step is skipped.)
+            finite = self.device_skip.step(checked)
+            self.device_skip.unread.append(
+                UnreadStep(
+                    finite,
+                    loss_sum,
+                    loss_count,
+                    window_samples,
+                    grad_norm,
+                    is_pair,
+                    self.state.epoch,
+                    first_index,
+                )
+            )
+            return True
+        if not self.guard.is_finite(checked):
             self._skip_step(loss_sum)
             return False
-        self.guard.record_ok(self.state)
         precision.step(optimizer)
         precision.update()
-        self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        self.state.step += 1
-        self.state.samples_seen += window_samples
-        self.window_stats.add(loss_sum, loss_count, window_samples, grad_norm, counts_tokens=is_pair)
+        self._book_step(loss_sum, loss_count, window_samples, grad_norm, is_pair)
+        if self.device_skip is not None:
+            self.device_skip.plan(self.state.step, self._steps_to_next_read())
         return True
+
+    def _book_step(
+        self, loss_sum: torch.Tensor, loss_count: Any, samples: int, grad_norm: torch.Tensor, is_pair: bool
+    ) -> None:
+        """An applied optimizer step: the scheduler, the counters and the logging window move on."""
+        self.guard.record_ok(self.state)
+        self.scheduler.step()
+        self.state.step += 1
+        self.state.samples_seen += samples
+        self.window_stats.add(loss_sum, loss_count, samples, grad_norm, counts_tokens=is_pair)
+
+    def _steps_to_next_read(self) -> int:
+        """Optimizer steps until the host must know the step count: the next logging, evaluation or
+        checkpoint step, or max_steps (at most MAX_UNREAD_STEPS)."""
+        config, step = self.config, self.state.step
+        eval_every = config.eval_every if self.eval_data is not None else None
+        gaps = [MAX_UNREAD_STEPS]
+        gaps += [every - step % every for every in (config.log_every, eval_every, config.save_every) if every]
+        if config.max_steps is not None:
+            gaps.append(config.max_steps - step)
+        return max(1, min(gaps))
+
+    def _read_device_steps(self) -> bool:
+        """Book the steps taken on the device since the last read point (one host read). Returns whether
+        the last of them was applied (True when there was none)."""
+        device_skip = self.device_skip
+        if device_skip is None or not device_skip.unread:
+            return True
+        unread, outcomes = device_skip.read_outcomes()
+        state = self.state
+        for step, applied in zip(unread, outcomes, strict=True):
+            if applied:
+                self._book_step(
+                    step.loss_sum, step.loss_count, step.samples, step.grad_norm, step.counts_tokens
+                )
+            else:
+                self.guard.record_skip(
+                    state,
+                    self.run.last_checkpoint,
+                    "loss or gradient",
+                    position=(step.epoch, step.batch_in_epoch),
+                )
+                self.run.progress.message(
+                    f"skipped step {state.step + 1}: non-finite loss or gradient "
+                    f"({state.nonfinite_skips} skipped so far)"
+                )
+        # The bar moves here for all but the last step, which _after_step counts as usual.
+        self.run.progress.step(sum(outcomes[:-1]))
+        device_skip.plan(state.step, self._steps_to_next_read())
+        return outcomes[-1]
 
     def _accumulate(
         self, window: list[Any], sample_counts: list[int], window_samples: int
@@ -349,6 +420,16 @@ class Trainer:
 
     def _after_step(self, stepped: bool, epoch_ended: bool) -> None:
         state, config = self.state, self.config
+        device_skip = self.device_skip
+        if device_skip is not None and device_skip.unread:
+            read_point = (
+                epoch_ended
+                or len(device_skip.unread) >= device_skip.horizon
+                or self.callbacks.has("on_step_end")
+            )
+            if not read_point:
+                return
+            stepped = self._read_device_steps()
         if stepped:
             if config.log_every and state.step % config.log_every == 0:
                 self._log_train()
@@ -434,6 +515,7 @@ class Trainer:
 
     def _finish(self) -> None:
         state = self.state
+        self._read_device_steps()
         if self.window_stats.pending_steps:
             self._log_train()
         if self.eval_data is not None and state.last_eval_step != state.step:
@@ -455,6 +537,10 @@ class Trainer:
         self.scheduler = resolve_scheduler(self.optimizer, config, self.total_steps, self._user_scheduler)
         self._train_model = torch.compile(wrapped) if config.compile else wrapped
         self.ema = WeightEMA(self.model, config.ema_decay) if config.ema_decay else None
+        # EMA and fp16's GradScaler read the host every step anyway; they keep the host-side check.
+        device_checks = self.ema is None and not self.precision.uses_scaler
+        if device_checks and DeviceSkip.applies(self.optimizer, self.scheduler, policy=config.on_nonfinite):
+            self.device_skip = DeviceSkip(self.optimizer, self.scheduler, self.device)
         if config.diagnostics and self.dist.is_main:
             self.diagnostics = Diagnostics(config, self.total_steps)
         # Our schedule's own factor (the LambdaLR's), so logged rows can say what the lr should be.
