@@ -407,7 +407,11 @@ class Trainer:
     def _is_preempted(self, preemption: PreemptionFlag) -> bool:
         if self._preempt_votes is None:
             return preemption.is_set
-        return bool(self._preempt_votes > 0)  # read once per step, after the step's own host read
+        if self.device_skip is not None and self.device_skip.unread:
+            # The vote is read with the step outcomes, at the next read point: every rank reads at the same
+            # steps, so all stop at the same boundary, and no step pays a synchronisation for it.
+            return False
+        return bool(self._preempt_votes > 0)
 
     def _micro_batches(self, window: list[Any], sample_counts: list[int]) -> Iterable[tuple[Any, int]]:
         limit = self.micro_limit

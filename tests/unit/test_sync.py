@@ -192,3 +192,45 @@ def test_too_many_consecutive_skips_stop_with_the_same_message(tmp_path, monkeyp
         messages.append(str(raised.value).replace(name, "RUN"))
     assert messages[0] == messages[1]
     assert "4 consecutive optimizer steps" in messages[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (run where the device tool lends a GPU)"
+)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_no_synchronisation_between_read_points_on_cuda(tmp_path, precision):
+    # torch raises on any host-device synchronisation while the debug mode is "error": it is switched on
+    # from the second step's forward (the first step is checked on the host) to the last step's forward
+    # (the end of the run reads its results).
+    steps = 12
+    model = make_mlp()
+    forwards = []
+
+    def strict_between_read_points(module, args):
+        forwards.append(None)
+        if len(forwards) == 2:
+            torch.cuda.set_sync_debug_mode("error")
+        elif len(forwards) == steps:
+            torch.cuda.set_sync_debug_mode("default")
+
+    model.register_forward_pre_hook(strict_between_read_points)
+    config = base_config(
+        tmp_path,
+        device="cuda",
+        precision=precision,
+        batch_size=4,
+        log_every=0,
+        max_epochs=None,
+        max_steps=steps,
+        max_grad_norm=1.0,
+        scheduler="cosine",
+        warmup_steps=2,
+    )
+    try:
+        result = Trainer(
+            model, config, train_data=make_regression(400), loss_fn=torch.nn.functional.cross_entropy
+        ).fit()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert result.global_step == steps
