@@ -1,6 +1,6 @@
 """torch.distributed for the loop: the torchrun environment, process group, DDP / FSDP2 wrapping, gradient
-sync control, reductions, and full (gathered) state dicts for checkpoints. No communication code of our own:
-every collective here is a torch.distributed call.
+sync control, reductions, and state dicts for checkpoints (full ones gathered on every rank, or each rank's
+FSDP shards). No communication code of our own: every collective here is a torch.distributed call.
 """
 
 from __future__ import annotations
@@ -203,6 +203,41 @@ class Distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    @property
+    def is_sharded(self) -> bool:
+        """Whether checkpoints are sharded: each rank saves and loads its own FSDP shards (no gathering)."""
+        return self.strategy == "fsdp"
+
+    def sharded_state(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """This rank's model and optimizer state as FSDP shards (DTensors), keyed by parameter name.
+
+        Nothing is gathered or copied. An optimizer that has not stepped yet gets its state initialised
+        (torch runs a step with zero gradients and no learning rate), so the result can receive a load.
+        Without ``optimizer`` the second item is empty. A collective under FSDP: every rank calls it.
+        """
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        if optimizer is None:
+            return get_model_state_dict(model), {}
+        return get_state_dict(model, optimizer)
+
+    def load_sharded_state(
+        self,
+        model: torch.nn.Module,
+        model_state: dict[str, torch.Tensor],
+        optimizer: torch.optim.Optimizer | None = None,
+        optimizer_state: dict[str, Any] | None = None,
+    ) -> None:
+        """Inverse of :meth:`sharded_state`: load this rank's shards into the model (and the optimizer)."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+        if optimizer is None:
+            set_model_state_dict(model, model_state)
+            return
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state or {})
 
 
 def _destroy_group() -> None:

@@ -26,6 +26,8 @@ from steadyfit.checkpoint.atomic import replace_file
 from steadyfit.checkpoint.layout import CHECKPOINTS_DIR, step_dir_name
 from steadyfit.checkpoint.payload import prepare_tensors
 from steadyfit.checkpoint.payload import snapshot as payload_snapshot
+from steadyfit.checkpoint.sharded import join_state, read_shards, save_sharded, split_state
+from steadyfit.checkpoint.store import LoadedCheckpoint
 from steadyfit.config import ConfigError
 from steadyfit.data import dataset_length
 from steadyfit.loggers.base import Logger
@@ -194,12 +196,18 @@ class RunDirectory:
 
     def _load(self, path: Path) -> None:
         trainer = self.trainer
-        model_state, stored, extra_files = self.store.load(path)
-        components = stored[STATE_COMPONENT]
-        saved_config = yaml.safe_load(extra_files.get(CONFIG_FILE, b"{}")) or {}
+        checkpoint = self._read_checkpoint(path)
+        components = checkpoint.components[STATE_COMPONENT]
+        saved_config = yaml.safe_load(checkpoint.extra_files.get(CONFIG_FILE, b"{}")) or {}
         state = TrainState.from_dict(components["trainer_state"])
         saved_world = int(state.extra.get("world_size", 1))
         self._check_compatible(path, saved_config, saved_world)
+        # A full checkpoint loads under any strategy (FSDP scatters it); a sharded one needs FSDP's layout.
+        if checkpoint.shards_dir is not None and not self.dist.is_sharded:
+            raise ConfigError(
+                f"strategy: the checkpoint {path} is sharded (written with strategy=fsdp); resume it with "
+                "strategy=fsdp under torchrun (any world size that keeps the global batch)"
+            )
         saved_length = state.extra.get("dataset_length")
         length = dataset_length(trainer.train_data)
         if saved_length is not None and length is not None and saved_length != length:
@@ -207,8 +215,11 @@ class RunDirectory:
                 f"train_data: the checkpoint {path} was trained on {saved_length} samples, this run has "
                 f"{length}; resuming would not be exact. Use the same data or a new run_dir"
             )
-        self.dist.load_model_state(trainer.model, model_state)
-        self.dist.load_optimizer_state(trainer.model, trainer.optimizer, components["optimizer"])
+        if checkpoint.shards_dir is not None:
+            self._load_shards(checkpoint.shards_dir, components["optimizer"])
+        else:
+            self.dist.load_model_state(trainer.model, checkpoint.model_state)
+            self.dist.load_optimizer_state(trainer.model, trainer.optimizer, components["optimizer"])
         trainer.scheduler.load_state_dict(components["scheduler"])
         trainer.precision.load_state_dict(components.get("precision", {}))
         if trainer.ema is not None:
@@ -227,6 +238,43 @@ class RunDirectory:
         trainer.window_stats.load_state_dict(state.extra.get("window_stats", {}))
         self.last_checkpoint = str(path)
         self.last_saved_step = state.step
+
+    def _read_checkpoint(self, path: Path) -> LoadedCheckpoint:
+        """Verify and read a checkpoint on every rank; all of them raise if any failed.
+
+        Rank 0 hashes a sharded checkpoint's shard files; the others check their sizes (the coordinator's
+        verdict reaches them here, before any rank reads a shard).
+        """
+        checkpoint, error = None, None
+        try:
+            checkpoint = self.store.open(path, hash_shards=self.is_main)
+        except CheckpointError as exc:
+            error = exc
+        failures = [message for message in self.dist.gather_objects(str(error) if error else None) if message]
+        if error is not None:
+            raise error
+        if failures:
+            raise CheckpointError(f"another rank could not read {path}: {'; '.join(failures)}")
+        assert checkpoint is not None
+        return checkpoint
+
+    def _load_shards(self, shards_dir: Path, optimizer_structure: Any | None) -> None:
+        """Every rank loads its shards of a verified sharded checkpoint (resharded if the world size changed).
+
+        The targets come from the live model and optimizer, laid out for this world size; DCP fills them in
+        place from whichever shard files hold each slice. ``optimizer_structure`` None loads the model alone.
+        """
+        model = self.trainer.model
+        optimizer = self.trainer.optimizer if optimizer_structure is not None else None
+        model_state, optimizer_state = self.dist.sharded_state(model, optimizer)
+        tensors, _ = split_state(model_state, optimizer_state)
+        try:
+            read_shards(shards_dir, tensors)
+        except CheckpointError as exc:  # raised on every rank together, naming the failed ranks
+            raise CheckpointError(f"could not load the shards of {shards_dir.parent}: {exc}") from exc
+        where = f"{shards_dir.parent}: the optimizer state of component {STATE_COMPONENT!r}"
+        model_state, optimizer_state = join_state(tensors, optimizer_structure or {}, where=where)
+        self.dist.load_sharded_state(model, model_state, optimizer, optimizer_state)
 
     def _check_compatible(self, path: Path, saved: dict[str, Any], saved_world: int) -> None:
         """Refuse what would silently break exactness; extending max_steps / max_epochs is allowed."""
@@ -275,9 +323,17 @@ class RunDirectory:
         preemption, the end), unless a better one replaces it first: a run that improves at every
         evaluation writes one best checkpoint, not one per evaluation. A crash before that save point loses
         nothing a resume does not recompute: the resumed run replays the same evaluations.
+
+        Sharded (FSDP) checkpoints are written right away instead: holding every rank's shards in host
+        memory until the next save point would cost as much memory as the training state itself.
         """
         state = self.trainer.state
         state.best_checkpoint = str(self._checkpoint_path(state.step))
+        if self.dist.is_sharded:
+            self._pending_best = None
+            if self.last_saved_step != state.step:
+                self._save_sharded(state.step)
+            return
         captured = self._capture()
         self._pending_best = None
         if captured is not None:
@@ -291,8 +347,10 @@ class RunDirectory:
     def save(self) -> None:
         """Snapshot everything to host memory now; write, fsync and commit in the background.
 
-        Every rank calls it at the same step (gathering FSDP shards and RNG states are collectives); rank 0
-        alone writes. A pending best checkpoint is committed first.
+        Every rank calls it at the same step (RNG states are gathered: a collective); rank 0 alone writes a
+        full checkpoint through the background writer. A pending best checkpoint is committed first. Under
+        FSDP the save is sharded and synchronous instead: every rank writes its own shard, rank 0 commits,
+        and every rank returns after the commit.
         """
         step = self.trainer.state.step
         pending, self._pending_best = self._pending_best, None
@@ -300,16 +358,52 @@ class RunDirectory:
             self._submit(*pending)
         if self.last_saved_step == step:
             return
+        if self.dist.is_sharded:
+            self._save_sharded(step)
+            return
         self._submit(step, self._capture())
 
     def _capture(self) -> tuple[Any, ...] | None:
         """Everything a checkpoint holds, on rank 0 (None elsewhere); a collective under several ranks."""
+        trainer = self.trainer
+        model_state = self.dist.model_state(trainer.model)
+        optimizer_state = self.dist.optimizer_state(trainer.model, trainer.optimizer)
+        captured = self._capture_components(optimizer_state)
+        return None if captured is None else (model_state, *captured)
+
+    def _save_sharded(self, step: int) -> None:
+        """Every rank writes its FSDP shards of the model and optimizer; rank 0 adds the rest and commits.
+
+        Synchronous: DCP writes straight from the live shards, so training must not move on before it is
+        done (the background writer serves full checkpoints only). Returns on every rank after the commit.
+        """
+        trainer = self.trainer
+        tensors, optimizer_structure = split_state(*self.dist.sharded_state(trainer.model, trainer.optimizer))
+        captured = self._capture_components(optimizer_structure)
+        components, extra_files, protect = captured if captured is not None else (None, None, [])
+        keep_last = self.config.keep_last
+
+        def rotate(path: Path) -> None:
+            self.store.rotate(keep_last, protect=protect)
+
+        path = save_sharded(
+            self.store, self.dist, step, tensors, components, extra_files=extra_files, on_commit=rotate
+        )
+        self.last_checkpoint = str(path)
+        self.last_saved_step = max(step, self.last_saved_step or 0)
+        if self.is_main:
+            self._committed.append(str(path))
+
+    def _capture_components(self, optimizer_state: Any) -> tuple[Any, ...] | None:
+        """The state component, config.yaml and the paths rotation keeps, on rank 0 (None elsewhere).
+
+        ``optimizer_state`` is the full optimizer state, or a sharded save's JSON structure of it. A
+        collective under several ranks (every rank's RNG state is gathered).
+        """
         trainer, state = self.trainer, self.trainer.state
         state.extra["dataset_length"] = dataset_length(trainer.train_data)
         state.extra["world_size"] = self.dist.world_size
         state.extra["window_stats"] = trainer.window_stats.state_dict()
-        model_state = self.dist.model_state(trainer.model)
-        optimizer_state = self.dist.optimizer_state(trainer.model, trainer.optimizer)
         rng_states = self.dist.gather_objects(capture_rng())
         if not self.is_main:
             return None
@@ -329,7 +423,7 @@ class RunDirectory:
         }
         protect = [Path(state.best_checkpoint)] if state.best_checkpoint else []
         # Everything but the weights in one component: state.json + state.safetensors (fewer files to fsync).
-        return model_state, {STATE_COMPONENT: components}, extra_files, protect
+        return {STATE_COMPONENT: components}, extra_files, protect
 
     def _submit(self, step: int, snapshot: tuple[Any, ...] | None) -> None:
         """Hand a captured state to the writer (rank 0); every rank records that this step is saved."""
@@ -378,8 +472,11 @@ class RunDirectory:
         self.save()
         self.wait_for_commit()
         if self.config.load_best_at_end and state.best_checkpoint:
-            model_state, _, _ = self.store.load(Path(state.best_checkpoint))
-            self.dist.load_model_state(trainer.model, model_state)
+            best = self._read_checkpoint(Path(state.best_checkpoint))
+            if best.shards_dir is not None:
+                self._load_shards(best.shards_dir, None)
+            else:
+                self.dist.load_model_state(trainer.model, best.model_state)
         final_weights = self.dist.model_state(trainer.model)
         if not self.is_main:
             return

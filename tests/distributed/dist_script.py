@@ -7,7 +7,10 @@ group leaves the process group to the Trainer, as a user script would.
 
 Keys beyond TrainConfig's fields: `loss` (mean: a classifier's cross-entropy; pair: a ragged token loss
 returning `(sum, count)`), `dropout`, `train_size`, `eval_size`, `nan_at` (rank 1 returns a NaN loss once,
-in optimizer step `nan_at`) and `mode` (fit, or evaluate: score the untrained model without training).
+in optimizer step `nan_at`), `mode` (fit, or evaluate: score the untrained model without training) and
+`forbid_pickle` (1: `pickle.load`, `pickle.loads` and `torch.load` raise while the run chooses and loads its
+checkpoint, so a load that unpickles anything fails the run). `fail_write_on_rank` (a rank: its sharded
+checkpoint writes raise ENOSPC) makes a run end with `result RANK {"error": ...}` when the save fails.
 
 Prints, flushed, for the tests to synchronise on (never sleeps): `pid RANK PID` at start, `step RANK N`
 after each optimizer step, `saved PATH` after each committed checkpoint (rank 0), `exit RANK STATUS` when a
@@ -16,22 +19,37 @@ preemption ends the run and `result RANK {json}` at the end of each run.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import pickle
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 from steadyfit import Callback, Preempted, Trainer, seed_everything
+from steadyfit.checkpoint import CheckpointError
 from steadyfit.config import make_config, parse_overrides
+from steadyfit.rundir import RunDirectory
 
 FEATURES = 6
 CLASSES = 3
 SEQUENCE = 5
 IGNORE = -100
-SCRIPT_KEYS = {"loss": "mean", "dropout": 0.0, "train_size": 33, "eval_size": 25, "nan_at": 0, "mode": "fit"}
+SCRIPT_KEYS = {
+    "loss": "mean",
+    "dropout": 0.0,
+    "train_size": 33,
+    "eval_size": 25,
+    "nan_at": 0,
+    "mode": "fit",
+    "forbid_pickle": 0,
+}
 DEFAULTS = {
     "seed": 7,
     "batch_size": 4,
@@ -96,6 +114,28 @@ def class_accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
     return (outputs.argmax(dim=-1) == targets).sum().float(), targets.numel()
 
 
+def forbid_unpickling_on_resume() -> None:
+    """From now on in this process, loading a pickle raises while a run resumes.
+
+    Only there: the process group's object collectives unpickle between our own processes, and tensors in
+    them (RNG states gathered for a save) go through torch.load.
+    """
+    resume = RunDirectory.resume_or_start
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("something tried to unpickle while loading a checkpoint")
+
+    def resume_without_pickle(run: RunDirectory) -> None:
+        allowed = pickle.load, pickle.loads, torch.load
+        pickle.load = pickle.loads = torch.load = refuse
+        try:
+            resume(run)
+        finally:
+            pickle.load, pickle.loads, torch.load = allowed
+
+    RunDirectory.resume_or_start = resume_without_pickle
+
+
 class Announce(Callback):
     """Prints what the tests wait for, and tells the poisoned loss which step is running."""
 
@@ -139,6 +179,8 @@ def build_trainer(run_dir: str, overrides: dict[str, Any]) -> tuple[Trainer, str
     values = {"run_dir": run_dir, **DEFAULTS, **overrides}
     script = {key: values.pop(key, default) for key, default in SCRIPT_KEYS.items()}
     config = make_config(values)
+    if script["forbid_pickle"]:
+        forbid_unpickling_on_resume()
     seed_everything(config.seed)
     model = make_model(float(script["dropout"]))
     loss = str(script["loss"])
@@ -161,16 +203,43 @@ def build_trainer(run_dir: str, overrides: dict[str, Any]) -> tuple[Trainer, str
     return trainer, str(script["mode"])
 
 
+@contextlib.contextmanager
+def failing_shard_writes(enabled: bool) -> Iterator[None]:
+    """While enabled, this process's DCP safetensors writes fail like a full disk (a partial file left),
+    inside DCP's collective save as a real disk error would."""
+    writer = dcp.HuggingFaceStorageWriter
+    write = writer.write_data
+
+    def write_part_then_fail(self: Any, plan: Any, planner: Any) -> Any:
+        with open(os.path.join(self.path, f"partial-{rank()}.safetensors"), "wb") as partial:
+            partial.write(b"part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if enabled:
+        writer.write_data = write_part_then_fail
+    try:
+        yield
+    finally:
+        writer.write_data = write
+
+
 def run(run_dir: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """One run; returns what the tests compare."""
+    overrides = dict(overrides)
+    failing_rank = int(overrides.pop("fail_write_on_rank", -1))
     trainer, mode = build_trainer(run_dir, overrides)
     if mode == "evaluate":
         return {"metrics": trainer.evaluate()}
     try:
-        result = trainer.fit()
+        with failing_shard_writes(rank() == failing_rank):
+            result = trainer.fit()
     except Preempted as exc:
         say(f"exit {rank()} {exc.code}")
         raise
+    except CheckpointError as exc:
+        if failing_rank < 0:
+            raise
+        return {"error": str(exc)}
     return {
         "global_step": result.global_step,
         "nonfinite_skips": result.nonfinite_skips,

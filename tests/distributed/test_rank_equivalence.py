@@ -34,11 +34,15 @@ RUNS = {
     "fsdp_pair": {"loss": "pair", "batch_size": 2, "grad_accum_steps": 2, "strategy": "fsdp"},
     "nan": {"nan_at": 3},
     "nan_fsdp": {"nan_at": 3, "strategy": "fsdp"},
+    # Fused AdamW: the non-finite check stays on the device and steps are booked at read points (every 4).
+    "ddp_adamw": {"optimizer": "adamw", "lr": 0.01, "log_every": 4},
+    "nan_adamw": {"optimizer": "adamw", "lr": 0.01, "log_every": 4, "nan_at": 3},
     "eval_mean": {"mode": "evaluate", "eval_batch_size": 4},
     "eval_pair": {"mode": "evaluate", "loss": "pair", "eval_batch_size": 3},
 }
 # The 1-rank run each 2-rank run must equal: the same global batch on one process.
 ONE_RANK = {"batch_size": 8}
+ONE_RANK_ADAMW = {"batch_size": 8, "optimizer": "adamw", "lr": 0.01, "log_every": 4}
 ONE_RANK_PAIR = {"loss": "pair", "batch_size": 4, "grad_accum_steps": 2}
 
 
@@ -76,6 +80,17 @@ def reference_pair(tmp_path_factory):
 def test_two_ranks_equal_one_rank_with_the_doubled_batch(two_ranks, reference, name):
     base, _ = two_ranks
     assert_close(final_weights(base / name), final_weights(reference))
+
+
+def test_device_side_checks_under_ddp_equal_one_rank(two_ranks, tmp_path):
+    base, runs = two_ranks
+    clean, trainer = one_rank(tmp_path / "adamw", ONE_RANK_ADAMW)
+    assert trainer.device_skip is not None
+    assert_close(final_weights(base / "ddp_adamw"), final_weights(tmp_path / "adamw"))
+    # NaN on rank 1 only: both ranks skip that step, booked at the next read point.
+    for rank_result in runs["nan_adamw"]:
+        assert rank_result["nonfinite_skips"] == 1
+        assert rank_result["global_step"] == clean.global_step - 1
 
 
 @pytest.mark.parametrize("name", ["ddp_pair", "fsdp_pair"])

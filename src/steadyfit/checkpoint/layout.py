@@ -14,6 +14,11 @@ CHECKPOINTS_DIR = "checkpoints"
 LOCK_FILE = ".lock"
 
 MODEL_FILE = "model.safetensors"
+# A sharded (FSDP) checkpoint holds this directory instead of MODEL_FILE: one safetensors file per rank,
+# written by torch.distributed.checkpoint, model and optimizer tensors together. A directory of its own
+# because the reader takes every *.safetensors file of the directory it is given.
+SHARDS_DIR = "shards"
+SHARD_SUFFIX = ".safetensors"
 MANIFEST_FILE = "manifest.json"
 COMPONENT_JSON_SUFFIX = ".json"
 COMPONENT_TENSORS_SUFFIX = ".safetensors"
@@ -72,6 +77,34 @@ def step_of(name: str) -> int | None:
     """
     match = STEP_DIR_RE.match(name)
     return int(match.group(1)) if match else None
+
+
+def shard_entry(file_name: str) -> str:
+    """The manifest name of a shard file: its path relative to the checkpoint directory.
+
+    Example:
+        >>> shard_entry("shard-00001-model-00001-of-00001.safetensors")
+        'shards/shard-00001-model-00001-of-00001.safetensors'
+    """
+    return f"{SHARDS_DIR}/{file_name}"
+
+
+def shard_file_of(entry: str) -> str | None:
+    """The file name inside ``shards/`` a manifest name refers to, or None if it names no shard.
+
+    Example:
+        >>> shard_file_of("shards/shard-00001-model-00001-of-00001.safetensors"), shard_file_of("state.json")
+        ('shard-00001-model-00001-of-00001.safetensors', None)
+    """
+    directory, separator, name = entry.partition("/")
+    if (
+        directory != SHARDS_DIR
+        or not separator
+        or not FILE_NAME_RE.match(name)
+        or not name.endswith(SHARD_SUFFIX)
+    ):
+        return None
+    return name
 
 
 def component_files(name: str) -> tuple[str, str]:

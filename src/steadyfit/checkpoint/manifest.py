@@ -19,9 +19,17 @@ _SHA256_HEX_LEN = 64
 
 
 def build_manifest(
-    step: int, components: Sequence[str], extra_files: Sequence[str], records: Mapping[str, FileRecord]
+    step: int,
+    components: Sequence[str],
+    extra_files: Sequence[str],
+    records: Mapping[str, FileRecord],
+    *,
+    model: str = layout.MODEL_FILE,
 ) -> dict[str, Any]:
     """The manifest of a checkpoint whose files (all but the manifest itself) have these records.
+
+    ``model`` is ``model.safetensors`` for a full checkpoint, or ``shards`` for a sharded one, whose shard
+    files are listed as ``shards/<file>``.
 
     Example:
         >>> build_manifest(7, ["trainer"], [], {"model.safetensors": FileRecord(8, "0" * 64)})["step"]
@@ -30,7 +38,7 @@ def build_manifest(
     return {
         "format_version": layout.FORMAT_VERSION,
         "step": step,
-        "model": layout.MODEL_FILE,
+        "model": model,
         "components": list(components),
         "extra_files": list(extra_files),
         "files": {name: {"size": r.size, "sha256": r.sha256} for name, r in sorted(records.items())},
@@ -38,16 +46,24 @@ def build_manifest(
 
 
 def inspect_checkpoint(
-    path: Path, *, keep: bool
+    path: Path, *, keep: bool, hash_shards: bool = True
 ) -> tuple[list[str], dict[str, Any] | None, dict[str, bytes]]:
     """Verify a checkpoint directory against its manifest; with ``keep`` also return the verified bytes.
 
     Nothing but the manifest (JSON) is parsed. Files are opened with ``O_NOFOLLOW`` and each one's size is
-    checked before it is read, so a planted huge or linked file is never read.
+    checked before it is read, so a planted huge or linked file is never read. A sharded checkpoint's
+    ``shards/`` directory is checked like the top level (no symlinks, no deeper entries, nothing unlisted).
+
+    Args:
+        path: the checkpoint directory.
+        keep: also return the bytes of the top-level files (shard files are hashed, never kept: they are
+            read later, slice by slice, by torch.distributed.checkpoint).
+        hash_shards: False checks shard files' presence and size only, for ranks whose coordinator hashes
+            them.
 
     Returns:
         ``(faults, manifest, contents)``: ``manifest`` is None unless ``faults`` is empty; ``contents`` maps
-        each file name to its bytes when ``keep``.
+        each top-level file name to its bytes when ``keep``.
 
     Example:
         >>> inspect_checkpoint(Path("/nonexistent"), keep=False)[0]
@@ -78,6 +94,17 @@ def inspect_checkpoint(
         return faults, None, {}
 
     listed: dict[str, dict[str, Any]] = manifest["files"]
+    if manifest["model"] == layout.SHARDS_DIR:
+        shards_entry = entries.pop(layout.SHARDS_DIR, None)
+        if shards_entry is None:
+            faults.append(f"missing directory {layout.SHARDS_DIR}")
+        elif shards_entry.is_symlink() or not shards_entry.is_dir(follow_symlinks=False):
+            faults.append(
+                f"{layout.SHARDS_DIR} is not a directory (symlinks are not allowed in a checkpoint)"
+            )
+        else:
+            with os.scandir(path / layout.SHARDS_DIR) as scan:
+                entries.update({layout.shard_entry(entry.name): entry for entry in scan})
     for name in sorted(entries):
         entry = entries[name]
         if entry.is_symlink():
@@ -88,6 +115,7 @@ def inspect_checkpoint(
             faults.append(f"unexpected file {name} (not in the manifest)")
     contents: dict[str, bytes] = {}
     for name, expected in sorted(listed.items()):
+        is_shard = layout.shard_file_of(name) is not None
         entry = entries.get(name)
         if entry is None:
             faults.append(f"missing file {name}")
@@ -100,8 +128,10 @@ def inspect_checkpoint(
                 f"size mismatch for file {name}: manifest says {expected['size']} bytes, found {size}"
             )
             continue
+        if is_shard and not hash_shards:
+            continue
         try:
-            record, data = hash_file(path / name, keep=keep)
+            record, data = hash_file(path / name, keep=keep and not is_shard)
         except OSError as exc:
             faults.append(f"unreadable file {name}: {describe_os_error(exc)}")
             continue
@@ -134,14 +164,16 @@ def manifest_faults(manifest: Any, dir_name: str) -> list[str]:
         or not isinstance(components, list)
         or not isinstance(extra_files, list)
         or not _is_int(step)
-        or manifest.get("model") != layout.MODEL_FILE
+        or manifest.get("model") not in (layout.MODEL_FILE, layout.SHARDS_DIR)
     ):
         return [
             f"malformed {layout.MANIFEST_FILE}: missing or mistyped files/components/extra_files/step/model"
         ]
+    sharded = manifest["model"] == layout.SHARDS_DIR
+    shards = {name for name in files if sharded and layout.shard_file_of(name) is not None}
     faults = []
     for name, entry in files.items():
-        if not layout.FILE_NAME_RE.match(name) or name == layout.MANIFEST_FILE:
+        if name not in shards and (not layout.FILE_NAME_RE.match(name) or name == layout.MANIFEST_FILE):
             faults.append(f"bad name in manifest: {name!r} (must be a plain file name)")
         elif (
             not isinstance(entry, dict)
@@ -155,7 +187,9 @@ def manifest_faults(manifest: Any, dir_name: str) -> list[str]:
     dir_step = layout.step_of(dir_name)
     if dir_step is not None and dir_step != step:
         faults.append(f"manifest step {step} does not match directory name {dir_name}")
-    expected = {layout.MODEL_FILE}
+    if sharded and not shards:
+        faults.append(f"a sharded checkpoint's manifest lists no {layout.SHARDS_DIR}/*.safetensors file")
+    expected = shards if sharded else {layout.MODEL_FILE}
     for name in components:
         if not isinstance(name, str) or not layout.COMPONENT_NAME_RE.match(name):
             faults.append(f"bad component name in manifest: {name!r}")

@@ -40,7 +40,7 @@ _TAGS = frozenset({_TENSOR, _NDARRAY, _NPSCALAR, _TUPLE, _DICT, _FLOAT, _BYTES})
 _NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 
-def flatten(state: Any, *, where: str = "state") -> tuple[dict[str, torch.Tensor], Any]:
+def flatten(state: Any, *, where: str = "state", prepare: bool = True) -> tuple[dict[str, torch.Tensor], Any]:
     """Split nested ``state`` into tensors and a JSON-able structure that refers to them by key.
 
     Tensors are detached, moved to CPU and made contiguous (a copy only where needed); tensors sharing
@@ -50,6 +50,8 @@ def flatten(state: Any, *, where: str = "state") -> tuple[dict[str, torch.Tensor
         state: dicts, lists, tuples, None, bool, int, float, str, bytes, torch tensors, numpy arrays and
             numpy scalars, nested in any way.
         where: how error messages name the root of ``state``.
+        prepare: False keeps torch tensors as they are (DTensor shards included, not copied), for
+            torch.distributed.checkpoint, which writes them and loads into them in place.
 
     Returns:
         ``(tensors, structure)``; :func:`unflatten` inverts it.
@@ -73,7 +75,7 @@ def flatten(state: Any, *, where: str = "state") -> tuple[dict[str, torch.Tensor
         while key in tensors:
             suffix += 1
             key = f"{base}#{suffix}"
-        tensors[key] = _prepare_tensor(tensor, path, seen_storages)
+        tensors[key] = _prepare_tensor(tensor, path, seen_storages) if prepare else tensor
         return key
 
     def encode(value: Any, path: str) -> Any:

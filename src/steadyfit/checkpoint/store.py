@@ -4,15 +4,21 @@ A checkpoint directory ``step-<8 digits>/`` holds ``model.safetensors`` (flat na
 plain safetensors), one ``<name>.json`` per component (structure and scalars, see :mod:`.payload`) plus
 ``<name>.safetensors`` when the component holds tensors, any extra files (e.g. ``config.yaml``), and
 ``manifest.json`` listing every other file with its size and SHA-256. Nothing is ever unpickled.
+
+A sharded (FSDP) checkpoint holds ``shards/`` instead of ``model.safetensors``: one safetensors file per
+rank with its slices of the model and optimizer tensors (see :mod:`.sharded`), listed in the manifest as
+``shards/<file>``; the non-tensor optimizer state lives in the components' JSON.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +41,26 @@ from steadyfit.checkpoint.manifest import build_manifest, describe_os_error, ins
 from steadyfit.checkpoint.payload import dumps_json, flatten, loads_json, prepare_tensors, unflatten
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A verified checkpoint as :meth:`CheckpointStore.open` returns it.
+
+    Attributes:
+        path: the checkpoint directory.
+        model_state: the full weights; empty for a sharded checkpoint.
+        components: name -> nested state.
+        extra_files: file name -> bytes.
+        shards_dir: a sharded checkpoint's ``shards/`` directory (model and optimizer tensors, read with
+            torch.distributed.checkpoint); None for a full checkpoint.
+    """
+
+    path: Path
+    model_state: dict[str, torch.Tensor]
+    components: dict[str, Any]
+    extra_files: dict[str, bytes]
+    shards_dir: Path | None
 
 
 class CheckpointStore:
@@ -99,45 +125,150 @@ class CheckpointStore:
         encoded = {name: flatten(state, where=f"components[{name!r}]") for name, state in components.items()}
 
         tmp = self.checkpoints_dir / layout.tmp_dir_name(step, secrets.token_hex(4))
-        try:
-            if not self.checkpoints_dir.is_dir():
-                self.checkpoints_dir.mkdir(parents=True)
-                # The new checkpoints/ entry must be durable too, or a crash could lose every checkpoint.
-                fsync_path(self.checkpoints_dir.parent)
-            os.mkdir(tmp)
-            records: dict[str, FileRecord] = {}
-            tensor_files = [(layout.MODEL_FILE, model_tensors)]
-            for name, (tensors, structure) in encoded.items():
-                json_name, tensors_name = layout.component_files(name)
-                if tensors:
-                    tensor_files.append((tensors_name, tensors))
-                document = {"format_version": layout.FORMAT_VERSION, "state": structure}
-                records[json_name] = write_bytes_durable(tmp / json_name, dumps_json(document))
-            # Hashing (the read back) of one file overlaps writing the next: hashlib and file I/O release the
-            # GIL. Largest first, so the hash left over at the end is the smallest.
-            tensor_files.sort(key=lambda item: -_nbytes(item[1]))
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="steadyfit-hash") as hasher:
-                pending = {}
-                for file_name, tensors in tensor_files:
-                    save_file(tensors, tmp / file_name)
-                    pending[file_name] = hasher.submit(sync_and_hash, tmp / file_name)
-                records.update({file_name: future.result() for file_name, future in pending.items()})
-            for name, data in extra_files.items():
-                records[name] = write_bytes_durable(tmp / name, bytes(data))
-            manifest = build_manifest(step, list(encoded), list(extra_files), records)
-            # The manifest is written last: a directory with a valid manifest has all its files.
-            write_bytes_durable(tmp / layout.MANIFEST_FILE, dumps_json(manifest))
-            self._commit(step, tmp, final)
-        except (OSError, SafetensorError) as exc:
-            _remove_quietly(tmp)
-            raise CheckpointError(
-                f"could not save checkpoint {final}: {describe_os_error(exc)}; "
-                "earlier checkpoints are untouched"
-            ) from exc
-        except BaseException:
-            _remove_quietly(tmp)
-            raise
+        with _removed_on_error(tmp, final):
+            self._make_tmp(tmp)
+            model_file = [(layout.MODEL_FILE, model_tensors)]
+            self._write_and_commit(step, tmp, final, {}, model_file, encoded, extra_files)
         return final
+
+    def begin_sharded(self, step: int) -> Path:
+        """Create the temporary directory of a sharded save of ``step``; return it (coordinator only).
+
+        Every rank writes its shard into ``<returned>/shards/`` (torch.distributed.checkpoint), then the
+        coordinator calls :meth:`commit_sharded`, or :meth:`discard` if any rank failed.
+
+        Raises:
+            CheckpointError: a disk error, naming the path and the cause.
+
+        Example:
+            >>> import tempfile
+            >>> store = CheckpointStore(tempfile.mkdtemp())
+            >>> tmp = store.begin_sharded(5)
+            >>> (tmp / "shards").is_dir(), store.list_checkpoints()
+            (True, [])
+        """
+        final = self.path_for(step)
+        tmp = self.checkpoints_dir / layout.tmp_dir_name(step, secrets.token_hex(4))
+        with _removed_on_error(tmp, final):
+            self._make_tmp(tmp)
+            os.mkdir(tmp / layout.SHARDS_DIR)
+        return tmp
+
+    def commit_sharded(
+        self,
+        step: int,
+        tmp: Path,
+        components: Mapping[str, Any],
+        *,
+        extra_files: Mapping[str, bytes] | None = None,
+    ) -> Path:
+        """Seal a sharded save begun with :meth:`begin_sharded` once every rank has written its shard.
+
+        Every shard file is fsynced and hashed, the ``shards/`` directory fsynced, ``components`` (the
+        non-tensor state: JSON plus tensors as in :meth:`save`) and ``extra_files`` written, the manifest
+        last, then one atomic rename commits the checkpoint.
+
+        Args:
+            step: the step given to :meth:`begin_sharded`.
+            tmp: the directory :meth:`begin_sharded` returned.
+            components, extra_files: as :meth:`save`.
+
+        Returns:
+            The committed checkpoint directory.
+
+        Raises:
+            CheckpointError: invalid names or values, an unexpected entry in ``shards/``, or a disk error;
+                ``tmp`` is removed and earlier checkpoints are untouched.
+
+        Example:
+            >>> import tempfile
+            >>> from safetensors.torch import save_file
+            >>> store = CheckpointStore(tempfile.mkdtemp())
+            >>> tmp = store.begin_sharded(5)
+            >>> shard = tmp / "shards" / "shard-00001-model-00001-of-00001.safetensors"
+            >>> save_file({"w": torch.ones(2)}, shard)
+            >>> path = store.commit_sharded(5, tmp, {"trainer": {"epoch": 1}})
+            >>> store.open(path).shards_dir == path / "shards", store.verify(path)
+            (True, [])
+        """
+        extra_files = dict(extra_files or {})
+        final = self.path_for(step)
+        with _removed_on_error(tmp, final):
+            self._check_names(final, components, extra_files)
+            encoded = {
+                name: flatten(state, where=f"components[{name!r}]") for name, state in components.items()
+            }
+            records = self._seal_shards(tmp / layout.SHARDS_DIR)
+            self._write_and_commit(
+                step, tmp, final, records, [], encoded, extra_files, model=layout.SHARDS_DIR
+            )
+        return final
+
+    def discard(self, tmp: Path) -> None:
+        """Remove the temporary directory of a save that will not be committed (e.g. a rank failed)."""
+        _remove_quietly(tmp)
+
+    def _make_tmp(self, tmp: Path) -> None:
+        if not self.checkpoints_dir.is_dir():
+            self.checkpoints_dir.mkdir(parents=True)
+            # The new checkpoints/ entry must be durable too, or a crash could lose every checkpoint.
+            fsync_path(self.checkpoints_dir.parent)
+        os.mkdir(tmp)
+
+    def _seal_shards(self, shards_dir: Path) -> dict[str, FileRecord]:
+        """Fsync and hash every shard file (written by each rank), then the directory that lists them."""
+        records = {}
+        with os.scandir(shards_dir) as entries:
+            names = sorted(entry.name for entry in entries)
+        for name in names:
+            entry = layout.shard_entry(name)
+            if layout.shard_file_of(entry) is None or not (shards_dir / name).is_file():
+                raise CheckpointError(
+                    f"cannot commit {shards_dir.parent}: unexpected entry {entry} (a shard is a "
+                    f"*{layout.SHARD_SUFFIX} file)"
+                )
+            records[entry] = sync_and_hash(shards_dir / name)
+        if not records:
+            raise CheckpointError(f"cannot commit {shards_dir.parent}: no rank wrote a shard file")
+        fsync_path(shards_dir)
+        return records
+
+    def _write_and_commit(
+        self,
+        step: int,
+        tmp: Path,
+        final: Path,
+        records: dict[str, FileRecord],
+        tensor_files: list[tuple[str, dict[str, torch.Tensor]]],
+        encoded: dict[str, tuple[dict[str, torch.Tensor], Any]],
+        extra_files: dict[str, bytes],
+        *,
+        model: str = layout.MODEL_FILE,
+    ) -> None:
+        """Write the components and extra files next to ``records``' files, the manifest last, and commit."""
+        records = dict(records)
+        tensor_files = list(tensor_files)
+        for name, (tensors, structure) in encoded.items():
+            json_name, tensors_name = layout.component_files(name)
+            if tensors:
+                tensor_files.append((tensors_name, tensors))
+            document = {"format_version": layout.FORMAT_VERSION, "state": structure}
+            records[json_name] = write_bytes_durable(tmp / json_name, dumps_json(document))
+        # Hashing (the read back) of one file overlaps writing the next: hashlib and file I/O release the
+        # GIL. Largest first, so the hash left over at the end is the smallest.
+        tensor_files.sort(key=lambda item: -_nbytes(item[1]))
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="steadyfit-hash") as hasher:
+            pending = {}
+            for file_name, tensors in tensor_files:
+                save_file(tensors, tmp / file_name)
+                pending[file_name] = hasher.submit(sync_and_hash, tmp / file_name)
+            records.update({file_name: future.result() for file_name, future in pending.items()})
+        for name, data in extra_files.items():
+            records[name] = write_bytes_durable(tmp / name, bytes(data))
+        manifest = build_manifest(step, list(encoded), list(extra_files), records, model=model)
+        # The manifest is written last: a directory with a valid manifest has all its files.
+        write_bytes_durable(tmp / layout.MANIFEST_FILE, dumps_json(manifest))
+        self._commit(step, tmp, final)
 
     def verify(self, path: str | os.PathLike[str]) -> list[str]:
         """Check a checkpoint directory against its manifest without deserialising anything.
@@ -156,13 +287,14 @@ class CheckpointStore:
     def load(
         self, path: str | os.PathLike[str]
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, bytes]]:
-        """Verify a checkpoint, then load it: ``(model_state, components, extra_files)``.
+        """Verify a full checkpoint, then load it: ``(model_state, components, extra_files)``.
 
         Every file is read once; the bytes are checked against the manifest before any of them is parsed,
         and only what was checked is parsed (safetensors and JSON: no code can run).
 
         Raises:
-            CheckpointError: the checkpoint fails verification or is malformed, naming the path and faults.
+            CheckpointError: the checkpoint fails verification, is malformed, or is sharded (see
+                :meth:`open`), naming the path and faults.
 
         Example:
             >>> import tempfile
@@ -171,12 +303,38 @@ class CheckpointStore:
             >>> model
             {'w': tensor([0.])}
         """
+        opened = self.open(path)
+        if opened.shards_dir is not None:
+            raise CheckpointError(
+                f"checkpoint {opened.path} is sharded (strategy=fsdp): its tensors load through "
+                "torch.distributed.checkpoint; resume it with strategy=fsdp under torchrun"
+            )
+        return opened.model_state, opened.components, opened.extra_files
+
+    def open(self, path: str | os.PathLike[str], *, hash_shards: bool = True) -> LoadedCheckpoint:
+        """Verify a checkpoint, full or sharded, then load everything but a sharded checkpoint's tensors.
+
+        As :meth:`load`; a sharded checkpoint's shard files are verified (hashed unless ``hash_shards`` is
+        False, for ranks whose coordinator already hashed them) but not read: every rank loads its own
+        slices from ``shards_dir`` with torch.distributed.checkpoint.
+
+        Raises:
+            CheckpointError: the checkpoint fails verification or is malformed, naming the path and faults.
+
+        Example:
+            >>> import tempfile
+            >>> store = CheckpointStore(tempfile.mkdtemp())
+            >>> opened = store.open(store.save(1, {"w": torch.zeros(1)}, {}))
+            >>> opened.model_state, opened.shards_dir
+            ({'w': tensor([0.])}, None)
+        """
         path = Path(path)
-        faults, manifest, contents = inspect_checkpoint(path, keep=True)
+        faults, manifest, contents = inspect_checkpoint(path, keep=True, hash_shards=hash_shards)
         if faults:
             raise CheckpointError(f"checkpoint {path} failed verification: " + "; ".join(faults))
         assert manifest is not None
-        model_state = _parse_tensors(contents[layout.MODEL_FILE], path / layout.MODEL_FILE)
+        sharded = manifest["model"] == layout.SHARDS_DIR
+        model_state = {} if sharded else _parse_tensors(contents[layout.MODEL_FILE], path / layout.MODEL_FILE)
         components = {}
         for name in manifest["components"]:
             json_name, tensors_name = layout.component_files(name)
@@ -191,7 +349,8 @@ class CheckpointStore:
             )
             components[name] = unflatten(document.get("state"), tensors, where=str(where))
         extra_files = {name: contents[name] for name in manifest["extra_files"]}
-        return model_state, components, extra_files
+        shards_dir = path / layout.SHARDS_DIR if sharded else None
+        return LoadedCheckpoint(path, model_state, components, extra_files, shards_dir)
 
     def list_checkpoints(self) -> list[Path]:
         """Committed checkpoint directories, oldest step first.
@@ -348,6 +507,21 @@ def _parse_tensors(data: bytes, where: Path) -> dict[str, torch.Tensor]:
         return load_safetensors(data)
     except SafetensorError as exc:
         raise CheckpointError(f"{where} is not a valid safetensors file: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _removed_on_error(tmp: Path, final: Path) -> Iterator[None]:
+    """Remove the temporary directory of a save that fails; disk errors become a CheckpointError."""
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        _remove_quietly(tmp)
+        raise CheckpointError(
+            f"could not save checkpoint {final}: {describe_os_error(exc)}; earlier checkpoints are untouched"
+        ) from exc
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
 
 
 def _remove_quietly(path: Path) -> None:

@@ -1,0 +1,193 @@
+"""Sharded checkpoints on real files, in one process: the save protocol, the manifest's ``shards/`` entries
+(verified like top-level files), exact round trips through torch.distributed.checkpoint's safetensors
+storage, and what a damaged or planted shard does."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import steadyfit.checkpoint.sharded
+from steadyfit.checkpoint import CheckpointError, CheckpointStore
+from steadyfit.checkpoint.sharded import join_state, read_shards, save_sharded, split_state
+from steadyfit.distributed import Distributed
+
+SHARD = "shard-00001-model-00001-of-00001.safetensors"
+ONE_PROCESS = Distributed("none", 0, 0, 1)
+
+
+def trained(seed: int, optimizer: str = "adamw") -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A small model and its optimizer after two steps (so the optimizer holds state), from ``seed``."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    if optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=0.01 * seed, weight_decay=0.1)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1 * seed)
+    for _ in range(2):
+        model(torch.randn(5, 3)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def save(store: CheckpointStore, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer) -> Path:
+    tensors, structure = split_state(model.state_dict(), opt.state_dict())
+    components = {"state": {"optimizer": structure, "step": step}}
+    return save_sharded(store, ONE_PROCESS, step, tensors, components, extra_files={"config.yaml": b"a: 1\n"})
+
+
+def load_into(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    """What a resume does with a verified sharded checkpoint: targets from the live objects, DCP, join."""
+    checkpoint = CheckpointStore(path.parents[1]).open(path)
+    assert checkpoint.shards_dir == path / "shards" and checkpoint.model_state == {}
+    tensors, _ = split_state(model.state_dict(), opt.state_dict())
+    read_shards(checkpoint.shards_dir, tensors)
+    model_state, optimizer_state = join_state(tensors, checkpoint.components["state"]["optimizer"])
+    model.load_state_dict(model_state)
+    opt.load_state_dict(optimizer_state)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert json.dumps(a, default=repr, sort_keys=True) == json.dumps(b, default=repr, sort_keys=True)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_a_sharded_checkpoint_loads_back_bitwise(tmp_path, optimizer):
+    # SGD without momentum keeps no per-parameter state at all: only the model goes through the shards.
+    store = CheckpointStore(tmp_path)
+    model, opt = trained(1, optimizer)
+    path = save(store, 3, model, opt)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["model"] == "shards"
+    assert sorted(manifest["files"]) == ["config.yaml", f"shards/{SHARD}", "state.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["config.yaml", "manifest.json", "shards", "state.json"]
+    assert store.verify(path) == []
+
+    other_model, other_opt = trained(2, optimizer)
+    load_into(path, other_model, other_opt)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(other_model.state_dict()[name], tensor), name
+    expected, loaded = opt.state_dict(), other_opt.state_dict()
+    assert expected["param_groups"] == loaded["param_groups"]
+    assert expected["state"].keys() == loaded["state"].keys()
+    for index, moments in expected["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(loaded["state"][index][key], value), (index, key)
+
+
+def test_a_flipped_byte_in_a_shard_is_named_and_the_previous_checkpoint_is_the_good_one(tmp_path):
+    store = CheckpointStore(tmp_path)
+    first = save(store, 1, *trained(1))
+    second = save(store, 2, *trained(2))
+    shard = second / "shards" / SHARD
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    faults = [f"sha256 mismatch for file shards/{SHARD} (content changed or corrupted)"]
+    assert store.verify(second) == faults
+    assert store.latest_good() == (first, [(second, faults)])
+    with pytest.raises(CheckpointError, match=f"{second} failed verification: sha256 mismatch"):
+        store.open(second)
+
+
+def replace_with_link(path: Path) -> None:
+    target = path.with_name("elsewhere")
+    path.rename(target)
+    path.symlink_to(target)
+
+
+@pytest.mark.parametrize(
+    ("plant", "fault"),
+    [
+        (lambda p: (p / "shards" / "extra.safetensors").write_bytes(b"x"), "unexpected file shards/extra"),
+        (lambda p: (p / "shards" / "deeper").mkdir(), "unexpected non-file entry shards/deeper"),
+        (lambda p: (p / "shards" / "link").symlink_to(p / "state.json"), "symlink shards/link"),
+        (lambda p: replace_with_link(p / "shards" / SHARD), f"symlink shards/{SHARD}"),
+        (lambda p: (p / "shards" / SHARD).unlink(), f"missing file shards/{SHARD}"),
+        (lambda p: os.truncate(p / "shards" / SHARD, 10), f"size mismatch for file shards/{SHARD}"),
+        (lambda p: replace_with_link(p / "shards"), "shards is not a directory"),
+    ],
+)
+def test_planted_entries_in_shards_are_faults(tmp_path, plant, fault):
+    store = CheckpointStore(tmp_path / "run")
+    path = save(store, 1, *trained(1))
+    plant(path)
+    assert any(message.startswith(fault) for message in store.verify(path)), store.verify(path)
+
+
+def test_ranks_that_skip_hashing_still_see_missing_and_resized_shards(tmp_path):
+    store = CheckpointStore(tmp_path)
+    path = save(store, 1, *trained(1))
+    shard = path / "shards" / SHARD
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    # Not hashed here: rank 0 hashes the shards and its verdict reaches every rank before any shard is read.
+    assert store.open(path, hash_shards=False).shards_dir == path / "shards"
+    os.truncate(shard, 10)
+    with pytest.raises(CheckpointError, match=f"size mismatch for file shards/{SHARD}"):
+        store.open(path, hash_shards=False)
+
+
+@pytest.mark.parametrize(
+    ("name", "sharded"),
+    [
+        ("shards/../state.json", True),
+        ("other/x.safetensors", True),
+        ("shards/x.json", True),
+        (f"shards/{SHARD}", False),
+    ],
+)
+def test_the_manifest_lists_only_shard_files_of_a_sharded_checkpoint(tmp_path, name, sharded):
+    store = CheckpointStore(tmp_path)
+    path = save(store, 1, *trained(1)) if sharded else store.save(1, {"w": torch.ones(1)}, {})
+    manifest_path = path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][name] = {"size": 1, "sha256": "0" * 64}
+    manifest_path.write_text(json.dumps(manifest))
+    assert f"bad name in manifest: {name!r} (must be a plain file name)" in store.verify(path)
+
+
+def test_a_full_checkpoint_keeps_its_layout_and_refuses_a_shards_directory(tmp_path):
+    store = CheckpointStore(tmp_path)
+    path = store.save(1, {"w": torch.ones(1)}, {"state": {"step": 1}})
+    assert json.loads((path / "manifest.json").read_text())["model"] == "model.safetensors"
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "model.safetensors", "state.json"]
+    (path / "shards").mkdir()
+    assert store.verify(path) == ["unexpected non-file entry shards"]
+
+
+def test_load_points_a_sharded_checkpoint_to_its_loader(tmp_path):
+    store = CheckpointStore(tmp_path)
+    path = save(store, 1, *trained(1))
+    with pytest.raises(CheckpointError, match=f"{path} is sharded .*resume it with strategy=fsdp"):
+        store.load(path)
+
+
+def test_a_failed_shard_write_commits_nothing(tmp_path, monkeypatch):
+    store = CheckpointStore(tmp_path)
+    good = save(store, 1, *trained(1))
+
+    def write_half_then_fail(shards_dir: Path, tensors: dict) -> None:
+        (shards_dir / SHARD).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(steadyfit.checkpoint.sharded, "write_shards", write_half_then_fail)
+    with pytest.raises(CheckpointError, match=r"step-00000002: rank 0: .*No space left on device"):
+        save(store, 2, *trained(2))
+    assert store.list_checkpoints() == [good]
+    assert sorted(p.name for p in store.checkpoints_dir.iterdir()) == [good.name], "no temporary leftovers"
+
+
+def test_a_commit_refuses_foreign_entries_in_shards(tmp_path):
+    store = CheckpointStore(tmp_path)
+    tmp = store.begin_sharded(4)
+    (tmp / "shards" / ".metadata").write_bytes(b"pickled")
+    with pytest.raises(CheckpointError, match=r"unexpected entry shards/\.metadata"):
+        store.commit_sharded(4, tmp, {"state": {}})
+    assert not tmp.exists() and store.list_checkpoints() == []
