@@ -25,41 +25,38 @@ OptimizerFactory = Callable[[ParamGroups, TrainConfig], torch.optim.Optimizer]
 _OPTIM_EXTRA_HINT = "pip install steadyfit[optim]"
 
 
-def _kernel(groups: ParamGroups, devices: tuple[str, ...]) -> dict[str, bool]:
-    """torch's fused kernel when every parameter is a plain tensor on one of ``devices``, else foreach.
+_FUSED_DEVICES = ("cpu", "cuda")
 
-    Fused kernels take a device-side ``found_inf`` flag, so a non-finite step is skipped without the host
-    reading anything (guarantee 9, see :class:`steadyfit.guard.DeviceSkip`). FSDP's sharded parameters
-    (DTensors) keep foreach.
+
+def _adam_kernel(groups: ParamGroups) -> dict[str, bool]:
+    """torch's fused Adam kernel where it applies, else foreach.
+
+    The fused kernel takes a device-side ``found_inf`` flag, so a non-finite step is skipped without the
+    host reading anything (guarantee 9, see :class:`steadyfit.guard.DeviceSkip`). It agrees with torch's
+    other Adam kernels to rounding, not bitwise (the Hugging Face Trainer's default, ``adamw_torch_fused``,
+    is the same kernel). SGD keeps foreach: bitwise equal to a hand-written ``torch.optim.SGD`` loop, which
+    fused SGD is not on CPU. FSDP's sharded parameters (DTensors) keep foreach.
     """
     params = [p for group in groups for p in group["params"]]
     fused = all(
-        type(p) is torch.nn.Parameter and p.is_floating_point() and p.device.type in devices for p in params
+        type(p) is torch.nn.Parameter and p.is_floating_point() and p.device.type in _FUSED_DEVICES
+        for p in params
     )
     return {"fused": True} if fused else {"foreach": True}
 
 
-# Fused Adam(W) agrees with torch's other Adam kernels to rounding, not bitwise (it is also the Hugging Face
-# Trainer's default, adamw_torch_fused): used on CPU too. Fused SGD is not bitwise equal to a hand-written
-# torch.optim.SGD loop on CPU (tensors whose size is not a multiple of the vector width), so SGD stays on
-# foreach there, where the guard's host read costs no synchronisation anyway.
-_ADAM_FUSED_DEVICES = ("cpu", "cuda")
-_SGD_FUSED_DEVICES = ("cuda",)
-
-
 def _sgd(groups: ParamGroups, config: TrainConfig) -> torch.optim.Optimizer:
-    kernel = _kernel(groups, _SGD_FUSED_DEVICES)
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, **kernel)
+    return torch.optim.SGD(
+        groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, foreach=True
+    )
 
 
 def _adam(groups: ParamGroups, config: TrainConfig) -> torch.optim.Optimizer:
-    kernel = _kernel(groups, _ADAM_FUSED_DEVICES)
-    return torch.optim.Adam(groups, lr=config.lr, betas=config.betas, eps=config.eps, **kernel)
+    return torch.optim.Adam(groups, lr=config.lr, betas=config.betas, eps=config.eps, **_adam_kernel(groups))
 
 
 def _adamw(groups: ParamGroups, config: TrainConfig) -> torch.optim.Optimizer:
-    kernel = _kernel(groups, _ADAM_FUSED_DEVICES)
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, **kernel)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, **_adam_kernel(groups))
 
 
 def _adafactor(groups: ParamGroups, config: TrainConfig) -> torch.optim.Optimizer:
