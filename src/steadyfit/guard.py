@@ -98,7 +98,7 @@ class UnreadStep:
 class DeviceSkip:
     """Skips non-finite optimizer steps on the device, so nothing is read between read points.
 
-    The optimizer's fused kernel receives the step's finite flag as ``found_inf`` (the hook torch's
+    torch's fused Adam/AdamW kernel receives the step's finite flag as ``found_inf`` (the hook torch's
     GradScaler uses): a non-finite step leaves the weights and the optimizer state untouched, and the host
     does not wait to find out. Each step's learning rate is taken, on the device, from a table of the
     schedule indexed by the number of steps applied since the last read, so a skipped step does not
@@ -110,9 +110,9 @@ class DeviceSkip:
 
     Example:
         >>> model = torch.nn.Linear(2, 1)
-        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+        >>> optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
         >>> skip = DeviceSkip(optimizer, LambdaLR(optimizer, lambda step: 1.0), torch.device("cpu"))
-        >>> skip.plan(step=0, horizon=4)
+        >>> skip.plan(horizon=4)
         >>> model(torch.ones(1, 2)).sum().backward()
         >>> skip.step(torch.tensor(float("nan"))).item()
         False
@@ -124,54 +124,71 @@ class DeviceSkip:
         self.device = device
         self.unread: list[UnreadStep] = []
         self.horizon = 1
+        # torch's CUDA kernels read a tensor lr as float32; the CPU kernel reads it as a double, the same
+        # value the host-side step passes (so on CPU both paths are bitwise equal, tested).
+        self._lr_dtype = torch.float32 if device.type == "cuda" else torch.float64
         self._applied = torch.zeros(1, dtype=torch.long, device=device)
-        self._table = torch.zeros((1, 1), dtype=torch.float64, device=device)
-        self._lrs = torch.zeros((1, 1), dtype=torch.float64, device=device)
+        self._table = torch.zeros((1, 1), dtype=self._lr_dtype, device=device)
+        self._lrs = torch.zeros((1, 1), dtype=self._lr_dtype, device=device)
+        # found_inf must be float32 whatever the default dtype; two constants make it one op per step.
+        self._go = torch.zeros((), dtype=torch.float32, device=device)
+        self._skip = torch.ones((), dtype=torch.float32, device=device)
 
     @staticmethod
     def applies(optimizer: torch.optim.Optimizer, scheduler: LRScheduler | None, *, policy: str) -> bool:
-        """Whether steps can be checked on the device: ``on_nonfinite=skip``, an optimizer whose fused
-        kernel takes ``found_inf`` and a schedule that is a function of the step (a ``LambdaLR``)."""
+        """Whether steps can be checked on the device: ``on_nonfinite=skip``, torch's own Adam or AdamW on
+        its fused kernel (which takes ``found_inf`` and handles a skipped first step) over CPU or CUDA
+        parameters, and torch's ``LambdaLR`` (a schedule that is a function of the step). Subclasses keep
+        the host-side check: their ``step`` or ``get_lr`` may do more than the table reproduces."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         return (
             policy == "skip"
-            and isinstance(scheduler, LambdaLR)
-            and bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+            and type(scheduler) is LambdaLR
+            and type(optimizer) in (torch.optim.Adam, torch.optim.AdamW)
             and all(group.get("fused") for group in optimizer.param_groups)
+            and all(p.device.type in ("cpu", "cuda") for p in params)
         )
 
-    def plan(self, step: int, horizon: int) -> None:
-        """Learning rates for up to ``horizon`` steps from ``step`` (steps applied so far), in float64:
-        the same Python products the scheduler computes, so the kernel sees the same values."""
+    def plan(self, horizon: int) -> None:
+        """Learning rates for up to ``horizon`` steps from the scheduler's position, the same Python
+        products ``LambdaLR`` computes. Called at the first step after a read, so a callback that changed
+        the schedule or the base lrs at the read point is honoured."""
         scheduler = self.scheduler
+        start = scheduler.last_epoch
         rows = [
-            [base * factor(step + k) for k in range(horizon)]
+            [base * factor(start + k) for k in range(horizon)]
             for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
         ]
-        self._table = torch.tensor(rows, dtype=torch.float64, device=self.device)
-        self._lrs = torch.empty((len(rows), 1), dtype=torch.float64, device=self.device)
+        self._table = torch.tensor(rows, dtype=self._lr_dtype, device=self.device)
+        self._lrs = torch.empty((len(rows), 1), dtype=self._lr_dtype, device=self.device)
         self._applied.zero_()
         self.horizon = horizon
+        # The groups' lrs become views of one device buffer until the next read point.
+        for group, lr in zip(self.optimizer.param_groups, self._lrs[:, 0], strict=True):
+            group["lr"] = lr
 
     def step(self, checked: torch.Tensor) -> torch.Tensor:
         """Take one optimizer step that applies only if ``checked`` is finite; returns the flag (device)."""
         optimizer = self.optimizer
         finite = torch.isfinite(checked)
-        if not self.unread:
-            # The groups' lrs become views of one device buffer until the next read point.
-            for group, lr in zip(optimizer.param_groups, self._lrs[:, 0], strict=True):
-                group["lr"] = lr
         torch.index_select(self._table, 1, self._applied, out=self._lrs)
-        optimizer.found_inf = torch.where(finite, 0.0, 1.0)  # type: ignore[attr-defined]
+        optimizer.found_inf = torch.where(finite, self._go, self._skip)  # type: ignore[attr-defined]
         optimizer.step()
         self._applied.add_(finite)
         return finite
 
     def read_outcomes(self) -> tuple[list[UnreadStep], list[bool]]:
-        """The unread steps and whether each was applied: one host read. The groups get their float lrs
-        back (the scheduler's, as of the last read point); the Trainer then books each step."""
+        """The unread steps and whether each was applied: one host read. The optimizer is handed back as
+        the host knows it (see :meth:`release`); the Trainer then books each step."""
         unread, self.unread = self.unread, []
         outcomes = torch.stack([step.finite for step in unread]).tolist()
+        self.release()
+        return unread, outcomes
+
+    def release(self) -> None:
+        """Give the groups their float lrs back (the scheduler's, as of the last read point) and drop
+        ``found_inf``: what checkpoints, logs, callbacks and a reused optimizer must see."""
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
             group["lr"] = lr
-        del self.optimizer.found_inf  # type: ignore[attr-defined]
-        return unread, outcomes
+        if hasattr(self.optimizer, "found_inf"):
+            del self.optimizer.found_inf  # type: ignore[attr-defined]

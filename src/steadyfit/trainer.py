@@ -133,6 +133,8 @@ class Trainer:
         self.diagnostics: Diagnostics | None = None
         self.ema: WeightEMA | None = None
         self.device_skip: DeviceSkip | None = None
+        self._read_every_step = False
+        self._outcomes_read = True
 
     # ----------------------------------------------------------------------------------------- public
     def fit(self) -> FitResult:
@@ -157,8 +159,6 @@ class Trainer:
         with self.run, PreemptionFlag() as preemption:
             try:
                 self.run.resume_or_start()
-                if self.device_skip is not None:
-                    self.device_skip.plan(self.state.step, self._steps_to_next_read())
                 self.model.train()
                 self.callbacks.fire("on_fit_start", self, self.state)
                 while not self._is_done():
@@ -166,6 +166,8 @@ class Trainer:
                 self._finish()
                 self.callbacks.fire("on_fit_end", self, self.state)
             except BaseException as exc:
+                if self.device_skip is not None:
+                    self.device_skip.release()
                 self.callbacks.fire("on_exception", self, self.state, exc)
                 raise
         return self._result()
@@ -228,7 +230,6 @@ class Trainer:
                 state.batch_in_epoch = 0
             self._after_step(stepped, epoch_ended)
             if self._is_preempted(preemption):
-                self._read_device_steps()
                 self.run.preempt(preemption.signum)
             if epoch_ended:
                 self.callbacks.fire("on_epoch_end", self, state)
@@ -282,7 +283,9 @@ class Trainer:
         checked = self.guard.checked_value(loss_sum, grad_norm)
         if self.device_skip is not None and self.state.step > 0:
             # Decided on the device; booked at the next read point. (The first step of a run is checked on
-            # the host: torch's fused SGD leaves its momentum buffer uninitialised when that step is skipped.)
+            # the host, so a run's optimizer state is never created by a skipped step.)
+            if not self.device_skip.unread:
+                self.device_skip.plan(self._steps_to_next_read())
             finite = self.device_skip.step(checked)
             self.device_skip.unread.append(
                 UnreadStep(
@@ -305,8 +308,6 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         self._book_step(loss_sum, loss_count, window_samples, grad_norm, is_pair)
-        if self.device_skip is not None:
-            self.device_skip.plan(self.state.step, self._steps_to_next_read())
         return True
 
     def _book_step(
@@ -321,11 +322,12 @@ class Trainer:
 
     def _steps_to_next_read(self) -> int:
         """Optimizer steps until the host must know the step count: the next logging, evaluation or
-        checkpoint step, or max_steps (at most MAX_UNREAD_STEPS)."""
+        checkpoint step, max_steps, or the next multiple of MAX_UNREAD_STEPS. A function of the step count
+        alone, so every rank reads at the same steps."""
         config, step = self.config, self.state.step
         eval_every = config.eval_every if self.eval_data is not None else None
-        gaps = [MAX_UNREAD_STEPS]
-        gaps += [every - step % every for every in (config.log_every, eval_every, config.save_every) if every]
+        intervals = (config.log_every, eval_every, config.save_every, MAX_UNREAD_STEPS)
+        gaps = [every - step % every for every in intervals if every]
         if config.max_steps is not None:
             gaps.append(config.max_steps - step)
         return max(1, min(gaps))
@@ -356,7 +358,6 @@ class Trainer:
                 )
         # The bar moves here for all but the last step, which _after_step counts as usual.
         self.run.progress.step(sum(outcomes[:-1]))
-        device_skip.plan(state.step, self._steps_to_next_read())
         return outcomes[-1]
 
     def _accumulate(
@@ -407,9 +408,9 @@ class Trainer:
     def _is_preempted(self, preemption: PreemptionFlag) -> bool:
         if self._preempt_votes is None:
             return preemption.is_set
-        if self.device_skip is not None and self.device_skip.unread:
+        if not self._outcomes_read:
             # The vote is read with the step outcomes, at the next read point: every rank reads at the same
-            # steps, so all stop at the same boundary, and no step pays a synchronisation for it.
+            # steps (see _after_step), so all stop at the same boundary, and no step pays a synchronisation.
             return False
         return bool(self._preempt_votes > 0)
 
@@ -425,13 +426,13 @@ class Trainer:
     def _after_step(self, stepped: bool, epoch_ended: bool) -> None:
         state, config = self.state, self.config
         device_skip = self.device_skip
+        self._outcomes_read = True
         if device_skip is not None and device_skip.unread:
             read_point = (
-                epoch_ended
-                or len(device_skip.unread) >= device_skip.horizon
-                or self.callbacks.has("on_step_end")
+                epoch_ended or len(device_skip.unread) >= device_skip.horizon or self._read_every_step
             )
             if not read_point:
+                self._outcomes_read = False
                 return
             stepped = self._read_device_steps()
         if stepped:
@@ -543,8 +544,12 @@ class Trainer:
         self.ema = WeightEMA(self.model, config.ema_decay) if config.ema_decay else None
         # EMA and fp16's GradScaler read the host every step anyway; they keep the host-side check.
         device_checks = self.ema is None and not self.precision.uses_scaler
+        self.device_skip = None
         if device_checks and DeviceSkip.applies(self.optimizer, self.scheduler, policy=config.on_nonfinite):
             self.device_skip = DeviceSkip(self.optimizer, self.scheduler, self.device)
+        # A callback on every step sees each step's exact state, so every step is a read point; under
+        # several ranks every rank must read at the same steps (the preemption vote rides on the reads).
+        self._read_every_step = self._any_rank(self.callbacks.has("on_step_end"))
         if config.diagnostics and self.dist.is_main:
             self.diagnostics = Diagnostics(config, self.total_steps)
         # Our schedule's own factor (the LambdaLR's), so logged rows can say what the lr should be.
@@ -552,6 +557,13 @@ class Trainer:
         self.micro_limit = config.micro_batch_size if isinstance(config.micro_batch_size, int) else None
         self.window_stats = WindowStats(self.device)
         self.last_metrics: dict[str, float] = {}
+
+    def _any_rank(self, flag: bool) -> bool:
+        if not self.dist.is_distributed:
+            return flag
+        votes = torch.tensor([float(flag)], dtype=torch.float64, device=self.device)
+        self.dist.all_reduce_sum(votes)
+        return bool(votes > 0)  # once, at set-up
 
     def _total_steps(self) -> int | None:
         config = self.config

@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from helpers import base_config, make_mlp, make_regression
 from steadyfit import Callback, Trainer
@@ -113,7 +114,9 @@ class StepRecorder(Callback):
         self.seen.append((state.step, state.nonfinite_skips, trainer.optimizer.param_groups[0]["lr"]))
 
 
-def _run(tmp_path, monkeypatch, name, *, device_side, data, callbacks=(), **overrides):
+def _run(
+    tmp_path, monkeypatch, name, *, device_side, data, callbacks=(), loss_fn=F.cross_entropy, **overrides
+):
     values = {
         "batch_size": 4,
         "log_every": LOG_EVERY,
@@ -137,7 +140,7 @@ def _run(tmp_path, monkeypatch, name, *, device_side, data, callbacks=(), **over
         config,
         train_data=data,
         eval_data=make_regression(20, seed=1),
-        loss_fn=torch.nn.functional.cross_entropy,
+        loss_fn=loss_fn,
         callbacks=callbacks,
     )
     result = trainer.fit()
@@ -183,13 +186,37 @@ def test_a_step_callback_sees_each_step_exactly(tmp_path, monkeypatch):
 
 
 def test_too_many_consecutive_skips_stop_with_the_same_message(tmp_path, monkeypatch):
-    data = make_regression(96)
-    data.tensors[0][:] = float("nan")
+    device_steps = []
+    original_step = DeviceSkip.step
+
+    def counted_step(self, checked):
+        device_steps.append(None)
+        return original_step(self, checked)
+
+    monkeypatch.setattr(DeviceSkip, "step", counted_step)
     messages = []
     for name, device_side in (("device", True), ("host", False)):
+        calls = []
+
+        def nan_after_the_first_step(outputs, targets, calls=calls):
+            # Step 1 is always checked on the host; from step 2 on every loss is NaN.
+            calls.append(None)
+            loss = F.cross_entropy(outputs, targets)
+            return loss if len(calls) == 1 else loss * float("nan")
+
         with pytest.raises(NonFiniteError) as raised:
-            _run(tmp_path, monkeypatch, name, device_side=device_side, data=data, max_consecutive_skips=3)
+            _run(
+                tmp_path,
+                monkeypatch,
+                name,
+                device_side=device_side,
+                data=make_regression(96),
+                loss_fn=nan_after_the_first_step,
+                max_consecutive_skips=3,
+            )
         messages.append(str(raised.value).replace(name, "RUN"))
+        if device_side:
+            assert len(device_steps) == LOG_EVERY - 1  # decided on the device, booked at step 5's read
     assert messages[0] == messages[1]
     assert "4 consecutive optimizer steps" in messages[0]
 
@@ -234,3 +261,22 @@ def test_no_synchronisation_between_read_points_on_cuda(tmp_path, precision):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert result.global_step == steps
+
+
+def test_an_error_between_read_points_hands_back_a_clean_optimizer(tmp_path):
+    calls = []
+
+    def fails_in_step_3(outputs, targets):
+        calls.append(None)
+        if len(calls) == 3:
+            raise ValueError("bad batch")
+        return F.cross_entropy(outputs, targets)
+
+    config = base_config(tmp_path, batch_size=4, log_every=LOG_EVERY, optimizer="adamw", lr=0.01)
+    trainer = Trainer(make_mlp(), config, train_data=make_regression(40), loss_fn=fails_in_step_3)
+    with pytest.raises(ValueError, match="bad batch"):
+        trainer.fit()
+    assert trainer.device_skip is not None
+    # Mid-window: the groups held device lr views and the optimizer a found_inf flag; both are gone.
+    assert all(type(group["lr"]) is float for group in trainer.optimizer.param_groups)
+    assert not hasattr(trainer.optimizer, "found_inf")
