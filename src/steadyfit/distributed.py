@@ -231,13 +231,23 @@ class Distributed:
         optimizer: torch.optim.Optimizer | None = None,
         optimizer_state: dict[str, Any] | None = None,
     ) -> None:
-        """Inverse of :meth:`sharded_state`: load this rank's shards into the model (and the optimizer)."""
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+        """Inverse of :meth:`sharded_state`: load this rank's shards into the model (and the optimizer).
 
-        if optimizer is None:
-            set_model_state_dict(model, model_state)
-            return
-        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state or {})
+        The model load is strict. The optimizer's is not about parameters without state: the saved
+        optimizer holds none for a parameter that never had a gradient (an unused branch), and it must
+        have none after the load either (torch's strict load refuses such a state dict).
+        """
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        set_model_state_dict(model, model_state)
+        if optimizer is not None:
+            set_optimizer_state_dict(
+                model, optimizer, optimizer_state or {}, options=StateDictOptions(strict=False)
+            )
 
 
 def _destroy_group() -> None:

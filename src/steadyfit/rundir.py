@@ -26,7 +26,7 @@ from steadyfit.checkpoint.atomic import replace_file
 from steadyfit.checkpoint.layout import CHECKPOINTS_DIR, step_dir_name
 from steadyfit.checkpoint.payload import prepare_tensors
 from steadyfit.checkpoint.payload import snapshot as payload_snapshot
-from steadyfit.checkpoint.sharded import join_state, read_shards, save_sharded, split_state
+from steadyfit.checkpoint.sharded import load_shards, save_sharded, split_state
 from steadyfit.checkpoint.store import LoadedCheckpoint
 from steadyfit.config import ConfigError
 from steadyfit.data import dataset_length
@@ -261,20 +261,16 @@ class RunDirectory:
     def _load_shards(self, shards_dir: Path, optimizer_structure: Any | None) -> None:
         """Every rank loads its shards of a verified sharded checkpoint (resharded if the world size changed).
 
-        The targets come from the live model and optimizer, laid out for this world size; DCP fills them in
-        place from whichever shard files hold each slice. ``optimizer_structure`` None loads the model alone.
+        ``optimizer_structure`` None loads the model alone (see :func:`load_shards`).
         """
-        model = self.trainer.model
         optimizer = self.trainer.optimizer if optimizer_structure is not None else None
-        model_state, optimizer_state = self.dist.sharded_state(model, optimizer)
-        tensors, _ = split_state(model_state, optimizer_state)
+        where = f"{shards_dir.parent}: the optimizer state of component {STATE_COMPONENT!r}"
         try:
-            read_shards(shards_dir, tensors)
+            load_shards(
+                self.dist, shards_dir, self.trainer.model, optimizer, optimizer_structure, where=where
+            )
         except CheckpointError as exc:  # raised on every rank together, naming the failed ranks
             raise CheckpointError(f"could not load the shards of {shards_dir.parent}: {exc}") from exc
-        where = f"{shards_dir.parent}: the optimizer state of component {STATE_COMPONENT!r}"
-        model_state, optimizer_state = join_state(tensors, optimizer_structure or {}, where=where)
-        self.dist.load_sharded_state(model, model_state, optimizer, optimizer_state)
 
     def _check_compatible(self, path: Path, saved: dict[str, Any], saved_world: int) -> None:
         """Refuse what would silently break exactness; extending max_steps / max_epochs is allowed."""
@@ -381,10 +377,9 @@ class RunDirectory:
         tensors, optimizer_structure = split_state(*self.dist.sharded_state(trainer.model, trainer.optimizer))
         captured = self._capture_components(optimizer_structure)
         components, extra_files, protect = captured if captured is not None else (None, None, [])
-        keep_last = self.config.keep_last
 
         def rotate(path: Path) -> None:
-            self.store.rotate(keep_last, protect=protect)
+            self._rotate_after_commit(path, protect)
 
         path = save_sharded(
             self.store, self.dist, step, tensors, components, extra_files=extra_files, on_commit=rotate
@@ -432,14 +427,29 @@ class RunDirectory:
         if not self.is_main or not snapshot:
             return
         model_state, components, extra_files, protect = snapshot
-        keep_last = self.config.keep_last
 
         def committed(path: Path) -> None:
             # Runs in the writer thread, after the commit; user callbacks are fired later, on the main thread.
-            self.store.rotate(keep_last, protect=protect)
+            self._rotate_after_commit(path, protect)
             self._committed.append(str(path))
 
         self.writer.submit(step, model_state, components, extra_files, on_done=committed)
+
+    def _rotate_after_commit(self, path: Path, protect: list[Path]) -> None:
+        """Apply ``keep_last`` after ``path`` was committed (rank 0), taking ``path`` as the newest good one.
+
+        Best effort: the checkpoint is committed, so a failure here (e.g. a directory that cannot be
+        removed) is printed as a warning and the save still counts; the next save rotates again.
+        """
+        try:
+            self.store.rotate(self.config.keep_last, protect=protect, known_good=path)
+        except Exception as exc:
+            print(
+                f"steadyfit: warning: checkpoint {path} is committed, but rotating older checkpoints "
+                f"(keep_last={self.config.keep_last}) failed: {exc}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def wait_for_commit(self) -> None:
         """Block until the last save is committed; every rank returns only after rank 0's commit."""

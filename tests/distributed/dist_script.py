@@ -9,8 +9,10 @@ Keys beyond TrainConfig's fields: `loss` (mean: a classifier's cross-entropy; pa
 returning `(sum, count)`), `dropout`, `train_size`, `eval_size`, `nan_at` (rank 1 returns a NaN loss once,
 in optimizer step `nan_at`), `mode` (fit, or evaluate: score the untrained model without training) and
 `forbid_pickle` (1: `pickle.load`, `pickle.loads` and `torch.load` raise while the run chooses and loads its
-checkpoint, so a load that unpickles anything fails the run). `fail_write_on_rank` (a rank: its sharded
-checkpoint writes raise ENOSPC) makes a run end with `result RANK {"error": ...}` when the save fails.
+checkpoint, so a load that unpickles anything fails the run) and `unused_branch` (1: the model holds a
+linear layer it never calls, whose parameters get no gradient and so no optimizer state).
+`fail_write_on_rank` (a rank: its sharded checkpoint writes raise ENOSPC) makes a run end with
+`result RANK {"error": ...}` when the save fails.
 
 Prints, flushed, for the tests to synchronise on (never sleeps): `pid RANK PID` at start, `step RANK N`
 after each optimizer step, `saved PATH` after each committed checkpoint (rank 0), `exit RANK STATUS` when a
@@ -49,6 +51,7 @@ SCRIPT_KEYS = {
     "nan_at": 0,
     "mode": "fit",
     "forbid_pickle": 0,
+    "unused_branch": 0,
 }
 DEFAULTS = {
     "seed": 7,
@@ -87,14 +90,27 @@ def make_data(size: int, loss: str, seed: int) -> torch.utils.data.TensorDataset
     return torch.utils.data.TensorDataset(inputs, targets)
 
 
-def make_model(dropout: float) -> torch.nn.Module:
-    """Two linear blocks (FSDP2 shards each), applied per token for sequences. Seed before calling."""
-    return torch.nn.Sequential(
+class SkipsItsLast(torch.nn.Sequential):
+    """A Sequential that never calls its last module: an unused branch (e.g. an optional head)."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        for module in list(self)[:-1]:
+            inputs = module(inputs)
+        return inputs
+
+
+def make_model(dropout: float, unused_branch: bool = False) -> torch.nn.Module:
+    """Two linear blocks (FSDP2 shards each), applied per token for sequences; with ``unused_branch`` a third
+    one that is never called. Seed before calling."""
+    layers = [
         torch.nn.Linear(FEATURES, 16),
         torch.nn.Tanh(),
         torch.nn.Dropout(dropout),
         torch.nn.Linear(16, CLASSES),
-    )
+    ]
+    if unused_branch:
+        return SkipsItsLast(*layers, torch.nn.Linear(FEATURES, CLASSES))
+    return torch.nn.Sequential(*layers)
 
 
 def token_loss(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,7 +198,7 @@ def build_trainer(run_dir: str, overrides: dict[str, Any]) -> tuple[Trainer, str
     if script["forbid_pickle"]:
         forbid_unpickling_on_resume()
     seed_everything(config.seed)
-    model = make_model(float(script["dropout"]))
+    model = make_model(float(script["dropout"]), bool(script["unused_branch"]))
     loss = str(script["loss"])
     train = make_data(int(script["train_size"]), loss, seed=1)
     evaluation = make_data(int(script["eval_size"]), loss, seed=2)

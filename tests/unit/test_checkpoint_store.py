@@ -12,11 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import steadyfit.checkpoint
 import steadyfit.checkpoint.store
+from helpers import base_config, make_mlp, make_regression
+from steadyfit import Trainer
 from steadyfit.checkpoint import CheckpointError, CheckpointStore
+from steadyfit.state import FitResult
 
 SRC_DIR = Path(steadyfit.checkpoint.__file__).resolve().parents[2]
 
@@ -376,3 +380,65 @@ def test_a_failed_replacement_puts_the_previous_checkpoint_back(
         store.save(5, model_state(9.0), components(5))
     assert sorted(p.name for p in store.checkpoints_dir.iterdir()) == ["step-00000005"]
     assert torch.equal(store.load(old)[0]["layer.weight"], model_state(5)["layer.weight"])
+
+
+def recording_verify(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every checkpoint any CheckpointStore verifies from now on (verification reads a checkpoint in full)."""
+    verified: list[str] = []
+    verify = CheckpointStore.verify
+
+    def record(store: CheckpointStore, path: str | os.PathLike[str]) -> list[str]:
+        verified.append(Path(path).name)
+        return verify(store, path)
+
+    monkeypatch.setattr(CheckpointStore, "verify", record)
+    return verified
+
+
+def test_rotate_after_a_commit_reads_only_what_it_deletes(tmp_path: Path, monkeypatch) -> None:
+    store = CheckpointStore(tmp_path)
+    paths = save_steps(store, 1, 2, 3)
+    verified = recording_verify(monkeypatch)
+    assert store.rotate(keep_last=2, known_good=paths[2]) == [paths[0]]
+    assert verified == [paths[0].name], "the just-committed checkpoint is not read again"
+
+
+def test_rotate_with_a_known_good_checkpoint_still_checks_newer_ones(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    paths = save_steps(store, 1, 2, 3)
+    _flip_byte(paths[2] / "model.safetensors")
+    # The damaged newest is verified and kept; the known good one is the newest good, so it is kept too.
+    assert store.rotate(keep_last=1, known_good=paths[1]) == [paths[0]]
+    assert store.list_checkpoints() == paths[1:]
+
+
+def fit_saving_every_step(tmp_path: Path) -> FitResult:
+    config = base_config(tmp_path, save_every=1, max_steps=4, batch_size=8, keep_last=2)
+    return Trainer(make_mlp(), config, train_data=make_regression(), loss_fn=F.cross_entropy).fit()
+
+
+def test_a_run_never_rereads_the_checkpoint_it_just_committed(tmp_path: Path, monkeypatch) -> None:
+    verified = recording_verify(monkeypatch)
+    assert fit_saving_every_step(tmp_path).global_step == 4
+    # Rotation after each commit reads only the checkpoint it is about to delete.
+    assert verified == ["step-00000001", "step-00000002"]
+    assert [p.name for p in CheckpointStore(tmp_path / "run").list_checkpoints()] == [
+        "step-00000003",
+        "step-00000004",
+    ]
+
+
+def test_a_failing_rotation_is_a_warning_and_the_run_goes_on(tmp_path: Path, monkeypatch, capsys) -> None:
+    def refuse(store: CheckpointStore, *args: object, **kwargs: object) -> list[Path]:
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(CheckpointStore, "rotate", refuse)
+    assert fit_saving_every_step(tmp_path).global_step == 4
+    names = [p.name for p in CheckpointStore(tmp_path / "run").list_checkpoints()]
+    assert names == ["step-00000001", "step-00000002", "step-00000003", "step-00000004"]
+    warning = (
+        "steadyfit: warning: checkpoint {} is committed, but rotating older checkpoints (keep_last=2) failed"
+    )
+    stderr = capsys.readouterr().err
+    for name in names:
+        assert warning.format(tmp_path / "run" / "checkpoints" / name) in stderr

@@ -4,16 +4,22 @@ storage, and what a damaged or planted shard does."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import steadyfit.checkpoint.sharded
 from steadyfit.checkpoint import CheckpointError, CheckpointStore
-from steadyfit.checkpoint.sharded import join_state, read_shards, save_sharded, split_state
+from steadyfit.checkpoint.atomic import FileRecord
+from steadyfit.checkpoint.sharded import join_state, load_shards, read_shards, save_sharded, split_state
+from steadyfit.checkpoint.store import seal_shards
 from steadyfit.distributed import Distributed
 
 SHARD = "shard-00001-model-00001-of-00001.safetensors"
@@ -50,6 +56,10 @@ def load_into(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) ->
     model_state, optimizer_state = join_state(tensors, checkpoint.components["state"]["optimizer"])
     model.load_state_dict(model_state)
     opt.load_state_dict(optimizer_state)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -187,7 +197,143 @@ def test_a_failed_shard_write_commits_nothing(tmp_path, monkeypatch):
 def test_a_commit_refuses_foreign_entries_in_shards(tmp_path):
     store = CheckpointStore(tmp_path)
     tmp = store.begin_sharded(4)
+    save_file({"w": torch.ones(2)}, tmp / "shards" / SHARD)
+    records = seal_shards(tmp / "shards", [SHARD])
     (tmp / "shards" / ".metadata").write_bytes(b"pickled")
-    with pytest.raises(CheckpointError, match=r"unexpected entry shards/\.metadata"):
-        store.commit_sharded(4, tmp, {"state": {}})
+    with pytest.raises(CheckpointError, match=r"unexpected entry shards/\.metadata \(no rank wrote it\)"):
+        store.commit_sharded(4, tmp, {"state": {}}, shard_records=records)
     assert not tmp.exists() and store.list_checkpoints() == []
+
+
+class TwoRanksSeenFromRankZero(Distributed):
+    """Rank 0 of a two-rank group whose rank 1 (simulated) reports ``peer``: ``(failure, shard records)``."""
+
+    def __init__(self, peer: tuple) -> None:
+        super().__init__("fsdp", 0, 0, 2)
+        self.peer = peer
+
+    def gather_objects(self, value):
+        return [value, self.peer]
+
+    def broadcast_object(self, value):
+        return value
+
+
+PEER = "shard-00002-model-00001-of-00001.safetensors"
+
+
+def peer_record(size: int) -> dict[str, FileRecord]:
+    return {f"shards/{PEER}": FileRecord(size, "ab" * 32)}
+
+
+def test_the_manifest_takes_each_ranks_own_hash_and_rank_zero_reads_no_other_shard(tmp_path, monkeypatch):
+    store = CheckpointStore(tmp_path)
+    peer_bytes = b"rank 1 wrote this"
+    real_write = steadyfit.checkpoint.sharded.write_shards
+
+    def write_both(shards_dir: Path, tensors: dict) -> list[str]:
+        (shards_dir / PEER).write_bytes(peer_bytes)  # rank 1's file, as a shared filesystem shows it
+        return real_write(shards_dir, tensors)
+
+    monkeypatch.setattr(steadyfit.checkpoint.sharded, "write_shards", write_both)
+    model, opt = trained(1)
+    tensors, _ = split_state(model.state_dict(), opt.state_dict())
+    two = TwoRanksSeenFromRankZero((None, peer_record(len(peer_bytes))))
+    path = save_sharded(store, two, 1, tensors, {"state": {"step": 1}})
+    files = json.loads((path / "manifest.json").read_text())["files"]
+    # Rank 1's record is listed as it sent it: rank 0 did not read that file (its real hash differs).
+    assert files[f"shards/{PEER}"] == {"size": len(peer_bytes), "sha256": "ab" * 32}
+    own = path / "shards" / SHARD
+    assert files[f"shards/{SHARD}"] == {"size": own.stat().st_size, "sha256": sha256(own.read_bytes())}
+    assert store.verify(path) == [f"sha256 mismatch for file shards/{PEER} (content changed or corrupted)"]
+
+
+@pytest.mark.parametrize(
+    ("peer_writes", "recorded_size", "fault"),
+    [
+        (False, 17, f"shards/{PEER} was written by a rank but is missing from this listing of shards/"),
+        (True, 99, f"shards/{PEER} is 17 bytes here but its rank wrote 99 bytes"),
+    ],
+)
+def test_a_listing_that_disagrees_with_the_ranks_records_commits_nothing(
+    tmp_path, monkeypatch, peer_writes, recorded_size, fault
+):
+    # A stale listing of a shared filesystem: rank 0 must not commit a manifest without rank 1's shard.
+    store = CheckpointStore(tmp_path)
+    good = save(store, 1, *trained(1))
+    real_write = steadyfit.checkpoint.sharded.write_shards
+
+    def write(shards_dir: Path, tensors: dict) -> list[str]:
+        if peer_writes:
+            (shards_dir / PEER).write_bytes(b"x" * 17)
+        return real_write(shards_dir, tensors)
+
+    monkeypatch.setattr(steadyfit.checkpoint.sharded, "write_shards", write)
+    model, opt = trained(2)
+    tensors, _ = split_state(model.state_dict(), opt.state_dict())
+    two = TwoRanksSeenFromRankZero((None, peer_record(recorded_size)))
+    with pytest.raises(CheckpointError, match=re.escape(fault)):
+        save_sharded(store, two, 2, tensors, {"state": {"step": 2}})
+    assert sorted(p.name for p in store.checkpoints_dir.iterdir()) == [good.name], "nothing committed"
+
+
+def test_a_rank_that_wrote_nothing_sends_no_record(tmp_path, monkeypatch):
+    store = CheckpointStore(tmp_path)
+    model, opt = trained(1)
+    tensors, _ = split_state(model.state_dict(), opt.state_dict())
+    path = save_sharded(store, TwoRanksSeenFromRankZero((None, {})), 1, tensors, {"state": {"step": 1}})
+    assert store.verify(path) == []
+    assert sorted(p.name for p in (path / "shards").iterdir()) == [SHARD]
+
+
+def test_a_failing_rotation_after_the_commit_does_not_fail_the_save(tmp_path, caplog):
+    store = CheckpointStore(tmp_path)
+    model, opt = trained(1)
+    tensors, _ = split_state(model.state_dict(), opt.state_dict())
+
+    def rotate(path: Path) -> None:
+        raise OSError(13, "Permission denied")
+
+    with caplog.at_level(logging.WARNING, logger="steadyfit.checkpoint.sharded"):
+        path = save_sharded(store, ONE_PROCESS, 1, tensors, {"state": {"step": 1}}, on_commit=rotate)
+    assert store.list_checkpoints() == [path] and store.verify(path) == []
+    assert f"checkpoint {path} is committed, but what followed its commit failed" in caplog.text
+    assert "Permission denied" in caplog.text
+
+
+class WithUnusedBranch(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = torch.nn.Linear(3, 2)
+        self.unused = torch.nn.Linear(3, 2)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.used(inputs)
+
+
+def test_a_resume_loads_an_optimizer_without_state_for_an_unused_parameter(tmp_path):
+    torch.manual_seed(0)
+    model = WithUnusedBranch()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    for _ in range(2):
+        model(torch.randn(4, 3)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    tensors, structure = split_state(*ONE_PROCESS.sharded_state(model, opt))
+    path = save_sharded(
+        CheckpointStore(tmp_path), ONE_PROCESS, 2, tensors, {"state": {"optimizer": structure}}
+    )
+    assert not any(name.startswith("optimizer.state.unused.") for name in tensors)
+
+    torch.manual_seed(1)
+    resumed = WithUnusedBranch()
+    resumed_opt = torch.optim.AdamW(resumed.parameters(), lr=0.01)
+    load_shards(ONE_PROCESS, path / "shards", resumed, resumed_opt, structure)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], tensor), name
+    expected, loaded = opt.state_dict(), resumed_opt.state_dict()
+    assert expected["param_groups"] == loaded["param_groups"]
+    assert loaded["state"].keys() == expected["state"].keys() == {0, 1}, "no state for the unused branch"
+    for index, moments in expected["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(loaded["state"][index][key], value), (index, key)

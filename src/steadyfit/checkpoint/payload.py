@@ -188,6 +188,33 @@ def unflatten(structure: Any, tensors: dict[str, torch.Tensor], *, where: str = 
     return decode(structure, "state")
 
 
+def tensor_keys(structure: Any) -> set[str]:
+    """The tensor keys a :func:`flatten` structure refers to (tensors, numpy arrays and numpy scalars).
+
+    Example:
+        >>> tensors, structure = flatten({"state": {0: {"step": torch.tensor(1.0)}}, "lr": 0.1})
+        >>> tensor_keys(structure)
+        {'state.0.step'}
+    """
+    keys: set[str] = set()
+
+    def visit(value: Any) -> None:
+        if isinstance(value, list):
+            for item in value:
+                visit(item)
+        elif isinstance(value, dict):
+            if len(value) == 1 and next(iter(value)) in (_TENSOR, _NDARRAY, _NPSCALAR):
+                body = next(iter(value.values()))
+                if isinstance(body, str):
+                    keys.add(body)
+                return
+            for item in value.values():
+                visit(item)
+
+    visit(structure)
+    return keys
+
+
 def snapshot(state: Any, *, where: str = "state") -> Any:
     """Deep copy of ``state`` with every tensor copied to CPU memory, so the caller may keep mutating it.
 

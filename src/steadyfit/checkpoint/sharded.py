@@ -1,24 +1,29 @@
 """Sharded (FSDP) checkpoints: every rank writes its own slices through torch.distributed.checkpoint (DCP).
 
 Tensors only go through DCP, and only through its safetensors storage (``HuggingFaceStorageWriter`` with
-``save_distributed=True``, ``HuggingFaceStorageReader``): each rank writes
-``shards/shard-<rank+1>-model-00001-of-00001.safetensors`` with its slices' offsets in the safetensors
-header, and the reader rebuilds DCP's metadata from those headers. DCP's default storage would write a
-pickled ``.metadata`` file and unpickle it on load; this one never does. The non-tensor optimizer state
+``save_distributed=True``, ``HuggingFaceStorageReader``): rank ``r`` writes
+``shards/shard-<r+1 as 5 digits>-model-00001-of-00001.safetensors`` (``shard-00001-…`` for rank 0; no
+file when it holds nothing to write) with its slices' offsets in the safetensors header, and the reader
+rebuilds DCP's metadata from those headers. DCP's default storage would write a pickled ``.metadata``
+file and unpickle it on load; this one never does. The non-tensor optimizer state
 (param groups, hyperparameters) is a JSON structure referring to the tensors by key (:mod:`.payload`),
 stored with the other components by the coordinator; the manifest covers the shard files too, and is
 verified before DCP reads any of them.
 
 The commit protocol of a sharded save: rank 0 creates the temporary directory and broadcasts its name;
-every rank writes and fsyncs its shard (a collective ``dcp.save``); the ranks' outcomes are gathered; rank
-0 then hashes the shards, writes the components and the manifest, and renames the directory into place (or
-removes it if any rank failed); its outcome is broadcast, so every rank returns only after the commit and
-all of them raise if it failed.
+every rank writes its shard (a collective ``dcp.save``), then fsyncs and hashes the file it wrote itself;
+the ranks' outcomes and file records are gathered; rank 0 checks that its listing of ``shards/`` holds
+exactly the recorded files and sizes (it reads no other rank's shard), writes the components and the
+manifest from the gathered records, and renames the directory into place (or removes it if any rank
+failed or the listing disagrees); its outcome is broadcast, so every rank returns only after the commit
+and all of them raise if it failed. Rotation after the commit is best effort: the checkpoint is committed
+whether or not it succeeds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -27,12 +32,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from steadyfit.checkpoint import layout
+from steadyfit.checkpoint.atomic import FileRecord
 from steadyfit.checkpoint.errors import CheckpointError
-from steadyfit.checkpoint.payload import flatten, unflatten
-from steadyfit.checkpoint.store import CheckpointStore
+from steadyfit.checkpoint.manifest import describe_os_error
+from steadyfit.checkpoint.payload import flatten, tensor_keys, unflatten
+from steadyfit.checkpoint.store import CheckpointStore, seal_shards
 
 if TYPE_CHECKING:
     from steadyfit.distributed import Distributed
+
+logger = logging.getLogger(__name__)
 
 MODEL_PREFIX = "model."
 OPTIMIZER_PREFIX = "optimizer."
@@ -86,20 +95,83 @@ def join_state(
     return model_state, unflatten(structure, optimizer_tensors, where=where)
 
 
-def write_shards(shards_dir: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+def write_shards(shards_dir: Path, tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """This rank's part of a collective DCP save into ``shards_dir`` (every rank calls it).
 
     Each rank writes one safetensors file holding its DTensor slices (plain tensors are replicated: DCP
-    writes each once) and fsyncs it; nothing else is written (no DCP metadata file, no consolidation).
+    writes each once), or none when it holds nothing to write; nothing else is written (no DCP metadata
+    file, no consolidation).
+
+    Returns:
+        The names of the files this rank wrote in ``shards_dir`` (one, or none).
 
     Raises:
         CheckpointError: on every rank when any rank failed, naming each failed rank and its error.
+
+    Example:
+        >>> import tempfile
+        >>> write_shards(Path(tempfile.mkdtemp()), {"model.w": torch.ones(2)})
+        ['shard-00001-model-00001-of-00001.safetensors']
     """
     import torch.distributed.checkpoint as dcp
 
-    writer = dcp.HuggingFaceStorageWriter(str(shards_dir), save_distributed=True)
+    # The writer is built inside the guards too, so that whatever it raises takes the same way out.
     with _single_process_is_intended(), _as_checkpoint_error():
+        from steadyfit.checkpoint.shard_writer import ShardWriter
+
+        writer = ShardWriter(shards_dir)
         dcp.save(dict(tensors), storage_writer=writer)
+    return writer.written_files()
+
+
+def load_shards(
+    dist: Distributed,
+    shards_dir: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    optimizer_structure: Any = None,
+    *,
+    where: str = "optimizer",
+) -> None:
+    """Load a verified sharded checkpoint into ``model`` (and ``optimizer``); a collective every rank calls.
+
+    The targets come from the live model and optimizer, laid out for this world size (resharding when it
+    differs from the saved one); DCP fills them in place from whichever shard files hold each slice. The
+    optimizer's targets are only those ``optimizer_structure`` (the saved JSON structure) refers to: a
+    fresh optimizer gets state for every parameter, but the saved one has none for a parameter that never
+    had a gradient (an unused branch), and asking DCP for it would fail the load. The optimizer state is
+    then set from the saved structure, so such a parameter has no state after the resume either.
+
+    Args:
+        dist: the process group (:meth:`~steadyfit.distributed.Distributed.sharded_state`).
+        shards_dir: the checkpoint's ``shards/`` directory, verified against the manifest.
+        model, optimizer: the live objects; without ``optimizer`` only the model is loaded.
+        optimizer_structure: the saved optimizer structure (:func:`split_state`); needed with ``optimizer``.
+        where: how errors name the structure's origin.
+
+    Raises:
+        CheckpointError: on every rank when any rank failed to load (e.g. a model key missing from the
+            checkpoint), or the structure refers to a tensor that was not loaded.
+
+    Example:
+        >>> import tempfile
+        >>> from steadyfit.config import TrainConfig
+        >>> from steadyfit.distributed import Distributed
+        >>> one = Distributed.setup(TrainConfig())
+        >>> saved, fresh = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+        >>> shards = Path(tempfile.mkdtemp())
+        >>> _ = write_shards(shards, split_state(saved.state_dict(), {})[0])
+        >>> load_shards(one, shards, fresh)
+        >>> torch.equal(fresh.weight, saved.weight)
+        True
+    """
+    model_state, optimizer_state = dist.sharded_state(model, optimizer)
+    tensors, _ = split_state(model_state, optimizer_state)
+    wanted = {OPTIMIZER_PREFIX + key for key in tensor_keys(optimizer_structure)}
+    targets = {name: t for name, t in tensors.items() if name.startswith(MODEL_PREFIX) or name in wanted}
+    read_shards(shards_dir, targets)
+    model_state, optimizer_state = join_state(targets, optimizer_structure or {}, where=where)
+    dist.load_sharded_state(model, model_state, optimizer, optimizer_state)
 
 
 def read_shards(shards_dir: Path, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -166,14 +238,16 @@ def save_sharded(
         components, extra_files: as :meth:`CheckpointStore.commit_sharded`; read on rank 0 only (other
             ranks may pass None).
         on_commit: called on rank 0 with the committed path before the other ranks are released (e.g. to
-            rotate); an exception it raises fails the save on every rank.
+            rotate); an exception it raises is logged as a warning and the save still succeeds on every
+            rank: the checkpoint is committed.
 
     Returns:
         The committed checkpoint directory, on every rank.
 
     Raises:
-        CheckpointError: on every rank when any rank failed to write its shard or rank 0 failed to commit;
-            nothing is committed then, and earlier checkpoints are untouched.
+        CheckpointError: on every rank when any rank failed to write or seal its shard, rank 0's listing
+            of ``shards/`` disagrees with the files the ranks wrote, or rank 0 failed to commit; nothing is
+            committed then, and earlier checkpoints are untouched.
 
     Example:
         >>> import tempfile
@@ -196,16 +270,28 @@ def save_sharded(
         raise CheckpointError(str(begun))
     tmp = begun
     failure = None
+    records: dict[str, FileRecord] = {}
     try:
-        write_shards(tmp / layout.SHARDS_DIR, tensors)
+        written = write_shards(tmp / layout.SHARDS_DIR, tensors)
     except CheckpointError as exc:  # DCP's own report, the same on every rank, naming the failed ranks
         failure = str(exc)
     except Exception as exc:  # reported to rank 0 below, so that it never commits a half checkpoint
         failure = f"rank {dist.rank}: {exc}"
-    failures = list(dict.fromkeys(message for message in dist.gather_objects(failure) if message))
+    else:
+        # Each rank seals its own file: the hashing runs in parallel, and rank 0 never reads another
+        # rank's shard (serially, while the others wait in the collective below under its timeout).
+        try:
+            records = seal_shards(tmp / layout.SHARDS_DIR, written)
+        except Exception as exc:
+            failure = f"rank {dist.rank}: could not seal its shard: {describe_os_error(exc)}"
+    gathered = dist.gather_objects((failure, records))
+    failures = list(dict.fromkeys(message for message, _ in gathered if message))
     outcome = None
     if dist.is_main:
-        outcome = _commit(store, step, tmp, failures, components or {}, extra_files, on_commit)
+        records_by_rank = [rank_records for _, rank_records in gathered]
+        outcome = _commit(
+            store, step, tmp, failures, records_by_rank, components or {}, extra_files, on_commit
+        )
     committed = dist.broadcast_object(outcome if isinstance(outcome, Path) else str(outcome))
     if isinstance(outcome, CheckpointError):
         raise outcome
@@ -219,12 +305,19 @@ def _commit(
     step: int,
     tmp: Path,
     failures: list[str],
+    records_by_rank: list[dict[str, FileRecord]],
     components: Mapping[str, Any],
     extra_files: Mapping[str, bytes] | None,
     on_commit: Callable[[Path], None] | None,
 ) -> Path | CheckpointError:
-    """Rank 0: commit the shards every rank wrote, or discard them; returns the path or what went wrong."""
+    """Rank 0: commit the shards every rank wrote and sealed, or discard them; returns the path or what went
+    wrong."""
     final = store.path_for(step)
+    shard_records: dict[str, FileRecord] = {}
+    for rank, records in enumerate(records_by_rank):
+        for entry in records.keys() & shard_records.keys():
+            failures.append(f"rank {rank}: {entry} was also written by another rank")
+        shard_records.update(records)
     if failures:
         store.discard(tmp)
         reasons = "; ".join(failures)
@@ -232,11 +325,16 @@ def _commit(
             f"could not save sharded checkpoint {final}: {reasons}; earlier checkpoints are untouched"
         )
     try:
-        path = store.commit_sharded(step, tmp, components, extra_files=extra_files)
-        if on_commit is not None:
-            on_commit(path)
+        path = store.commit_sharded(
+            step, tmp, components, shard_records=shard_records, extra_files=extra_files
+        )
     except Exception as exc:  # every rank must learn of it, or the others would wait in the next collective
         error = CheckpointError(f"could not save sharded checkpoint {final}: {exc}")
         error.__cause__ = exc
         return error
+    if on_commit is not None:
+        try:
+            on_commit(path)
+        except Exception as exc:  # committed already: failing the save now would misreport it as lost
+            logger.warning("checkpoint %s is committed, but what followed its commit failed: %s", path, exc)
     return path

@@ -160,34 +160,40 @@ class CheckpointStore:
         tmp: Path,
         components: Mapping[str, Any],
         *,
+        shard_records: Mapping[str, FileRecord],
         extra_files: Mapping[str, bytes] | None = None,
     ) -> Path:
         """Seal a sharded save begun with :meth:`begin_sharded` once every rank has written its shard.
 
-        Every shard file is fsynced and hashed, the ``shards/`` directory fsynced, ``components`` (the
-        non-tensor state: JSON plus tensors as in :meth:`save`) and ``extra_files`` written, the manifest
-        last, then one atomic rename commits the checkpoint.
+        The shard files are not read here: each rank fsynced and hashed its own (:func:`seal_shards`) and
+        ``shard_records`` gathers their records. This directory listing of ``shards/`` must hold exactly
+        those files with those sizes, or nothing is committed (a listing cached on a shared filesystem
+        could miss a shard, and a manifest built from it would verify without it). Then ``shards/`` is
+        fsynced, ``components`` (the non-tensor state: JSON plus tensors as in :meth:`save`) and
+        ``extra_files`` written, the manifest last, and one atomic rename commits the checkpoint.
 
         Args:
             step: the step given to :meth:`begin_sharded`.
             tmp: the directory :meth:`begin_sharded` returned.
             components, extra_files: as :meth:`save`.
+            shard_records: every rank's :func:`seal_shards` records together (``shards/<file>`` -> record).
 
         Returns:
             The committed checkpoint directory.
 
         Raises:
-            CheckpointError: invalid names or values, an unexpected entry in ``shards/``, or a disk error;
-                ``tmp`` is removed and earlier checkpoints are untouched.
+            CheckpointError: invalid names or values, ``shards/`` not holding exactly the recorded files and
+                sizes, or a disk error; ``tmp`` is removed and earlier checkpoints are untouched.
 
         Example:
             >>> import tempfile
             >>> from safetensors.torch import save_file
             >>> store = CheckpointStore(tempfile.mkdtemp())
             >>> tmp = store.begin_sharded(5)
-            >>> shard = tmp / "shards" / "shard-00001-model-00001-of-00001.safetensors"
-            >>> save_file({"w": torch.ones(2)}, shard)
-            >>> path = store.commit_sharded(5, tmp, {"trainer": {"epoch": 1}})
+            >>> name = "shard-00001-model-00001-of-00001.safetensors"
+            >>> save_file({"w": torch.ones(2)}, tmp / "shards" / name)
+            >>> records = seal_shards(tmp / "shards", [name])
+            >>> path = store.commit_sharded(5, tmp, {"trainer": {"epoch": 1}}, shard_records=records)
             >>> store.open(path).shards_dir == path / "shards", store.verify(path)
             (True, [])
         """
@@ -198,7 +204,7 @@ class CheckpointStore:
             encoded = {
                 name: flatten(state, where=f"components[{name!r}]") for name, state in components.items()
             }
-            records = self._seal_shards(tmp / layout.SHARDS_DIR)
+            records = _check_shards(tmp, dict(shard_records))
             self._write_and_commit(
                 step, tmp, final, records, [], encoded, extra_files, model=layout.SHARDS_DIR
             )
@@ -214,24 +220,6 @@ class CheckpointStore:
             # The new checkpoints/ entry must be durable too, or a crash could lose every checkpoint.
             fsync_path(self.checkpoints_dir.parent)
         os.mkdir(tmp)
-
-    def _seal_shards(self, shards_dir: Path) -> dict[str, FileRecord]:
-        """Fsync and hash every shard file (written by each rank), then the directory that lists them."""
-        records = {}
-        with os.scandir(shards_dir) as entries:
-            names = sorted(entry.name for entry in entries)
-        for name in names:
-            entry = layout.shard_entry(name)
-            if layout.shard_file_of(entry) is None or not (shards_dir / name).is_file():
-                raise CheckpointError(
-                    f"cannot commit {shards_dir.parent}: unexpected entry {entry} (a shard is a "
-                    f"*{layout.SHARD_SUFFIX} file)"
-                )
-            records[entry] = sync_and_hash(shards_dir / name)
-        if not records:
-            raise CheckpointError(f"cannot commit {shards_dir.parent}: no rank wrote a shard file")
-        fsync_path(shards_dir)
-        return records
 
     def _write_and_commit(
         self,
@@ -385,25 +373,41 @@ class CheckpointStore:
             damaged.append((path, faults))
         return None, damaged
 
-    def rotate(self, keep_last: int, protect: Iterable[str | os.PathLike[str]] = ()) -> list[Path]:
+    def rotate(
+        self,
+        keep_last: int,
+        protect: Iterable[str | os.PathLike[str]] = (),
+        *,
+        known_good: str | os.PathLike[str] | None = None,
+    ) -> list[Path]:
         """Delete committed checkpoints older than the newest ``keep_last``; return what was deleted.
 
         Never deleted: the newest good checkpoint, any path in ``protect`` (e.g. the best one), any
         checkpoint that fails verification, and anything not named like our checkpoints. Each candidate is
         verified (read in full) before it is deleted.
 
+        Args:
+            keep_last: how many of the newest checkpoints to keep (>= 1).
+            protect: checkpoints never deleted.
+            known_good: a checkpoint the caller knows is intact because it has just committed it: it is not
+                read again to find the newest good one (a fresh checkpoint can be as large as the model).
+                Checkpoints newer than it, if any, are still verified first.
+
+        Raises:
+            ValueError: ``keep_last`` below 1.
+
         Example:
             >>> import tempfile
             >>> store = CheckpointStore(tempfile.mkdtemp())
             >>> for step in (1, 2, 3):
-            ...     _ = store.save(step, {}, {})
-            >>> [p.name for p in store.rotate(keep_last=1, protect=[store.path_for(1)])]
+            ...     newest = store.save(step, {}, {})
+            >>> [p.name for p in store.rotate(keep_last=1, protect=[store.path_for(1)], known_good=newest)]
             ['step-00000002']
         """
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         protected = {Path(p).resolve() for p in protect}
-        newest_good, _ = self.latest_good()
+        newest_good = self._newest_good(Path(known_good).resolve() if known_good is not None else None)
         if newest_good is not None:
             protected.add(newest_good.resolve())
         deleted = []
@@ -417,6 +421,13 @@ class CheckpointStore:
             remove_tree(path)
             deleted.append(path)
         return deleted
+
+    def _newest_good(self, known_good: Path | None) -> Path | None:
+        """As :meth:`latest_good`, taking ``known_good`` (resolved) as intact without reading it."""
+        for path in reversed(self.list_checkpoints()):
+            if path.resolve() == known_good or not self.verify(path):
+                return path
+        return None
 
     def cleanup_stray(self) -> list[Path]:
         """Remove temporary directories left by a crashed save; return what was removed.
@@ -496,6 +507,72 @@ class CheckpointStore:
                 )
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise CheckpointError(f"cannot save {final}: extra file {name!r} must be bytes")
+
+
+def seal_shards(shards_dir: Path, names: Iterable[str]) -> dict[str, FileRecord]:
+    """Fsync and hash the shard files this rank wrote (file names in ``shards_dir``), then the directory.
+
+    Every rank seals its own shards right after writing them, so the hashing is spread over the ranks and
+    the coordinator never reads another rank's shard to commit (:meth:`CheckpointStore.commit_sharded`).
+
+    Returns:
+        ``shards/<file>`` -> record, as the manifest lists them; empty when the rank wrote nothing (DCP
+        writes no file for a rank whose save plan is empty).
+
+    Raises:
+        CheckpointError: a name that is not a shard file name.
+        OSError: a file cannot be read or synced.
+
+    Example:
+        >>> import tempfile
+        >>> from safetensors.torch import save_file
+        >>> shards = Path(tempfile.mkdtemp())
+        >>> save_file({"w": torch.ones(2)}, shards / "shard-00001-model-00001-of-00001.safetensors")
+        >>> list(seal_shards(shards, ["shard-00001-model-00001-of-00001.safetensors"]))
+        ['shards/shard-00001-model-00001-of-00001.safetensors']
+    """
+    records = {}
+    for name in sorted(names):
+        entry = layout.shard_entry(name)
+        if layout.shard_file_of(entry) is None:
+            raise CheckpointError(
+                f"{shards_dir / name}: not a shard file name (a shard is a *{layout.SHARD_SUFFIX} file)"
+            )
+        records[entry] = sync_and_hash(shards_dir / name)
+    if records:
+        # This rank created entries in shards/: their names must be durable before the commit too.
+        fsync_path(shards_dir)
+    return records
+
+
+def _check_shards(tmp: Path, records: dict[str, FileRecord]) -> dict[str, FileRecord]:
+    """The coordinator's listing of ``tmp/shards`` must hold exactly the files the ranks recorded, at the
+    recorded sizes (a stat each, no read); returns ``records`` once ``shards/`` is fsynced."""
+    shards_dir = tmp / layout.SHARDS_DIR
+    with os.scandir(shards_dir) as entries:
+        listed = {layout.shard_entry(entry.name): entry for entry in entries}
+    faults = []
+    for entry in sorted(listed.keys() - records.keys()):
+        faults.append(f"unexpected entry {entry} (no rank wrote it)")
+    for entry in sorted(records.keys() - listed.keys()):
+        faults.append(
+            f"{entry} was written by a rank but is missing from this listing of {layout.SHARDS_DIR}/ (a "
+            "stale listing on a shared filesystem?)"
+        )
+    for entry in sorted(records.keys() & listed.keys()):
+        found = listed[entry]
+        if found.is_symlink() or not found.is_file(follow_symlinks=False):
+            faults.append(f"unexpected entry {entry} (not a regular file)")
+            continue
+        size = found.stat(follow_symlinks=False).st_size
+        if size != records[entry].size:
+            faults.append(f"{entry} is {size} bytes here but its rank wrote {records[entry].size} bytes")
+    if not records and not faults:
+        faults.append("no rank wrote a shard file")
+    if faults:
+        raise CheckpointError(f"cannot commit {tmp}: " + "; ".join(faults))
+    fsync_path(shards_dir)
+    return records
 
 
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
