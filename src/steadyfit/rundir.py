@@ -197,6 +197,12 @@ class RunDirectory:
     def _load(self, path: Path) -> None:
         trainer = self.trainer
         checkpoint = self._read_checkpoint(path)
+        if STATE_COMPONENT not in checkpoint.components:
+            raise CheckpointError(
+                f"checkpoint {path} has no {STATE_COMPONENT!r} component (it holds "
+                f"{sorted(checkpoint.components)}): it was written by an older steadyfit layout that this "
+                "version cannot resume; start a new run_dir, or resume=never after moving checkpoints/ away"
+            )
         components = checkpoint.components[STATE_COMPONENT]
         saved_config = yaml.safe_load(checkpoint.extra_files.get(CONFIG_FILE, b"{}")) or {}
         state = TrainState.from_dict(components["trainer_state"])

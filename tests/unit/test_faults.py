@@ -39,6 +39,16 @@ def test_disk_full_during_a_save_keeps_earlier_checkpoints(tmp_path, monkeypatch
     assert all(store.verify(path) == [] for path in good)
 
 
+def test_a_checkpoint_in_an_older_layout_is_refused_with_a_clear_error(tmp_path):
+    # An intact, verified checkpoint whose components predate the single "state" component.
+    config = base_config(tmp_path, batch_size=4)
+    store = CheckpointStore(config.run_dir)
+    store.save(3, make_mlp().state_dict(), {"trainer_state": {"step": 3}, "optimizer": {"state": {}}})
+    trainer = Trainer(make_mlp(), config, train_data=make_regression(40), loss_fn=CE)
+    with pytest.raises(CheckpointError, match=r"step-00000003 has no 'state' component.*older steadyfit"):
+        trainer.fit()
+
+
 def test_compile_wraps_the_model_once(tmp_path, monkeypatch):
     compiled = []
 
