@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 
 def make_regression(n: int = 50, features: int = 6, seed: int = 0) -> torch.utils.data.TensorDataset:
@@ -69,3 +71,18 @@ def interrupt_on_cue(
         if process.stdout is not None:
             process.stdout.close()
     return process.returncode, "".join(seen)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The final weights a run wrote (RUN_DIR/final/model.safetensors)."""
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from helpers import interrupt_on_cue
 
@@ -114,6 +113,25 @@ def run_until(
     return output
 
 
+def kill_rank_one_after_commit(run_dir: Path, overrides: dict[str, object], step: int) -> str:
+    """A 2-rank launch under ``--max-restarts=1`` whose rank 1 is SIGKILLed once the checkpoint of
+    ``step`` is committed; torchrun restarts the group, which resumes. Returns everything it printed."""
+
+    def kill_rank_one(pids: dict[int, int]) -> None:
+        os.kill(pids[1], KILL)
+
+    output = run_until(
+        torchrun(*script((run_dir, overrides)), flags=("--max-restarts=1",)),
+        lambda line: line == f"saved {run_dir / 'checkpoints' / f'step-{step:08d}'}",
+        kill_rank_one,
+        # torch shares the rendezvous store with the workers, and restarted workers can read the previous
+        # attempt's gloo addresses from it (pytorch/pytorch#135712); a separate store per attempt avoids it.
+        TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
+    )
+    assert "result 0" in output, output
+    return output
+
+
 def results(output: str) -> dict[int, list[dict]]:
     """The `result RANK {json}` lines of a launch, per rank, in run order."""
     found: dict[int, list[dict]] = {}
@@ -129,21 +147,7 @@ def printed(output: str, word: str) -> list[list[str]]:
     return [line.split()[1:] for line in output.splitlines() if line.split()[:1] == [word]]
 
 
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "final" / "model.safetensors"))
-
-
-def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs"
-
-
 def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tolerance: float = 1e-5) -> None:
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=tolerance, atol=tolerance, msg=f"{key} differs")
-
-
-def metric_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

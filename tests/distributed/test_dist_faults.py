@@ -7,10 +7,8 @@ import os
 
 import pytest
 from dist_harness import (
-    KILL,
     TERM,
-    assert_bitwise_equal,
-    final_weights,
+    kill_rank_one_after_commit,
     printed,
     results,
     run_to_end,
@@ -18,6 +16,8 @@ from dist_harness import (
     script,
     torchrun,
 )
+
+from helpers import assert_bitwise_equal, final_weights
 
 pytestmark = pytest.mark.slow
 
@@ -40,19 +40,7 @@ def reference(tmp_path_factory):
 
 def test_a_sigkilled_worker_restarts_and_finishes_bitwise_equal(reference, tmp_path):
     run_dir = tmp_path / "run"
-
-    def kill_rank_one(pids: dict[int, int]) -> None:
-        os.kill(pids[1], KILL)
-
-    output = run_until(
-        torchrun(*script((run_dir, {**OVERRIDES, "save_every": 5})), flags=("--max-restarts=1",)),
-        lambda line: line == f"saved {run_dir / 'checkpoints' / 'step-00000005'}",
-        kill_rank_one,
-        # torch shares the rendezvous store with the workers, and restarted workers can read the previous
-        # attempt's gloo addresses from it (pytorch/pytorch#135712); a separate store per attempt avoids it.
-        TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
-    )
-    assert "result 0" in output, output
+    output = kill_rank_one_after_commit(run_dir, {**OVERRIDES, "save_every": 5}, step=5)
     pids = [int(pid) for rank, pid in printed(output, "pid")]
     assert len(pids) == 4, "torchrun must have restarted both workers once"
     restarted = output[output.rindex("pid ") :]

@@ -14,15 +14,15 @@ from dist_harness import (
     TIMEOUT_S,
     assert_close,
     environment,
-    final_weights,
     free_port,
-    metric_rows,
     results,
     run_to_end,
     script,
     torchrun,
 )
 from dist_script import build_trainer
+
+from helpers import final_weights, metric_rows
 
 pytestmark = pytest.mark.slow
 

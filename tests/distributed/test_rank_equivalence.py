@@ -12,8 +12,6 @@ import shutil
 import pytest
 from dist_harness import (
     assert_close,
-    final_weights,
-    metric_rows,
     printed,
     results,
     run_to_end,
@@ -22,6 +20,7 @@ from dist_harness import (
 )
 from dist_script import build_trainer
 
+from helpers import final_weights, metric_rows
 from steadyfit import ConfigError
 
 pytestmark = pytest.mark.slow

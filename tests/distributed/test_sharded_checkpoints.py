@@ -7,26 +7,22 @@ test_rank_equivalence.py's test_fsdp_resumes_on_one_rank_with_the_same_global_ba
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from dist_harness import (
-    KILL,
-    assert_bitwise_equal,
-    final_weights,
-    metric_rows,
+    kill_rank_one_after_commit,
     printed,
     results,
     run_to_end,
-    run_until,
     script,
     torchrun,
 )
 from safetensors.torch import load_file
 
+from helpers import assert_bitwise_equal, final_weights, metric_rows
 from steadyfit.checkpoint import CheckpointStore
 
 pytestmark = pytest.mark.slow
@@ -97,18 +93,7 @@ def killed(tmp_path_factory):
     """A 2-rank FSDP run whose rank 1 is SIGKILLed after the step-5 commit, restarted by torchrun; the
     restarted workers refuse to unpickle anything. Returns (run_dir, output)."""
     run_dir = tmp_path_factory.mktemp("killed") / "run"
-
-    def kill_rank_one(pids: dict[int, int]) -> None:
-        os.kill(pids[1], KILL)
-
-    output = run_until(
-        torchrun(*script((run_dir, {**OVERRIDES, "forbid_pickle": 1})), flags=("--max-restarts=1",)),
-        lambda line: line == f"saved {run_dir / 'checkpoints' / 'step-00000005'}",
-        kill_rank_one,
-        # As in test_dist_faults.py: a separate rendezvous store per attempt (pytorch/pytorch#135712).
-        TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
-    )
-    assert "result 0" in output, output
+    output = kill_rank_one_after_commit(run_dir, {**OVERRIDES, "forbid_pickle": 1}, step=5)
     return run_dir, output
 
 

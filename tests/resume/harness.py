@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file
 
 from helpers import interrupt_on_cue
 
@@ -44,20 +40,6 @@ def run_until(run_dir: Path, line: str, sig: int, *overrides: str) -> tuple[int,
         lambda process, _: process.send_signal(sig),
         TIMEOUT_S,
     )
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "final" / "model.safetensors"))
-
-
-def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs"
-
-
-def metric_rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 KILL = signal.SIGKILL

@@ -11,12 +11,11 @@ from harness import (
     INT,
     KILL,
     TERM,
-    assert_bitwise_equal,
-    final_weights,
-    metric_rows,
     run_to_end,
     run_until,
 )
+
+from helpers import assert_bitwise_equal, final_weights, metric_rows
 
 pytestmark = pytest.mark.slow
 
