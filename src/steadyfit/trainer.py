@@ -339,23 +339,13 @@ class Trainer:
         if device_skip is None or not device_skip.unread:
             return True
         unread, outcomes = device_skip.read_outcomes()
-        state = self.state
         for step, applied in zip(unread, outcomes, strict=True):
             if applied:
                 self._book_step(
                     step.loss_sum, step.loss_count, step.samples, step.grad_norm, step.counts_tokens
                 )
             else:
-                self.guard.record_skip(
-                    state,
-                    self.run.last_checkpoint,
-                    "loss or gradient",
-                    position=(step.epoch, step.batch_in_epoch),
-                )
-                self.run.progress.message(
-                    f"skipped step {state.step + 1}: non-finite loss or gradient "
-                    f"({state.nonfinite_skips} skipped so far)"
-                )
+                self._book_skip(position=(step.epoch, step.batch_in_epoch))
         # The bar moves here for all but the last step, which _after_step counts as usual.
         self.run.progress.step(sum(outcomes[:-1]))
         return outcomes[-1]
@@ -455,10 +445,18 @@ class Trainer:
                 # fp16 overflow with a finite loss is the scaler's normal skip, not a fault.
                 self.state.scaler_skips += 1
                 return
-        self.guard.record_skip(self.state, self.run.last_checkpoint, "loss or gradient")
+        self._book_skip()
+
+    def _book_skip(self, position: tuple[int, int] | None = None) -> None:
+        """A skipped step: counted and reported, or NonFiniteError (``raise``, too many in a row).
+
+        ``position``: (epoch, batch in the epoch) of a step booked after the fact; else the current one.
+        """
+        state = self.state
+        self.guard.record_skip(state, self.run.last_checkpoint, "loss or gradient", position=position)
         self.run.progress.message(
-            f"skipped step {self.state.step + 1}: non-finite loss or gradient "
-            f"({self.state.nonfinite_skips} skipped so far)"
+            f"skipped step {state.step + 1}: non-finite loss or gradient "
+            f"({state.nonfinite_skips} skipped so far)"
         )
 
     # ------------------------------------------------------------------------------------- pieces
