@@ -7,10 +7,11 @@ import sys
 import traceback
 from pathlib import Path
 
+from steadyfit.assembly import train
 from steadyfit.checkpoint import CheckpointError, RunLockedError
 from steadyfit.config import ConfigError
 from steadyfit.guard import NonFiniteError
-from steadyfit.launch import train
+from steadyfit.layout import CHECKPOINTS_DIR, FINAL_DIR, FINAL_MODEL_FILE, METRICS_FILE
 from steadyfit.loss import LossContractError
 from steadyfit.signals import Preempted
 
@@ -29,7 +30,7 @@ def run_fit(source: str | None, overrides: list[str]) -> int:
         kept = " (the final weights)" if trainer.config.load_best_at_end else ""
         best = f"{trainer.tracker.metric}={result.best_metric:.4f} at step {result.best_step}"
         print(f"steadyfit: best {best}{kept}")
-    where = "metrics.jsonl, checkpoints/, final/model.safetensors"
+    where = f"{METRICS_FILE}, {CHECKPOINTS_DIR}/, {FINAL_DIR}/{FINAL_MODEL_FILE}"
     print(f"steadyfit: run directory {trainer.config.run_dir} ({where})")
     return EXIT_OK
 
@@ -69,7 +70,7 @@ def run_report(run_dir: str, compare: list[str], out: str | None) -> int:
     """``steadyfit report``: figures and a text summary of a run (also one in progress)."""
     from steadyfit.report import format_summary, summarize, write_report
 
-    if not Path(run_dir, "metrics.jsonl").exists():
+    if not Path(run_dir, METRICS_FILE).exists():
         raise ConfigError(f"{run_dir}: no metrics.jsonl here; is it a steadyfit run directory?")
     print(format_summary(summarize(run_dir)))
     for path in write_report(run_dir, compare=compare, out=out):

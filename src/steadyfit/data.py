@@ -33,12 +33,6 @@ def epoch_permutation(length: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(length, generator=generator)
 
 
-def batch_sizes_of_epoch(length: int, batch_size: int) -> list[int]:
-    """Sizes of the global micro-batches of one epoch; the last may be short."""
-    full, rest = divmod(length, batch_size)
-    return [batch_size] * full + ([rest] if rest else [])
-
-
 class ResumableBatchSampler:
     """Yields the index lists of one epoch's micro-batches, starting at any micro-batch position.
 
@@ -120,6 +114,54 @@ class TensorBatches:
             yield tuple(tensor[index] for tensor in self.tensors)
 
 
+class _PositionedBatches:
+    """A batch sampler yielding ``(position in the epoch, indices)``, for :class:`_PositionSeeded`."""
+
+    def __init__(self, sampler: ResumableBatchSampler) -> None:
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
+        return enumerate(iter(self.sampler), start=self.sampler.start_batch)
+
+
+class _PositionSeeded(torch.utils.data.Dataset):
+    """Fetches each batch in a DataLoader worker after seeding python, numpy and torch from
+    ``(seed, epoch, rank, position of the batch in the epoch)``.
+
+    A dataset that draws random numbers (augmentation) then draws the same ones for a batch whatever worker
+    fetches it and however many batches that worker fetched before: a run resumed mid-epoch, whose workers
+    start afresh at the resume position, sees exactly the batches of the run that never stopped.
+    """
+
+    def __init__(self, dataset: Any, seed: int, epoch: int, rank: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = epoch
+        self.rank = rank
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+    def __getitems__(self, key: tuple[int, list[int]]) -> list[Any]:
+        position, indices = key
+        batch_seed = (
+            ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + self.rank) * 1_000_003
+            + position
+            + _ORDER_SALT
+        ) % (2**63)
+        random.seed(batch_seed)
+        np.random.seed(batch_seed % 2**32)
+        torch.manual_seed(batch_seed)
+        getitems = getattr(self.dataset, "__getitems__", None)
+        return getitems(indices) if getitems else [self.dataset[index] for index in indices]
+
+
 def _seed_worker(worker_id: int) -> None:
     # Derive python/numpy seeds from torch's per-worker seed, itself derived from the loader's generator
     # (seeded by seed and epoch), never from wall-clock state.
@@ -140,6 +182,27 @@ class LoaderSpec:
     collate_fn: Callable[..., Any] | None = None
     rank: int = 0
     world_size: int = 1
+
+    @classmethod
+    def of(
+        cls,
+        config: Any,
+        device: torch.device,
+        collate_fn: Callable[..., Any] | None,
+        rank: int,
+        world_size: int,
+    ) -> LoaderSpec:
+        """The loaders of a run of ``config`` (a TrainConfig) on ``device``, as rank ``rank``."""
+        return cls(
+            batch_size=config.batch_size,
+            eval_batch_size=config.resolved_eval_batch_size,
+            num_workers=config.num_workers,
+            seed=config.seed,
+            pin_memory=device.type == "cuda",
+            collate_fn=collate_fn,
+            rank=rank,
+            world_size=world_size,
+        )
 
 
 def is_map_style(data: Any) -> bool:
@@ -212,9 +275,15 @@ def _map_style_loader(
     # Worker seeds come from this generator: a function of (seed, epoch, rank), never of the clock.
     generator = torch.Generator()
     generator.manual_seed((spec.seed * 1_000_003 + epoch * 1009 + spec.rank + 2 * _ORDER_SALT) % (2**63))
+    batches: Any = sampler
+    if spec.num_workers:
+        # In worker processes the data-side random streams restart with each batch (see _PositionSeeded).
+        # Without workers they are the main process's streams, saved and restored with every checkpoint.
+        data = _PositionSeeded(data, spec.seed, epoch, spec.rank)
+        batches = _PositionedBatches(sampler)
     return DataLoader(
         data,
-        batch_sampler=sampler,
+        batch_sampler=batches,
         num_workers=spec.num_workers,
         collate_fn=spec.collate_fn,
         pin_memory=spec.pin_memory,

@@ -104,6 +104,9 @@ class Diagnostics:
         'divergence'
     """
 
+    # A checkpoint of a run without diagnostics restores without them: the checks start afresh.
+    optional_in_checkpoint = True
+
     def __init__(self, config: TrainConfig, total_steps: int | None) -> None:
         self.config = config
         self.total_steps = total_steps
@@ -427,6 +430,10 @@ class Diagnostics:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            if hasattr(self, key) and key not in ("config", "total_steps", "thresholds"):
-                setattr(self, key, value)
+        """Replace everything the checks remember; raises ValueError for a state that lacks some of it."""
+        expected = self.state_dict()
+        if not isinstance(state, dict) or not expected.keys() <= state.keys():
+            missing = sorted(expected.keys() - (state.keys() if isinstance(state, dict) else set()))
+            raise ValueError(f"diagnostics: the state lacks {missing}")
+        for key in expected:
+            setattr(self, key, state[key])

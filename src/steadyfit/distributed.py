@@ -109,6 +109,15 @@ class Distributed:
             return local_share(len(data), global_batch, self.world_size, self.rank, batch_index)
         return count_samples(batch)
 
+    def step_samples(self, data: Any, first_index: int, num_batches: int, batch_size: int) -> int | None:
+        """Samples of one optimizer step on all ranks, from the data position for map-style data (no host
+        read); None for other data (the caller reads them from the step's reduction)."""
+        if not is_map_style(data):
+            return None
+        global_batch = batch_size * self.world_size
+        start = first_index * global_batch
+        return max(0, min(num_batches * global_batch, len(data) - start))
+
     # ------------------------------------------------------------------------------------ the model
     def wrap(
         self, model: torch.nn.Module, precision: str, block_names: tuple[str, ...] = ()
@@ -147,6 +156,14 @@ class Distributed:
         if self.is_distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+    def any_rank(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` holds on any rank (one all-reduce; for set-up, not for the hot loop)."""
+        if not self.is_distributed:
+            return flag
+        votes = torch.tensor([float(flag)], dtype=torch.float64, device=device)
+        self.all_reduce_sum(votes)
+        return bool(votes > 0)
 
     def gather_objects(self, value: Any) -> list[Any]:
         """Every rank's ``value`` on every rank (plain data such as RNG states, between our own processes)."""

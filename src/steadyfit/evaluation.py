@@ -10,17 +10,15 @@ import torch
 
 from steadyfit import data as data_mod
 from steadyfit.distributed import Distributed
-from steadyfit.loss import as_sum_and_count
+from steadyfit.loss import as_sum_and_count, forward_batch
 from steadyfit.metrics import MetricAccumulator
 from steadyfit.precision import Precision
-
-Forward = Callable[[Any, Any], tuple[Any, Any, Any]]
 
 
 def evaluate_model(
     model: torch.nn.Module,
     data: Any,
-    forward: Forward,
+    loss_fn: Callable[..., Any] | None,
     metrics: dict[str, Any],
     spec: data_mod.LoaderSpec,
     precision: Precision,
@@ -28,8 +26,8 @@ def evaluate_model(
 ) -> dict[str, float]:
     """``eval_loss`` and ``eval_<metric>`` as exact per-sample (per-token) means over all of ``data``.
 
-    ``forward(model, batch) -> (outputs, loss value, targets)`` is the Trainer's. Under several ranks each
-    rank evaluates its strided share and the sums and counts are reduced once.
+    ``loss_fn`` follows the Trainer's contract (None: the model's own ``outputs.loss``). Under several
+    ranks each rank evaluates its strided share and the sums and counts are reduced once.
     """
     device = precision.device
     non_blocking = device.type == "cuda"
@@ -42,7 +40,7 @@ def evaluate_model(
                 batch = data_mod.move_to(batch, device, non_blocking)
                 num_samples = dist.samples_in(data, batch, index, spec.eval_batch_size)
                 with precision.autocast():
-                    outputs, value, targets = forward(model, batch)
+                    outputs, value, targets = forward_batch(model, batch, loss_fn)
                 if num_samples == 0:
                     continue  # a stand-in that only kept this rank in step with the others
                 total, count, _ = as_sum_and_count(value, num_samples)

@@ -27,7 +27,7 @@ class NonFiniteGuard:
 
     Example:
         >>> guard = NonFiniteGuard("skip", max_consecutive=3)
-        >>> guard.is_finite(torch.tensor(1.0), torch.tensor(float("inf")))
+        >>> guard.is_finite(guard.finite_flag(torch.tensor(1.0), torch.tensor(float("inf"))))
         False
     """
 
@@ -36,17 +36,19 @@ class NonFiniteGuard:
         self.max_consecutive = max_consecutive
 
     @staticmethod
-    def checked_value(loss_sum: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
-        """One device value that is finite exactly when the loss and the gradient norm both are.
+    def finite_flag(loss_sum: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
+        """A device flag, True exactly when the loss and the gradient norm are both finite.
 
-        A sum is finite only if both terms are (inf - inf is NaN, caught too): one op instead of two
+        A sum is finite only if both terms are (inf - inf is NaN, caught too): two ops instead of two
         checks and an ``&``.
         """
-        return loss_sum.detach() if grad_norm is None else loss_sum.detach() + grad_norm
+        checked = loss_sum.detach() if grad_norm is None else loss_sum.detach() + grad_norm
+        return torch.isfinite(checked)
 
     @staticmethod
-    def is_finite(checked: torch.Tensor) -> bool:
-        return bool(torch.isfinite(checked))
+    def is_finite(flag: torch.Tensor) -> bool:
+        """Read the flag on the host: one synchronisation on CUDA."""
+        return bool(flag)
 
     def record_skip(
         self,
@@ -81,11 +83,38 @@ class NonFiniteGuard:
         state.consecutive_skips = 0
 
 
-@dataclass
-class UnreadStep:
-    """An optimizer step taken on the device whose outcome the host has not read yet."""
+@dataclass(frozen=True)
+class ReadCadence:
+    """When the host must know the step count: the logging, evaluation and checkpoint intervals, and
+    ``max_steps``; at the latest every ``MAX_UNREAD_STEPS`` steps.
 
-    finite: torch.Tensor
+    Example:
+        >>> ReadCadence((10, None, 25), max_steps=None).steps_to_next_read(20)
+        5
+    """
+
+    intervals: tuple[int | None, ...]
+    max_steps: int | None
+
+    def steps_to_next_read(self, step: int) -> int:
+        """Optimizer steps from ``step`` to the next read point. A function of the step count alone, so
+        every rank reads at the same steps."""
+        gaps = [every - step % every for every in (*self.intervals, MAX_UNREAD_STEPS) if every]
+        if self.max_steps is not None:
+            gaps.append(self.max_steps - step)
+        return max(1, min(gaps))
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step as the loop books it: what it consumed and measured, and whether it was applied.
+
+    ``applied`` is a bool when the host checked the step, or the device flag of a step checked on the
+    device (read at the next read point). ``scaler_skip``: fp16's own skip of an overflowing step whose loss
+    was finite (counted apart, not a fault).
+    """
+
+    applied: bool | torch.Tensor
     loss_sum: torch.Tensor
     loss_count: Any
     samples: int
@@ -93,6 +122,7 @@ class UnreadStep:
     counts_tokens: bool
     epoch: int
     batch_in_epoch: int
+    scaler_skip: bool = False
 
 
 class DeviceSkip:
@@ -103,7 +133,7 @@ class DeviceSkip:
     does not wait to find out. Each step's learning rate is taken, on the device, from a table of the
     schedule indexed by the number of steps applied since the last read, so a skipped step does not
     advance the schedule either. At the next read point (logging, evaluation, checkpoint, epoch end,
-    max_steps, a callback's ``on_step_end``) :meth:`read_outcomes` reads all the flags at once and the
+    max_steps, a callback's ``on_step_end``, a preemption) :meth:`read` reads all the flags at once and the
     Trainer books steps, skips and scheduler steps exactly as if it had checked each step on the host.
 
     Cost per step: three tiny device ops (flag, table lookup, counter) instead of one synchronisation.
@@ -114,16 +144,18 @@ class DeviceSkip:
         >>> skip = DeviceSkip(optimizer, LambdaLR(optimizer, lambda step: 1.0), torch.device("cpu"))
         >>> skip.plan(horizon=4)
         >>> model(torch.ones(1, 2)).sum().backward()
-        >>> skip.step(torch.tensor(float("nan"))).item()
-        False
+        >>> finite = torch.isfinite(torch.tensor(float("nan")))
+        >>> skip.arm(finite); optimizer.step()
+        >>> skip.read([finite])
+        [False]
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, scheduler: LambdaLR, device: torch.device) -> None:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.device = device
-        self.unread: list[UnreadStep] = []
         self.horizon = 1
+        self._planned = False
         # torch's CUDA kernels read a tensor lr as float32; the CPU kernel reads it as a double, the same
         # value the host-side step passes (so on CPU both paths are bitwise equal, tested).
         self._lr_dtype = torch.float32 if device.type == "cuda" else torch.float64
@@ -133,6 +165,17 @@ class DeviceSkip:
         # found_inf must be float32 whatever the default dtype; two constants make it one op per step.
         self._go = torch.zeros((), dtype=torch.float32, device=device)
         self._skip = torch.ones((), dtype=torch.float32, device=device)
+
+    @classmethod
+    def for_run(
+        cls, optimizer: torch.optim.Optimizer, scheduler: LRScheduler, policy: str, host_bound: bool
+    ) -> DeviceSkip | None:
+        """The run's device-side check, or None where steps are checked on the host (``host_bound``: the
+        run reads the host every step anyway, e.g. for EMA or fp16's GradScaler)."""
+        if host_bound or not cls.applies(optimizer, scheduler, policy=policy):
+            return None
+        device = next(p.device for group in optimizer.param_groups for p in group["params"])
+        return cls(optimizer, scheduler, device)  # type: ignore[arg-type]
 
     @staticmethod
     def applies(optimizer: torch.optim.Optimizer, scheduler: LRScheduler | None, *, policy: str) -> bool:
@@ -163,31 +206,35 @@ class DeviceSkip:
         self._lrs = torch.empty((len(rows), 1), dtype=self._lr_dtype, device=self.device)
         self._applied.zero_()
         self.horizon = horizon
+        self._planned = True
         # The groups' lrs become views of one device buffer until the next read point.
         for group, lr in zip(self.optimizer.param_groups, self._lrs[:, 0], strict=True):
             group["lr"] = lr
 
-    def step(self, checked: torch.Tensor) -> torch.Tensor:
-        """Take one optimizer step that applies only if ``checked`` is finite; returns the flag (device)."""
-        optimizer = self.optimizer
-        finite = torch.isfinite(checked)
-        torch.index_select(self._table, 1, self._applied, out=self._lrs)
-        optimizer.found_inf = torch.where(finite, self._go, self._skip)  # type: ignore[attr-defined]
-        optimizer.step()
-        self._applied.add_(finite)
-        return finite
+    @property
+    def is_planned(self) -> bool:
+        """Whether the groups hold this read interval's device lrs (:meth:`plan` since the last release)."""
+        return self._planned
 
-    def read_outcomes(self) -> tuple[list[UnreadStep], list[bool]]:
-        """The unread steps and whether each was applied: one host read. The optimizer is handed back as
-        the host knows it (see :meth:`release`); the Trainer then books each step."""
-        unread, self.unread = self.unread, []
-        outcomes = torch.stack([step.finite for step in unread]).tolist()
+    def arm(self, finite: torch.Tensor) -> None:
+        """Prepare the next ``optimizer.step()``: this step's lr from the table, and ``found_inf`` from the
+        step's finite flag, so the step applies only if it is finite. Three device ops, no host read."""
+        torch.index_select(self._table, 1, self._applied, out=self._lrs)
+        self.optimizer.found_inf = torch.where(finite, self._go, self._skip)  # type: ignore[attr-defined]
+        # The lr of this step is already in _lrs: counting it now moves only the next step's lookup.
+        self._applied.add_(finite)
+
+    def read(self, flags: list[torch.Tensor]) -> list[bool]:
+        """Whether each step of ``flags`` was applied: one host read. The optimizer is handed back as the
+        host knows it (see :meth:`release`); the caller then books each step."""
+        outcomes = torch.stack(flags).tolist()
         self.release()
-        return unread, outcomes
+        return outcomes
 
     def release(self) -> None:
         """Give the groups their float lrs back (the scheduler's, as of the last read point) and drop
         ``found_inf``: what checkpoints, logs, callbacks and a reused optimizer must see."""
+        self._planned = False
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
             group["lr"] = lr
         if hasattr(self.optimizer, "found_inf"):

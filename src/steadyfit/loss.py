@@ -3,9 +3,12 @@ count, so a window of micro-batches (and, later, of ranks) is normalised by its 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from steadyfit.config import ConfigError
 
 
 class LossContractError(TypeError):
@@ -55,3 +58,42 @@ def model_loss(outputs: Any) -> torch.Tensor:
             "no loss_fn was given and the model output has no `loss`; pass loss_fn=... to the Trainer"
         )
     return loss
+
+
+def forward_batch(
+    model: Callable[..., Any], batch: Any, loss_fn: Callable[..., Any] | None
+) -> tuple[Any, Any, Any]:
+    """Run the model on one batch; returns ``(outputs, loss value, targets)``.
+
+    A dict batch is passed as keyword arguments (``labels`` are the targets) and, without ``loss_fn``, the
+    model's own ``outputs.loss`` is the loss; an ``(inputs, targets)`` pair gives
+    ``loss_fn(model(inputs), targets)``.
+
+    Raises:
+        ValueError: a batch that is neither a pair nor a dict.
+        ConfigError: a pair batch without ``loss_fn``.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> batch = (torch.ones(3, 2), torch.zeros(3, 1))
+        >>> outputs, loss, targets = forward_batch(model, batch, torch.nn.functional.mse_loss)
+        >>> loss.dim(), targets.shape[0]
+        (0, 3)
+    """
+    if isinstance(batch, dict):
+        outputs = model(**batch)
+        targets = batch.get("labels")
+        if loss_fn is None:
+            return outputs, model_loss(outputs), targets
+        return outputs, loss_fn(outputs, targets if targets is not None else batch), targets
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ValueError(
+            "train_data: each batch must be an (inputs, targets) pair or a dict of model arguments, "
+            f"got {type(batch).__name__}"
+            + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        )
+    inputs, targets = batch
+    if loss_fn is None:
+        raise ConfigError("loss_fn: (inputs, targets) batches need a loss_fn, e.g. F.cross_entropy")
+    outputs = model(inputs)
+    return outputs, loss_fn(outputs, targets), targets

@@ -22,14 +22,13 @@ import torch
 from steadyfit.callbacks import Callback
 from steadyfit.config import ConfigError, TrainConfig, make_config
 from steadyfit.guard import NonFiniteError
+from steadyfit.layout import LR_FIND_FILE
 from steadyfit.loggers.base import Logger
 from steadyfit.rng import capture_rng, restore_rng
 
 if TYPE_CHECKING:
     from steadyfit.state import TrainState
     from steadyfit.trainer import Trainer
-
-LR_FIND_PLOT = "lr_find.png"
 
 # Fields the sweep sets whatever the user's config says: a short, quiet, throw-away run with no evaluation,
 # no checkpoints worth keeping and no external logger (an MLflow server must not receive a sweep).
@@ -100,7 +99,7 @@ class _SweepRecorder(Callback, Logger):
 
     def on_fit_start(self, trainer: Trainer, state: TrainState) -> None:
         # The train rows reach loggers (log_every=1: one row per optimizer step, loss already on the host).
-        trainer.run.loggers.append(self)
+        trainer.run_directory.add_logger(self)
 
     def log_row(self, row: dict[str, Any]) -> None:
         if row.get("kind") != "train":
@@ -336,7 +335,7 @@ def lr_find_command(
     Example:
         >>> result = lr_find_command("digits", ["batch_size=64"], num_steps=50)  # doctest: +SKIP
     """
-    from steadyfit.launch import prepare
+    from steadyfit.assembly import prepare
     from steadyfit.recipes import Recipe, resolve_recipe
     from steadyfit.rng import seed_everything
 
@@ -356,5 +355,5 @@ def lr_find_command(
         min_lr=min_lr,
         max_lr=max_lr,
         num_steps=num_steps,
-        plot_path=out if out is not None else Path(config.run_dir) / LR_FIND_PLOT,
+        plot_path=out if out is not None else Path(config.run_dir) / LR_FIND_FILE,
     )

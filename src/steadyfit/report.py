@@ -14,12 +14,8 @@ from typing import Any
 import yaml
 
 from steadyfit.config import ConfigError
+from steadyfit.layout import COMPARE_FILE, CONFIG_FILE, METRICS_FILE, REPORT_FILE
 from steadyfit.loggers.registry import import_extra, row_kind, row_step
-
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.yaml"
-REPORT_FILE = "report.png"
-COMPARE_FILE = "compare.png"
 
 # Eval keys that measure the evaluation itself rather than the model; they get no curve.
 _NOT_EVAL_METRICS = ("eval_loss",)

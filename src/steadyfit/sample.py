@@ -11,8 +11,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from steadyfit.config import ConfigError
+from steadyfit.layout import CONFIG_FILE, FINAL_DIR, FINAL_MODEL_FILE
 from steadyfit.recipes.tinylm import TinyLM, TinyLMConfig
-from steadyfit.rundir import CONFIG_FILE, FINAL_DIR, FINAL_MODEL_FILE
 
 # Tokens are bytes; sampling only ASCII makes every new token exactly one character of the result.
 _ASCII = 128

@@ -11,12 +11,12 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from fractions import Fraction
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 
 from steadyfit.config import ConfigError, TrainConfig
+from steadyfit.horizons import ONECYCLE_DEFAULT_WARMUP_RATIO, schedule_phases, steps_from_ratio
 
 __all__ = [
     "ONECYCLE_DEFAULT_WARMUP_RATIO",
@@ -35,9 +35,6 @@ __all__ = [
 ]
 
 Factor = Callable[[int], float]
-
-# One-cycle without a configured warm-up rises over this fraction of the run (torch's OneCycleLR default).
-ONECYCLE_DEFAULT_WARMUP_RATIO = 0.3
 
 _NEEDS_TOTAL_STEPS = ("linear", "cosine", "onecycle", "wsd")
 
@@ -146,23 +143,14 @@ def wsd_factor(
     return min_lr_ratio + (1.0 - min_lr_ratio) * (1.0 - math.sqrt(progress))
 
 
-def steps_from_ratio(ratio: float, total_steps: int) -> int:
-    """``ceil(ratio * total_steps)``, computed on the ratio as written so 0.1 of 100 steps is 10, not 11.
-
-    Example:
-        >>> steps_from_ratio(0.1, 100), steps_from_ratio(0.01, 10)
-        (10, 1)
-    """
-    return math.ceil(Fraction(repr(ratio)) * total_steps)
-
-
 def build_factor(config: TrainConfig, total_steps: int | None) -> Factor:
     """The factor function of ``config.scheduler``.
 
     Args:
         config: supplies scheduler, warmup_steps, warmup_ratio, min_lr_ratio, decay_ratio, step_size and
             gamma.
-        total_steps: optimizer steps in the whole run, or None when it is not known in advance.
+        total_steps: optimizer steps in the whole run (:attr:`Horizons.total_steps
+            <steadyfit.horizons.Horizons.total_steps>`), or None when it is not known in advance.
 
     Returns:
         A pure function ``factor(step) -> float``.
@@ -190,12 +178,8 @@ def build_factor(config: TrainConfig, total_steps: int | None) -> Factor:
     if total_steps is not None and total_steps < 1:
         raise ValueError(f"total_steps: must be at least 1 (got {total_steps})")
 
-    warmup = config.warmup_steps
-    if config.warmup_ratio:
-        warmup = steps_from_ratio(config.warmup_ratio, total_steps)
-    elif name == "onecycle" and not warmup:
-        # Capped so that a very short run still reaches its end, where the factor is min_lr_ratio.
-        warmup = min(steps_from_ratio(ONECYCLE_DEFAULT_WARMUP_RATIO, total_steps), total_steps - 1)
+    # The phases come from horizons.py, the one place every derived horizon of a run is computed.
+    warmup, decay_steps = schedule_phases(config, total_steps)
 
     if name in _NEEDS_TOTAL_STEPS and warmup >= total_steps:
         raise ConfigError(
@@ -219,7 +203,7 @@ def build_factor(config: TrainConfig, total_steps: int | None) -> Factor:
             wsd_factor,
             warmup_steps=warmup,
             total_steps=total_steps,
-            decay_steps=steps_from_ratio(config.decay_ratio, total_steps),
+            decay_steps=decay_steps,
             min_lr_ratio=config.min_lr_ratio,
         )
     decaying = {"linear": linear_factor, "cosine": cosine_factor, "onecycle": onecycle_factor}[name]

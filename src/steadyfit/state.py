@@ -39,12 +39,66 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainState:
-        """Inverse of :meth:`to_dict`; unknown keys are an error, missing ones take defaults."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
+        """Inverse of :meth:`to_dict`; unknown keys or values of the wrong type are an error, missing keys
+        take their defaults.
+
+        Raises:
+            ValueError: naming the field.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"TrainState: expected a mapping, got {type(data).__name__}")
+        unknown = set(data) - set(_FIELD_TYPES)
         if unknown:
             raise ValueError(f"unknown TrainState fields: {sorted(unknown)}")
+        for name, value in data.items():
+            allowed = _FIELD_TYPES[name]
+            # bool is an int in Python; a count must not be True.
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                raise ValueError(f"TrainState.{name}: {value!r} is not of type {allowed}")
         return cls(**data)
+
+    def summary_row(self) -> dict[str, Any]:
+        """The ``kind: "summary"`` row that ends metrics.jsonl."""
+        return {
+            "kind": "summary",
+            "step": self.step,
+            "epoch": self.epoch,
+            "best_metric": self.best_metric,
+            "best_step": self.best_step,
+            "nonfinite_skips": self.nonfinite_skips,
+            "stop_reason": self.stop_reason,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint component: :meth:`to_dict`."""
+        return self.to_dict()
+
+    def load_state_dict(self, data: dict[str, Any]) -> None:
+        """Replace every field in place (callbacks holding this object see the restored state)."""
+        restored = TrainState.from_dict(data)
+        for item in dataclasses.fields(self):
+            setattr(self, item.name, getattr(restored, item.name))
+
+
+_COUNT = (int,)
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "step": _COUNT,
+    "epoch": _COUNT,
+    "batch_in_epoch": _COUNT,
+    "samples_seen": _COUNT,
+    "tokens_seen": _COUNT,
+    "best_metric": (int, float, type(None)),
+    "best_step": (int, type(None)),
+    "best_checkpoint": (str, type(None)),
+    "evals_without_improvement": _COUNT,
+    "nonfinite_skips": _COUNT,
+    "consecutive_skips": _COUNT,
+    "scaler_skips": _COUNT,
+    "last_eval_step": (int, type(None)),
+    "should_stop": (bool,),
+    "stop_reason": (str, type(None)),
+    "extra": (dict,),
+}
 
 
 @dataclass

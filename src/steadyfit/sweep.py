@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from steadyfit.assembly import build_trainer, prepare
 from steadyfit.callbacks import Callback
 from steadyfit.config import ConfigError, TrainConfig, parse_overrides, parse_scalar, read_yaml
-from steadyfit.launch import build_trainer, prepare
 from steadyfit.tracking import infer_greater_is_better, metric_key
 
 if TYPE_CHECKING:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
+from steadyfit.config import ConfigError, TrainConfig
 from steadyfit.state import TrainState
 
 _LOWER_IS_BETTER_WORDS = ("loss", "error", "perplexity", "ppl", "mse", "mae", "rmse", "wer", "cer")
@@ -71,3 +73,25 @@ class BestTracker:
                     f"(best {state.best_metric} at step {state.best_step})"
                 )
         return improved
+
+
+def build_tracker(config: TrainConfig, metrics: dict[str, Any], has_eval_data: bool) -> BestTracker | None:
+    """The run's tracker of ``metric_for_best`` (``eval_loss`` by default); None without eval data.
+
+    Raises:
+        ConfigError: best tracking or early stopping asked for without eval data, or ``metric_for_best``
+            naming no eval metric.
+    """
+    if not has_eval_data:
+        if config.load_best_at_end or config.early_stopping_patience or config.metric_for_best:
+            raise ConfigError(
+                "eval_data: metric_for_best, load_best_at_end and early_stopping_patience need eval_data"
+            )
+        return None
+    metric = config.metric_for_best or "eval_loss"
+    known = {"eval_loss", *(metric_key(name) for name in metrics)}
+    if metric_key(metric) not in known:
+        raise ConfigError(f"metric_for_best: {metric!r} is not an eval metric; allowed: {sorted(known)}")
+    return BestTracker(
+        metric, config.greater_is_better, config.early_stopping_patience, config.early_stopping_threshold
+    )

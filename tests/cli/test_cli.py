@@ -60,3 +60,19 @@ def test_digits_recipe_reaches_97_percent(tmp_path):
     best = max(row["eval_accuracy"] for row in rows if row["kind"] == "eval")
     assert best >= 0.97
     assert (tmp_path / "digits" / "final" / "model.safetensors").stat().st_size > 0
+
+
+def test_rerunning_a_finished_command_exits_0_and_changes_nothing(tmp_path):
+    # Its last checkpoint is at its last step, with an open logging window (log_every=20, 30 steps).
+    command = ("fit", "digits", "max_steps=30", "save_every=3", "run_dir=R", "progress=false")
+    first = steadyfit(*command, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    weights = (tmp_path / "R" / "final" / "model.safetensors").read_bytes()
+    rows = (tmp_path / "R" / "metrics.jsonl").read_text().splitlines()
+    again = steadyfit(*command, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stderr and "step-00000030" in again.stderr
+    assert (tmp_path / "R" / "final" / "model.safetensors").read_bytes() == weights
+    after = (tmp_path / "R" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if "time" not in k} for x in lines]  # noqa: E731
+    assert strip(after) == strip(rows)

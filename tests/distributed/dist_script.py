@@ -37,7 +37,6 @@ import torch.distributed.checkpoint as dcp
 from steadyfit import Callback, Preempted, Trainer, seed_everything
 from steadyfit.checkpoint import CheckpointError
 from steadyfit.config import make_config, parse_overrides
-from steadyfit.rundir import RunDirectory
 
 FEATURES = 6
 CLASSES = 3
@@ -136,20 +135,20 @@ def forbid_unpickling_on_resume() -> None:
     Only there: the process group's object collectives unpickle between our own processes, and tensors in
     them (RNG states gathered for a save) go through torch.load.
     """
-    resume = RunDirectory.resume_or_start
+    resume = Trainer._resume
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("something tried to unpickle while loading a checkpoint")
 
-    def resume_without_pickle(run: RunDirectory) -> None:
+    def resume_without_pickle(trainer: Trainer) -> None:
         allowed = pickle.load, pickle.loads, torch.load
         pickle.load = pickle.loads = torch.load = refuse
         try:
-            resume(run)
+            resume(trainer)
         finally:
             pickle.load, pickle.loads, torch.load = allowed
 
-    RunDirectory.resume_or_start = resume_without_pickle
+    Trainer._resume = resume_without_pickle
 
 
 class Announce(Callback):

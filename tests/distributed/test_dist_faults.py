@@ -8,6 +8,7 @@ import os
 import pytest
 from dist_harness import (
     TERM,
+    assert_close,
     kill_rank_one_after_commit,
     printed,
     results,
@@ -16,8 +17,9 @@ from dist_harness import (
     script,
     torchrun,
 )
+from test_rank_equivalence import SCHEDULE, one_rank
 
-from helpers import assert_bitwise_equal, final_weights
+from helpers import assert_bitwise_equal, final_weights, metric_rows
 
 pytestmark = pytest.mark.slow
 
@@ -70,3 +72,25 @@ def test_sigterm_to_one_worker_checkpoints_both_at_one_step_and_resumes(referenc
     output = run_to_end(torchrun(*script((run_dir, OVERRIDES))))
     assert min(int(step) for rank, step in printed(output, "step")) == last_steps[0] + 1
     assert_bitwise_equal(final_weights(run_dir), reference)
+
+
+def test_a_preempted_two_rank_run_with_a_decaying_schedule_resumes_to_one_rank(tmp_path):
+    """SIGTERM between save points under 2 ranks with warm-up, cosine and accumulation; the resumed group
+    ends where one rank with the same global batch does, with the same lr at every step."""
+    overrides = {**SCHEDULE, "scheduler": "cosine", "max_epochs": 3, "save_every": 4, "log_every": 3}
+    run_dir = tmp_path / "two"
+
+    def terminate_rank_zero(pids: dict[int, int]) -> None:
+        os.kill(pids[0], TERM)
+
+    output = run_until(
+        torchrun(*script((run_dir, overrides))), lambda line: line == "step 1 6", terminate_rank_zero
+    )
+    assert sorted(printed(output, "exit")) == [["0", "143"], ["1", "143"]], output
+    run_to_end(torchrun(*script((run_dir, overrides))))
+    one_rank(tmp_path / "one", {**overrides, "batch_size": 4})
+    assert_close(final_weights(run_dir), final_weights(tmp_path / "one"))
+    lrs = [
+        [row["lr"] for row in metric_rows(d) if row["kind"] == "train"] for d in (run_dir, tmp_path / "one")
+    ]
+    assert lrs[0] == lrs[1] and len(lrs[0]) == 5

@@ -81,7 +81,7 @@ def test_the_command_line_runs_under_torchrun(tmp_path):
     assert train_steps == [1, 2, 3, 4, 5]
     assert (run_dir / "final" / "model.safetensors").is_file()
     state = json.loads((run_dir / "checkpoints" / "step-00000005" / "state.json").read_text())["state"]
-    assert state["trainer_state"]["extra"]["world_size"] == 2
+    assert state["identity"]["world_size"] == 2
 
 
 def test_two_fits_in_one_torchrun_process(tmp_path):

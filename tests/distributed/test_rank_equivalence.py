@@ -39,6 +39,20 @@ RUNS = {
     "eval_mean": {"mode": "evaluate", "eval_batch_size": 4},
     "eval_pair": {"mode": "evaluate", "loss": "pair", "eval_batch_size": 3},
 }
+# Every schedule, its warm-up from warmup_ratio, with accumulation: the horizon (steps per epoch, total
+# steps, warm-up, decay phases) must come from the global batch, 2 x 2 x 2 = 8 here as on one rank.
+SCHEDULES = ("constant", "linear", "cosine", "step", "onecycle", "wsd")
+SCHEDULE = {
+    "optimizer": "adamw",
+    "lr": 0.05,
+    "warmup_ratio": 0.2,
+    "step_size": 2,
+    "gamma": 0.5,
+    "min_lr_ratio": 0.1,
+    "batch_size": 2,
+    "grad_accum_steps": 2,
+}
+RUNS.update({f"schedule_{name}": {**SCHEDULE, "scheduler": name} for name in SCHEDULES})
 # The 1-rank run each 2-rank run must equal: the same global batch on one process.
 ONE_RANK = {"batch_size": 8}
 ONE_RANK_ADAMW = {"batch_size": 8, "optimizer": "adamw", "lr": 0.01, "log_every": 4}
@@ -176,3 +190,33 @@ def test_fsdp_resumes_on_one_rank_with_the_same_global_batch(two_ranks, referenc
     assert steps == list(range(4, 11)), "it must continue from step 3 (mid-epoch), not start over"
     # Resharded: the same samples per step, other reduction orders; equal to float rounding, not bitwise.
     assert_close(final_weights(run_dir), final_weights(reference))
+
+
+def _train_rows(run_dir):
+    return [row for row in metric_rows(run_dir) if row["kind"] == "train"]
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULES)
+def test_every_schedule_runs_over_the_global_horizon(two_ranks, tmp_path, scheduler):
+    base, runs = two_ranks
+    one = {**SCHEDULE, "scheduler": scheduler, "batch_size": 4}
+    result, trainer = one_rank(tmp_path / "one", one)
+    assert trainer.horizons.total_steps == result.global_step == 10
+    assert runs[f"schedule_{scheduler}"][0]["global_step"] == 10
+    assert_close(final_weights(base / f"schedule_{scheduler}"), final_weights(tmp_path / "one"))
+    two_rows, one_rows = _train_rows(base / f"schedule_{scheduler}"), _train_rows(tmp_path / "one")
+    assert [row["step"] for row in two_rows] == [row["step"] for row in one_rows] == list(range(1, 11))
+    assert [row["lr"] for row in two_rows] == [row["lr"] for row in one_rows], "the lr, step by step"
+
+
+def test_three_ranks_plan_the_horizon_of_one(tmp_path):
+    """World size 3 (33 samples, global micro-batch 6): cosine with warmup_ratio over the same 6 steps."""
+    overrides = {**SCHEDULE, "scheduler": "cosine", "batch_size": 2, "max_epochs": 2}
+    output = run_to_end(torchrun(*script((tmp_path / "three", overrides)), nproc=3))
+    assert [run[0]["global_step"] for run in results(output).values()] == [6, 6, 6]
+    one_result, trainer = one_rank(tmp_path / "one", {**overrides, "batch_size": 6})
+    assert trainer.horizons.total_steps == one_result.global_step == 6
+    assert_close(final_weights(tmp_path / "three"), final_weights(tmp_path / "one"))
+    assert [row["lr"] for row in _train_rows(tmp_path / "three")] == [
+        row["lr"] for row in _train_rows(tmp_path / "one")
+    ]

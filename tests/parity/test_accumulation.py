@@ -11,7 +11,10 @@ from steadyfit import Trainer
 
 def _train(tmp_path, name, loss_fn, data, **overrides):
     model = make_mlp()
-    config = base_config(tmp_path / name, optimizer="sgd", lr=0.1, momentum=0.9, **overrides)
+    values = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, **overrides}
+    if values["optimizer"] != "sgd":
+        values["momentum"] = 0.0
+    config = base_config(tmp_path / name, **values)
     result = Trainer(model, config, train_data=data, loss_fn=loss_fn).fit()
     return model, result
 
@@ -31,6 +34,19 @@ def test_mean_loss_with_short_last_batch(tmp_path, clip):
         tmp_path, "small", loss, data, batch_size=4, grad_accum_steps=3, max_epochs=2, max_grad_norm=clip
     )
     assert big_result.global_step == small_result.global_step == 10
+    _assert_same_weights(big, small)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_mean_loss_over_a_window_of_unequal_micro_batches(tmp_path, optimizer):
+    # 22 samples, global batch 12: windows of 4+4+4 and 4+4+2. A mean of the three micro-batch means would
+    # weight the 2-sample micro-batch like the 4-sample ones; the sample-weighted mean equals batch 12.
+    data = make_regression(22)
+    loss = torch.nn.functional.cross_entropy
+    settings = {"max_epochs": 3, "optimizer": optimizer, "lr": 0.1}
+    big, _ = _train(tmp_path, "big", loss, data, batch_size=12, **settings)
+    small, result = _train(tmp_path, "small", loss, data, batch_size=4, grad_accum_steps=3, **settings)
+    assert result.global_step == 6
     _assert_same_weights(big, small)
 
 

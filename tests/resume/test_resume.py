@@ -214,3 +214,70 @@ def test_resume_never_refuses_existing_checkpoints(tmp_path):
     assert "resume: 'never'" in completed.stderr
     assert (tmp_path / "checkpoints" / "step-00000003").is_dir()
     shutil.rmtree(tmp_path / "checkpoints")
+
+
+def _timeless(rows):
+    return [
+        {k: v for k, v in row.items() if not any(n in k for n in ("time", "per_sec", "memory"))}
+        for row in rows
+    ]
+
+
+@pytest.fixture(scope="module")
+def quiet_reference(tmp_path_factory):
+    """The uninterrupted run with no step callback: the device-side check defers between read points."""
+    base = tmp_path_factory.mktemp("quiet")
+    run_to_end(base, "announce=forward")
+    return final_weights(base), metric_rows(base)
+
+
+@pytest.mark.parametrize(("sig", "forward"), [(TERM, 13), (TERM, 27), (KILL, 15), (KILL, 40)])
+def test_a_signal_between_save_points_resumes_bitwise(tmp_path, quiet_reference, sig, forward):
+    # Save points are steps 3, 6, 9...; forward 13 is the first micro-batch of step 7, 27 of step 14.
+    weights, rows = quiet_reference
+    status, output = run_until(tmp_path, f"forward {forward}", sig, "announce=forward")
+    if sig == TERM:
+        assert status == 143, output
+        preempted = [line for line in output.splitlines() if "preempted by signal" in line]
+        step = int(preempted[0].split("step-")[1].split()[0])
+        assert step % 3, "the preemption checkpoint lands between save points"
+    else:
+        assert status == -KILL
+    run_to_end(tmp_path, "announce=forward")
+    assert_bitwise_equal(final_weights(tmp_path), weights)
+    assert _timeless(metric_rows(tmp_path)) == _timeless(rows)
+
+
+def test_rerunning_a_finished_run_changes_nothing(tmp_path, reference):
+    weights, _ = reference
+    run_to_end(tmp_path)
+    rows = metric_rows(tmp_path)
+    completed = run_to_end(tmp_path)
+    assert "done 39" in completed.stdout
+    assert_bitwise_equal(final_weights(tmp_path), weights)
+    assert _timeless(metric_rows(tmp_path)) == _timeless(rows)
+
+
+def test_a_kill_after_the_last_checkpoint_still_finishes(tmp_path, reference):
+    weights, reference_rows = reference
+    last = tmp_path / "checkpoints" / "step-00000039"
+    status, _ = run_until(tmp_path, f"saved {last}", KILL)
+    assert status == -KILL
+    completed = run_to_end(tmp_path)
+    assert "done 39" in completed.stdout
+    assert_bitwise_equal(final_weights(tmp_path), weights)
+    assert _timeless(metric_rows(tmp_path)) == _timeless(reference_rows)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_augmenting_dataset_resumes_bitwise(tmp_path, workers):
+    # The dataset draws from torch, numpy and python RNGs in __getitem__: in this process without workers
+    # (streams saved with the checkpoint), in the workers with them (streams seeded by batch position).
+    options = ("augment=1", f"num_workers={workers}", "announce=forward")
+    run_to_end(tmp_path / "a", *options)
+    run_to_end(tmp_path / "b", *options)
+    assert_bitwise_equal(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
+    status, _ = run_until(tmp_path / "killed", "forward 23", KILL, *options)
+    assert status == -KILL
+    run_to_end(tmp_path / "killed", *options)
+    assert_bitwise_equal(final_weights(tmp_path / "killed"), final_weights(tmp_path / "a"))

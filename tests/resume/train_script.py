@@ -3,24 +3,43 @@
 Prints `step N` after every optimizer step and `saved PATH` after each committed checkpoint (flushed), so
 a test can time its signal on what the child says, never on sleeps. The model is built after seeding, so
 every process starts from the same weights.
+
+Keys beyond TrainConfig's fields: `width` (hidden units); `announce=forward` prints `forward N` before each
+training forward instead of `step N` (a step callback would make every step a read point, hiding what the
+device-side check defers); `augment=1` trains on a dataset whose `__getitem__` draws from the torch, numpy
+and python RNGs (an augmentation), through the DataLoader.
 """
 
 from __future__ import annotations
 
+import random
 import sys
 
+import numpy as np
 import torch
 
 from steadyfit import Callback, Trainer, seed_everything
 from steadyfit.config import make_config, parse_overrides
 
 
-class Announce(Callback):
+class AnnounceSteps(Callback):
     def on_step_end(self, trainer, state):
         print(f"step {state.step}", flush=True)
 
+
+class AnnounceCheckpoints(Callback):
     def on_checkpoint_saved(self, trainer, state, path):
         print(f"saved {path}", flush=True)
+
+
+class AnnounceForwards:
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, module, args):
+        if module.training:
+            self.count += 1
+            print(f"forward {self.count}", flush=True)
 
 
 def build(width: int):
@@ -47,6 +66,14 @@ class ListData(torch.utils.data.Dataset):
         return self.inputs[index], self.targets[index]
 
 
+class AugmentedData(ListData):
+    """Noise from all three RNGs on every sample, as an augmenting dataset draws it."""
+
+    def __getitem__(self, index):
+        noise = torch.randn(16) * 0.1 + float(np.random.normal(0, 0.1)) + random.gauss(0, 0.1)
+        return self.inputs[index] + noise, self.targets[index]
+
+
 def main() -> None:
     run_dir, *overrides = sys.argv[1:]
     values = {
@@ -67,18 +94,25 @@ def main() -> None:
     }
     values.update(parse_overrides(overrides))
     width = int(values.pop("width", 32))
+    announce = values.pop("announce", "step")
+    augment = bool(values.pop("augment", 0))
     config = make_config(values)
     seed_everything(config.seed)
     torch.set_num_threads(1)
     model, data = build(width)
-    train = ListData(data) if config.num_workers else data
+    train = AugmentedData(data) if augment else ListData(data) if config.num_workers else data
+    callbacks = [AnnounceCheckpoints()]
+    if announce == "forward":
+        model.register_forward_pre_hook(AnnounceForwards())
+    else:
+        callbacks.append(AnnounceSteps())
     trainer = Trainer(
         model,
         config,
         train_data=train,
         eval_data=data,
         loss_fn=torch.nn.functional.cross_entropy,
-        callbacks=[Announce()],
+        callbacks=callbacks,
     )
     result = trainer.fit()
     print(f"done {result.global_step}", flush=True)

@@ -12,9 +12,9 @@ import torch
 
 from helpers import make_mlp, make_regression
 from steadyfit import Callback, TrainConfig, Trainer
+from steadyfit.assembly import train
 from steadyfit.config import ConfigError
 from steadyfit.diagnostics import CHECKS, DEFAULT_THRESHOLDS, Diagnostics
-from steadyfit.launch import train
 
 ROOT = Path(__file__).resolve().parents[2]
 F = torch.nn.functional

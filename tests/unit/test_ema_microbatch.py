@@ -62,7 +62,7 @@ def test_oom_adaptive_micro_batches_give_the_same_weights(tmp_path):
     )
     trainer = Trainer(model, config, train_data=data, loss_fn=CE)
     result = trainer.fit()
-    assert result.global_step == 6 and trainer.micro_limit == 4 and model.largest == 4
+    assert result.global_step == 6 and trainer.backward.micro_limit == 4 and model.largest == 4
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(model.inner.state_dict()[key], value, rtol=1e-5, atol=1e-6)
 

@@ -45,7 +45,7 @@ def test_a_checkpoint_in_an_older_layout_is_refused_with_a_clear_error(tmp_path)
     store = CheckpointStore(config.run_dir)
     store.save(3, make_mlp().state_dict(), {"trainer_state": {"step": 3}, "optimizer": {"state": {}}})
     trainer = Trainer(make_mlp(), config, train_data=make_regression(40), loss_fn=CE)
-    with pytest.raises(CheckpointError, match=r"step-00000003 has no 'state' component.*older steadyfit"):
+    with pytest.raises(CheckpointError, match=r"step-00000003: it has no 'state' component.*older steadyfit"):
         trainer.fit()
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from steadyfit.assembly import train
 from steadyfit.config import ConfigError
-from steadyfit.launch import train
 
 optuna = pytest.importorskip("optuna")
 

@@ -187,13 +187,13 @@ def test_a_step_callback_sees_each_step_exactly(tmp_path, monkeypatch):
 
 def test_too_many_consecutive_skips_stop_with_the_same_message(tmp_path, monkeypatch):
     device_steps = []
-    original_step = DeviceSkip.step
+    original_arm = DeviceSkip.arm
 
-    def counted_step(self, checked):
+    def counted_arm(self, finite):
         device_steps.append(None)
-        return original_step(self, checked)
+        return original_arm(self, finite)
 
-    monkeypatch.setattr(DeviceSkip, "step", counted_step)
+    monkeypatch.setattr(DeviceSkip, "arm", counted_arm)
     messages = []
     for name, device_side in (("device", True), ("host", False)):
         calls = []

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Self
 
 from steadyfit.checkpoint.errors import RunLockedError
-from steadyfit.checkpoint.layout import LOCK_FILE
+from steadyfit.layout import LOCK_FILE
 
 
 class RunLock:

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from steadyfit.checkpoint import layout
+from steadyfit import layout
 from steadyfit.checkpoint.atomic import FileRecord, hash_file
 from steadyfit.checkpoint.errors import CheckpointError
 from steadyfit.checkpoint.payload import loads_json

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from steadyfit.checkpoint import layout
+from steadyfit import layout
 from steadyfit.checkpoint.atomic import FileRecord
 from steadyfit.checkpoint.errors import CheckpointError
 from steadyfit.checkpoint.manifest import describe_os_error

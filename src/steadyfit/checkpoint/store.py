@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from steadyfit.checkpoint import layout
+from steadyfit import layout
 from steadyfit.checkpoint.atomic import (
     FileRecord,
     commit_dir,
@@ -355,6 +355,19 @@ class CheckpointStore:
                     found.append((step, Path(entry.path)))
         return [path for _, path in sorted(found)]
 
+    def linked_entries(self) -> list[Path]:
+        """Entries named like a checkpoint that are symlinks or not directories (never followed, never
+        restored from; a save of their step moves them aside)."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        with os.scandir(self.checkpoints_dir) as entries:
+            return sorted(
+                Path(entry.path)
+                for entry in entries
+                if layout.step_of(entry.name) is not None
+                and (entry.is_symlink() or not entry.is_dir(follow_symlinks=False))
+            )
+
     def latest_good(self) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
         """The newest checkpoint that verifies, and the damaged ones newer than it with their faults.
 
@@ -461,9 +474,14 @@ class CheckpointStore:
         if not (final.exists() or final.is_symlink()):
             commit_dir(tmp, final)
             return
-        if final.is_symlink() or not final.is_dir():
-            raise CheckpointError(f"cannot save checkpoint {final}: a non-directory is in the way; remove it")
         token = secrets.token_hex(4)
+        if final.is_symlink() or not final.is_dir():
+            # Not ours (a link, a file): kept under a damaged- name, never followed nor deleted.
+            aside = self.checkpoints_dir / layout.damaged_dir_name(step, token)
+            logger.warning("moving %s (not a checkpoint directory) aside as %s", final, aside)
+            os.rename(final, aside)
+            commit_dir(tmp, final)
+            return
         damaged = bool(self.verify(final))
         if damaged:
             aside = self.checkpoints_dir / layout.damaged_dir_name(step, token)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from steadyfit.checkpoint.atomic import replace_file
+from steadyfit.layout import CSV_FILE_PATTERN
 from steadyfit.loggers.base import Logger
 from steadyfit.loggers.registry import row_kind
 
@@ -37,7 +38,7 @@ class CSVLogger(Logger):
 
     def path_for(self, kind: str) -> Path:
         """The CSV file of one row kind."""
-        return self.run_dir / f"metrics_{re.sub(r'[^A-Za-z0-9_-]', '_', kind)}.csv"
+        return self.run_dir / CSV_FILE_PATTERN.format(kind=re.sub(r"[^A-Za-z0-9_-]", "_", kind))
 
     def log_row(self, row: dict[str, Any]) -> None:
         """Append one row to its kind's file, growing the header when the row brings a new key."""

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 from steadyfit.checkpoint.atomic import replace_file
+from steadyfit.layout import METRICS_FILE
 from steadyfit.loggers.base import Logger
-
-METRICS_FILE = "metrics.jsonl"
 
 
 def _plain(value: Any) -> Any:
@@ -47,41 +47,45 @@ class JsonlLogger(Logger):
             self._file.close()
 
 
+def truncate_rows(run_dir: str | os.PathLike[str], rows: int) -> None:
+    """Keep the first ``rows`` complete rows of metrics.jsonl (what a checkpoint recorded), so that a resumed
+    run writes every later row exactly once; a torn last line goes too."""
+    _rewrite(run_dir, lambda position, row: position < rows)
+
+
 def truncate_history(run_dir: str | os.PathLike[str], after_step: int) -> int:
-    """Drop rows logged after ``after_step`` (by a run that died after its last checkpoint), so that a
-    resumed run writes each step exactly once. A torn last line is dropped too. Returns rows dropped."""
+    """Drop rows logged after ``after_step`` and the summary row, for checkpoints of an older layout that
+    recorded no row count. Returns the rows kept."""
+
+    def keep(position: int, row: dict[str, Any]) -> bool:
+        step = row.get("step")
+        return row.get("kind") != "summary" and not (isinstance(step, int) and step > after_step)
+
+    return _rewrite(run_dir, keep)
+
+
+def _rewrite(run_dir: str | os.PathLike[str], keep: Callable[[int, dict[str, Any]], bool]) -> int:
+    """Rewrite metrics.jsonl (atomically, only when something goes) with the complete rows ``keep`` accepts,
+    given their position among the complete rows. Returns the rows kept."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return 0
     kept: list[str] = []
     dropped = 0
+    position = 0
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            dropped += 1
-            continue
+            row = None
         if not isinstance(row, dict):
             dropped += 1
             continue
-        step = row.get("step")
-        # The summary row is rewritten when the run finishes; rows past the checkpoint will be logged again.
-        if row.get("kind") == "summary" or (isinstance(step, int) and step > after_step):
+        if keep(position, row):
+            kept.append(line)
+        else:
             dropped += 1
-            continue
-        kept.append(line)
+        position += 1
     if dropped:
         replace_file(path, "".join(line + "\n" for line in kept).encode("utf-8"))
-    return dropped
-
-
-def read_rows(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every complete row of metrics.jsonl (a torn last line of a run in progress is skipped)."""
-    path = Path(run_dir) / METRICS_FILE
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    return len(kept)

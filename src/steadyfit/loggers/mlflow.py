@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from steadyfit.layout import MLFLOW_ARTIFACTS_DIR
 from steadyfit.loggers.base import Logger
 from steadyfit.loggers.registry import flatten_params, import_extra, row_step, scalars
 from steadyfit.secrets import redact, secret_env_values
@@ -139,7 +140,7 @@ class MLflowLogger(Logger):
         artifact_location = None
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             # MLflow's default artifact root is ./mlruns under the working directory; keep the run together.
-            artifact_location = (self.run_dir / "mlflow-artifacts").as_uri()
+            artifact_location = (self.run_dir / MLFLOW_ARTIFACTS_DIR).as_uri()
         return self.client.create_experiment(name, artifact_location=artifact_location)
 
 

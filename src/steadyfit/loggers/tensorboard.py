@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from steadyfit.layout import TENSORBOARD_DIR
 from steadyfit.loggers.base import Logger
 from steadyfit.loggers.registry import flatten_params, import_extra, row_step, scalars
 from steadyfit.secrets import redact, secret_env_values
@@ -32,7 +33,7 @@ class TensorBoardLogger(Logger):
 
     def __init__(self, run_dir: str, config_dict: dict[str, Any]) -> None:
         self._tensorboard = import_extra("torch.utils.tensorboard", "tensorboard")
-        self.log_dir = Path(run_dir) / "tensorboard"
+        self.log_dir = Path(run_dir) / TENSORBOARD_DIR
         self._resumed = self.log_dir.is_dir() and any(self.log_dir.glob("events.out.tfevents.*"))
         self._writer: Any = None
         self._pending_params: dict[str, Any] | None = None

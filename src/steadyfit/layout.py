@@ -1,17 +1,41 @@
-"""Every file and directory name of the checkpoint layout, and the patterns that recognise our own names.
+"""Every file and directory name of a run directory, one module for all of them.
 
-Rotation and cleanup only ever touch entries whose names match these patterns, so anything a user puts in
-``RUN_DIR/checkpoints/`` under another name is left alone.
+A run directory::
+
+    RUN_DIR/config.yaml                 the resolved config, written first
+    RUN_DIR/metrics.jsonl               one JSON row a line (train, eval, diagnostic, summary)
+    RUN_DIR/.lock                       held while a run (or lr-find) writes here
+    RUN_DIR/checkpoints/step-00000100/  one committed checkpoint (model, state, manifest)
+    RUN_DIR/final/model.safetensors     the weights at the end (and ema.safetensors with ema_decay)
+    RUN_DIR/report.png, compare.png     written by ``steadyfit report``
+    RUN_DIR/lr_find.png                 written by ``steadyfit lr-find``
+    RUN_DIR/metrics_<kind>.csv, tensorboard/, mlflow-artifacts/   written by the optional loggers
+
+Rotation and cleanup only ever touch entries whose names match the patterns below, so anything a user puts
+in ``RUN_DIR/checkpoints/`` under another name is left alone.
 """
 
 from __future__ import annotations
 
 import re
 
-FORMAT_VERSION = 1
-
-CHECKPOINTS_DIR = "checkpoints"
+# ---------------------------------------------------------------------------------- the run directory
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"
+CHECKPOINTS_DIR = "checkpoints"
+FINAL_DIR = "final"
+FINAL_MODEL_FILE = "model.safetensors"
+FINAL_EMA_FILE = "ema.safetensors"
+REPORT_FILE = "report.png"
+COMPARE_FILE = "compare.png"
+LR_FIND_FILE = "lr_find.png"
+TENSORBOARD_DIR = "tensorboard"
+MLFLOW_ARTIFACTS_DIR = "mlflow-artifacts"
+CSV_FILE_PATTERN = "metrics_{kind}.csv"
+
+# --------------------------------------------------------------------------- one checkpoint directory
+FORMAT_VERSION = 1
 
 MODEL_FILE = "model.safetensors"
 # A sharded (FSDP) checkpoint holds this directory instead of MODEL_FILE: one safetensors file per rank,

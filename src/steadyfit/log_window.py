@@ -1,7 +1,9 @@
-"""Loss and throughput over the logging window, kept on the device between logging steps."""
+"""The logging window: train loss and throughput since the last train row, kept on the device between
+logging steps, and the run's totals."""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -10,10 +12,16 @@ import torch
 from steadyfit.state import TrainState
 
 
-class WindowStats:
-    """Loss and throughput over the current logging window, kept as device tensors between log steps.
+class LogWindow:
+    """Loss, samples and the last gradient norm of the optimizer steps since the last train row.
 
-    ``.item()``-style reads happen only in :meth:`row`, i.e. on logging steps.
+    Host reads happen only in :meth:`row` (logging steps) and :meth:`state_dict` (checkpoints).
+
+    Example:
+        >>> window = LogWindow(torch.device("cpu"))
+        >>> window.add(torch.tensor(6.0), 3, 3, torch.tensor(0.5), counts_tokens=False)
+        >>> window.row(TrainState(step=1), lr=0.1)["loss"]
+        2.0
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -31,7 +39,7 @@ class WindowStats:
     def add(
         self, loss_sum: torch.Tensor, count: Any, samples: int, grad_norm: torch.Tensor, counts_tokens: bool
     ) -> None:
-        """Add one optimizer step; ``counts_tokens``: the loss's count is tokens (a ``(sum, count)`` loss)."""
+        """Add one applied optimizer step; ``counts_tokens``: the count is tokens (``(sum, count)`` loss)."""
         self.counts_tokens = counts_tokens
         self.loss_sum += loss_sum
         self.loss_count += count
@@ -39,12 +47,19 @@ class WindowStats:
         self.pending_steps += 1
         self.grad_norm = grad_norm
 
-    def row(self, state: TrainState, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    def exclude(self, seconds: float) -> None:
+        """Keep time spent outside training (an evaluation) out of the window's throughput."""
+        self.started += seconds
+
+    def row(self, state: TrainState, lr: float) -> dict[str, Any]:
+        """The train row of the window, which then starts afresh. One host read."""
         now = time.perf_counter()
         elapsed = max(now - self.started, 1e-9)
-        # One host read for the window's loss, count and last grad norm: this is the logging step.
-        values = torch.stack([self.loss_sum, self.loss_count, self.grad_norm.to(torch.float64)]).tolist()
-        loss_sum, loss_count, grad_norm = values
+        grad_norm = self.grad_norm if self.grad_norm is not None else torch.full((), math.nan)
+        values = torch.stack(
+            [self.loss_sum, self.loss_count, grad_norm.to(device=self.device, dtype=torch.float64)]
+        ).tolist()
+        loss_sum, loss_count, grad_norm_value = values
         self.run_loss_sum += loss_sum
         self.run_loss_count += loss_count
         if self.counts_tokens:
@@ -53,9 +68,9 @@ class WindowStats:
             "kind": "train",
             "step": state.step,
             "epoch": state.epoch,
-            "loss": loss_sum / loss_count if loss_count else float("nan"),
-            "lr": optimizer.param_groups[0]["lr"],
-            "grad_norm": grad_norm,
+            "loss": loss_sum / loss_count if loss_count else math.nan,
+            "lr": lr,
+            "grad_norm": grad_norm_value,
             "samples_per_sec": self.samples / elapsed,
             **({"tokens_per_sec": loss_count / elapsed} if self.counts_tokens else {}),
             "step_time_s": elapsed / max(self.pending_steps, 1),
@@ -69,11 +84,8 @@ class WindowStats:
         self.started = now
         return row
 
-    def state_dict(self) -> dict[str, float]:
-        """The open logging window and run totals, so a resumed run logs the same numbers.
-
-        Reads the host: called at save time only.
-        """
+    def state_dict(self) -> dict[str, Any]:
+        """The open window and the run totals, so a resumed run logs the same numbers. Reads the host."""
         return {
             "loss_sum": float(self.loss_sum),
             "loss_count": float(self.loss_count),
@@ -81,19 +93,33 @@ class WindowStats:
             "run_loss_count": self.run_loss_count,
             "samples": self.samples,
             "pending_steps": self.pending_steps,
+            "counts_tokens": self.counts_tokens,
+            "grad_norm": None if self.grad_norm is None else float(self.grad_norm),
         }
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        if not state:
-            return
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`; every field is replaced.
+
+        Raises:
+            ValueError: a field is missing or not a number.
+        """
+        numbers = ("loss_sum", "loss_count", "run_loss_sum", "run_loss_count", "samples", "pending_steps")
+        for key in numbers:
+            if isinstance(state.get(key), bool) or not isinstance(state.get(key), (int, float)):
+                raise ValueError(f"logging window: {key!r} must be a number, got {state.get(key)!r}")
         self.loss_sum.fill_(state["loss_sum"])
         self.loss_count.fill_(state["loss_count"])
-        self.run_loss_sum = state["run_loss_sum"]
-        self.run_loss_count = state["run_loss_count"]
+        self.run_loss_sum = float(state["run_loss_sum"])
+        self.run_loss_count = float(state["run_loss_count"])
         self.samples = int(state["samples"])
         self.pending_steps = int(state["pending_steps"])
+        self.counts_tokens = bool(state.get("counts_tokens", False))
+        grad_norm = state.get("grad_norm")
+        self.grad_norm = None if grad_norm is None else torch.tensor(float(grad_norm), device=self.device)
+        self.started = time.perf_counter()
 
-    def run_mean(self, state: TrainState) -> float | None:
+    def run_mean(self) -> float | None:
+        """Mean train loss over the whole run (logged windows and the open one)."""
         total = self.run_loss_sum + float(self.loss_sum)
         count = self.run_loss_count + float(self.loss_count)
         return total / count if count else None

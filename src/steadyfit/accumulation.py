@@ -1,0 +1,177 @@
+"""Exact gradient accumulation: forward and backward over the micro-batches of one window, each weighted by
+its share of the window's samples (or tokens), and what is done to the summed gradients before the
+optimizer step (normalised over the window, measured, clipped).
+
+The weighting is what guarantee 1 rests on: ``batch_size=B, grad_accum_steps=K`` performs the update of
+``batch_size=B*K``. A mean loss of a micro-batch of ``n_i`` samples is backpropagated as ``mean * n_i / n``
+(``n`` the window's samples), never as ``mean / K``: the two differ when the window ends with a short
+micro-batch. A ``(sum, count)`` loss is backpropagated as its sum and the gradients are divided by the
+window's total count afterwards (over all ranks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from steadyfit import data as data_mod
+from steadyfit.distributed import Distributed, full_tensor, local_tensor
+from steadyfit.loss import as_sum_and_count, forward_batch
+from steadyfit.precision import Precision
+
+
+@dataclass
+class WindowLoss:
+    """The loss of one window on this rank: ``total / count`` is its mean.
+
+    Attributes:
+        total: the sum over the window's samples (or tokens), detached, float32 on the device.
+        count: samples, or tokens for a ``(sum, count)`` loss (a device tensor when the loss returned one).
+        counts_tokens: whether the loss returned ``(sum, count)``.
+    """
+
+    total: torch.Tensor
+    count: Any
+    counts_tokens: bool
+
+
+class WindowBackward:
+    """Forward and backward of every micro-batch of a window; gradients end up summed over the window.
+
+    With ``micro_batch_size`` a micro-batch larger than it is cut into pieces, each weighted by its own
+    samples (the same result); ``"auto"`` halves the pieces and redoes the window after an out-of-memory
+    error.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> from steadyfit.config import TrainConfig
+        >>> backward = WindowBackward(
+        ...     model, torch.nn.functional.mse_loss, Precision("fp32", torch.device("cpu")),
+        ...     Distributed.setup(TrainConfig()), list(model.parameters()), micro_batch_size=None)
+        >>> window = [(torch.ones(4, 2), torch.zeros(4, 1)), (torch.ones(2, 2), torch.zeros(2, 1))]
+        >>> loss = backward.run(window, [4, 2])
+        >>> loss.count
+        6
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Any],
+        loss_fn: Callable[..., Any] | None,
+        precision: Precision,
+        dist: Distributed,
+        params: list[torch.nn.Parameter],
+        *,
+        micro_batch_size: int | str | None,
+        on_out_of_memory: Callable[[str], None] = print,
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.precision = precision
+        self.dist = dist
+        self.params = params
+        self.device = precision.device
+        self.non_blocking = self.device.type == "cuda"
+        self.adaptive = micro_batch_size == "auto"
+        self.micro_limit = micro_batch_size if isinstance(micro_batch_size, int) else None
+        self.on_out_of_memory = on_out_of_memory
+
+    def run(self, window: list[Any], sample_counts: list[int]) -> WindowLoss:
+        """Zero the grads, then forward and backward every micro-batch; ``sample_counts`` are this rank's
+        real samples of each (0 for a stand-in that only keeps ranks in step)."""
+        window_samples = sum(sample_counts)
+        while True:
+            try:
+                return self._run(window, sample_counts, window_samples)
+            except torch.OutOfMemoryError:
+                if not self.adaptive or (self.micro_limit or 2) <= 1:
+                    raise
+                # Halve the forward size and redo the window: same samples, same weighting, same result.
+                self.micro_limit = max(1, (self.micro_limit or max(sample_counts)) // 2)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.on_out_of_memory(f"steadyfit: out of memory; micro-batches of {self.micro_limit} now")
+
+    def _run(self, window: list[Any], sample_counts: list[int], window_samples: int) -> WindowLoss:
+        for param in self.params:
+            param.grad = None
+        loss_sum: Any = 0.0
+        loss_count: Any = 0
+        counts_tokens = False
+        pieces = list(self._pieces(window, sample_counts))
+        distributed = self.dist.is_distributed
+        for position, (micro_batch, num_samples) in enumerate(pieces):
+            micro_batch = data_mod.move_to(micro_batch, self.device, self.non_blocking)
+            with self.dist.gradient_sync(self.model, position == len(pieces) - 1):
+                with self.precision.autocast():
+                    _, value, _ = forward_batch(self.model, micro_batch, self.loss_fn)
+                total, count, counts_tokens = as_sum_and_count(value, num_samples)
+                if num_samples == 0:
+                    # A stand-in for this rank's empty share of a short last batch: it takes part in the
+                    # gradient sync with weight zero.
+                    total, count = total * 0.0, count * 0
+                if counts_tokens or distributed:
+                    backward_loss = total  # a sum; the grads are divided by the window's count afterwards
+                elif num_samples == window_samples:
+                    backward_loss = value  # one micro-batch: exactly the plain loop's backward
+                else:
+                    # The micro-batch's share of the window's samples (the last one may be short).
+                    backward_loss = value * (num_samples / window_samples)
+                self.precision.scale(backward_loss).backward()
+            loss_sum = total.detach().float() + loss_sum
+            loss_count = loss_count + count
+        return WindowLoss(loss_sum, loss_count, counts_tokens)
+
+    def _pieces(self, window: list[Any], sample_counts: list[int]) -> Iterable[tuple[Any, int]]:
+        limit = self.micro_limit
+        for batch, num_samples in zip(window, sample_counts, strict=True):
+            if limit is None or num_samples <= limit:
+                yield batch, num_samples
+                continue
+            for piece in data_mod.split_batch(batch, limit):
+                yield piece, data_mod.count_samples(piece)
+
+    def reduce_over_ranks(
+        self, loss: WindowLoss, samples: int, global_samples: int | None, preempted: bool
+    ) -> tuple[WindowLoss, int, torch.Tensor]:
+        """Sum the window's count, loss and samples over all ranks in one all-reduce, with this rank's
+        preemption vote riding on it; then divide the grads (DDP / FSDP averaged them over ranks) by the
+        global count. Returns the global loss, the global samples and the vote (on the device).
+
+        ``global_samples``: the step's samples on all ranks when the caller knows them from the data
+        position; otherwise they are read from the reduction (a host read).
+        """
+        totals = torch.stack(
+            [
+                torch.as_tensor(loss.count, dtype=torch.float64, device=self.device),
+                loss.total.to(torch.float64),
+                torch.tensor(float(preempted), dtype=torch.float64, device=self.device),
+                torch.tensor(float(samples), dtype=torch.float64, device=self.device),
+            ]
+        )
+        self.dist.all_reduce_sum(totals)
+        self.divide_grads(totals[0] / self.dist.world_size)
+        if global_samples is None:
+            global_samples = int(totals[3])
+        return WindowLoss(totals[1], totals[0], loss.counts_tokens), global_samples, totals[2]
+
+    def divide_grads(self, divisor: Any) -> None:
+        """Turn summed gradients into means: divide every gradient by the window's (global) count."""
+        grads = [local_tensor(p.grad) for p in self.params if p.grad is not None]
+        torch._foreach_div_(grads, torch.as_tensor(divisor, device=self.device, dtype=torch.float32))
+
+    def clip(self, max_grad_norm: float | None, clip_value: float | None) -> torch.Tensor:
+        """The pre-clip global gradient norm (logged and checked by the guard), after clipping if asked."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        grad_norm = full_tensor(torch.nn.utils.get_total_norm(grads, foreach=True))
+        if max_grad_norm is not None:
+            # A non-finite norm turns every gradient into NaN here; the guard skips that step anyway.
+            torch.nn.utils.clip_grads_with_norm_(self.params, max_grad_norm, grad_norm, foreach=True)
+        if clip_value is not None:
+            torch.nn.utils.clip_grad_value_(self.params, clip_value, foreach=True)
+        return grad_norm

@@ -1,0 +1,28 @@
+"""The one channel for what steadyfit tells the user outside progress output: notices and warnings on stderr.
+
+Each message is one write of one line, so lines from several ranks sharing a terminal (torchrun) or a pipe
+never interleave mid-line. They are printed whatever ``progress`` says: they are not progress.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def notice(message: str) -> None:
+    """Print ``steadyfit: <message>`` (something the user should know: a resume, a preemption).
+
+    Example:
+        >>> notice("resumed from runs/demo/checkpoints/step-00000020")  # doctest: +SKIP
+    """
+    sys.stderr.write(f"steadyfit: {message}\n")
+    sys.stderr.flush()
+
+
+def warn(message: str) -> None:
+    """Print ``steadyfit: warning: <message>`` (something that may be wrong and needs a look).
+
+    Example:
+        >>> warn("checkpoint rotation failed")  # doctest: +SKIP
+    """
+    notice(f"warning: {message}")
