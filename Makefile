@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 # Every integration is tested with the real library, so the test set-up installs every extra but `bench`.
 TEST_EXTRAS := dev,optim,plot,tensorboard,mlflow,wandb,recipes,hf,torchmetrics,sweep
 
-.PHONY: demo test venv lint
+.PHONY: demo test venv lint mutants
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,8 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check src tests bench examples
 	$(VENV)/bin/ruff format --check src tests bench examples
+
+# One deliberate one-line break per guarantee; each must make its tests fail (see docs/guarantees.md).
+mutants: venv
+	$(PIP) install --quiet "$(TORCH)" -e ".[$(TEST_EXTRAS)]"
+	$(VENV)/bin/python tests/mutants.py

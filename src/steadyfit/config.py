@@ -10,11 +10,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "adafactor", "lamb", "lion")
-SCHEDULERS = ("constant", "linear", "cosine", "step", "onecycle", "wsd")
-PRECISIONS = ("fp32", "bf16", "fp16")
-LOGGERS = ("jsonl", "csv", "tensorboard", "mlflow", "wandb")
-
 
 class ConfigError(ValueError):
     """A user-caused configuration problem; the message names the field and what is allowed."""

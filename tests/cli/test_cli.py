@@ -74,5 +74,8 @@ def test_rerunning_a_finished_command_exits_0_and_changes_nothing(tmp_path):
     assert "resumed from" in again.stderr and "step-00000030" in again.stderr
     assert (tmp_path / "R" / "final" / "model.safetensors").read_bytes() == weights
     after = (tmp_path / "R" / "metrics.jsonl").read_text().splitlines()
-    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if "time" not in k} for x in lines]  # noqa: E731
-    assert strip(after) == strip(rows)
+    assert _timeless(after) == _timeless(rows), "no row is lost or written twice"
+
+
+def _timeless(lines: list[str]) -> list[dict]:
+    return [{key: value for key, value in json.loads(line).items() if "time" not in key} for line in lines]

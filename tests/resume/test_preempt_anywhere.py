@@ -108,6 +108,9 @@ def reference(request, tmp_path_factory):
 def test_a_preemption_at_any_micro_batch_resumes_bitwise(tmp_path, reference, forward):
     trainer, reference_dir, overrides = reference
     _run(tmp_path, terminate_at=forward, **overrides)
+    # The step under way when the signal came is finished and checkpointed, not a later one.
+    current_step = -(-forward // SETTINGS["grad_accum_steps"])
+    assert max(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == f"step-{current_step:08d}"
     resumed = _run(tmp_path, **overrides)
     _assert_same_run(trainer, resumed, reference_dir, tmp_path)
 

@@ -23,7 +23,6 @@ whether or not it succeeds.
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -37,11 +36,11 @@ from steadyfit.checkpoint.errors import CheckpointError
 from steadyfit.checkpoint.manifest import describe_os_error
 from steadyfit.checkpoint.payload import flatten, tensor_keys, unflatten
 from steadyfit.checkpoint.store import CheckpointStore, seal_shards
+from steadyfit.console import warn
 
 if TYPE_CHECKING:
     from steadyfit.distributed import Distributed
 
-logger = logging.getLogger(__name__)
 
 MODEL_PREFIX = "model."
 OPTIMIZER_PREFIX = "optimizer."
@@ -336,5 +335,5 @@ def _commit(
         try:
             on_commit(path)
         except Exception as exc:  # committed already: failing the save now would misreport it as lost
-            logger.warning("checkpoint %s is committed, but what followed its commit failed: %s", path, exc)
+            warn(f"checkpoint {path} is committed, but what followed its commit failed: {exc}")
     return path

@@ -13,7 +13,6 @@ rank with its slices of the model and optimizer tensors (see :mod:`.sharded`), l
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import secrets
 from collections.abc import Iterable, Iterator, Mapping
@@ -39,8 +38,7 @@ from steadyfit.checkpoint.atomic import (
 from steadyfit.checkpoint.errors import CheckpointError
 from steadyfit.checkpoint.manifest import build_manifest, describe_os_error, inspect_checkpoint
 from steadyfit.checkpoint.payload import dumps_json, flatten, loads_json, prepare_tensors, unflatten
-
-logger = logging.getLogger(__name__)
+from steadyfit.console import warn
 
 
 @dataclass(frozen=True)
@@ -429,7 +427,7 @@ class CheckpointStore:
                 continue
             faults = self.verify(path)
             if faults:
-                logger.warning("not deleting damaged checkpoint %s: %s", path, "; ".join(faults))
+                warn(f"not deleting damaged checkpoint {path}: {'; '.join(faults)}")
                 continue
             remove_tree(path)
             deleted.append(path)
@@ -478,14 +476,14 @@ class CheckpointStore:
         if final.is_symlink() or not final.is_dir():
             # Not ours (a link, a file): kept under a damaged- name, never followed nor deleted.
             aside = self.checkpoints_dir / layout.damaged_dir_name(step, token)
-            logger.warning("moving %s (not a checkpoint directory) aside as %s", final, aside)
+            warn(f"moving {final} (not a checkpoint directory) aside as {aside}")
             os.rename(final, aside)
             commit_dir(tmp, final)
             return
         damaged = bool(self.verify(final))
         if damaged:
             aside = self.checkpoints_dir / layout.damaged_dir_name(step, token)
-            logger.warning("keeping damaged checkpoint %s as %s", final, aside)
+            warn(f"keeping damaged checkpoint {final} as {aside}")
         else:
             aside = self.checkpoints_dir / layout.old_dir_name(step, token)
         os.rename(final, aside)
@@ -500,7 +498,7 @@ class CheckpointStore:
                 remove_tree(aside)
             except OSError as exc:
                 # The new checkpoint is committed; cleanup_stray() removes the leftover on the next start.
-                logger.warning("could not remove replaced checkpoint %s: %s", aside, exc)
+                warn(f"could not remove replaced checkpoint {aside}: {exc}")
 
     def _check_names(
         self, final: Path, components: Mapping[str, Any], extra_files: Mapping[str, bytes]
@@ -624,4 +622,4 @@ def _remove_quietly(path: Path) -> None:
         if path.is_dir() and not path.is_symlink():
             remove_tree(path)
     except OSError as exc:
-        logger.warning("could not remove temporary checkpoint directory %s: %s", path, exc)
+        warn(f"could not remove temporary checkpoint directory {path}: {exc}")
