@@ -113,7 +113,7 @@ MUTANTS = (
         "content-damage",
         "3. a checkpoint whose content does not fit the run is loaded anyway, not skipped",
         "src/steadyfit/checkpoint/manager.py",
-        "return next((message for message, _ in verdicts if message), None)",
+        "return next((message for message, _, _ in verdicts if message), None)",
         "return None",
         ("tests/unit/test_checkpoint_manager.py",),
     ),

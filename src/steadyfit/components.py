@@ -157,12 +157,19 @@ class RunIdentity:
     """
 
     def __init__(
-        self, config: TrainConfig, dist: Distributed, train_data: Any, model: torch.nn.Module, has_ema: bool
+        self,
+        config: TrainConfig,
+        dist: Distributed,
+        train_data: Any,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        has_ema: bool,
     ) -> None:
         self.config = config
         self.dist = dist
         self.train_data = train_data
         self.model = model
+        self.optimizer = optimizer
         self.has_ema = has_ema
 
     def state_dict(self) -> dict[str, Any]:
@@ -175,6 +182,8 @@ class RunIdentity:
             "dataset_length": dataset_length(self.train_data),
             "ema": self.has_ema,
             "parameters": {name: list(t.shape) for name, t in self.model.state_dict().items()},
+            "optimizer": type(self.optimizer).__name__,
+            "param_groups": [len(group["params"]) for group in self.optimizer.param_groups],
         }
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
@@ -216,6 +225,13 @@ class RunIdentity:
             )
         if "parameters" in saved:
             _check_same_parameters(saved["parameters"], now["parameters"])
+        for field in ("optimizer", "param_groups"):
+            if field in saved and saved[field] != now[field]:
+                raise ConfigError(
+                    f"optimizer: the checkpoint was trained with {field.replace('_', ' ')} {saved[field]!r}, "
+                    f"this run has {now[field]!r}; use the same optimizer, another run_dir, or resume=never "
+                    "after moving checkpoints/ away"
+                )
 
 
 def _check_same_parameters(saved: Any, now: dict[str, list[int]]) -> None:

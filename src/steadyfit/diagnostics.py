@@ -429,8 +429,11 @@ class Diagnostics:
             "last_train_loss": self.last_train_loss,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Replace everything the checks remember; raises ValueError for a state that lacks some of it."""
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Replace everything the checks remember (None: what a new run remembers); raises ValueError for a
+        state that lacks some of it."""
+        if state is None:
+            state = Diagnostics(self.config, self.total_steps).state_dict()
         expected = self.state_dict()
         if not isinstance(state, dict) or not expected.keys() <= state.keys():
             missing = sorted(expected.keys() - (state.keys() if isinstance(state, dict) else set()))

@@ -66,5 +66,9 @@ class Precision:
         return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        """Restore the GradScaler (fp16); raises ValueError for an fp16 run whose state has none."""
+        if self.scaler is None:
+            return
+        if not isinstance(state, dict) or not state.get("scaler"):
+            raise ValueError("precision: the checkpoint holds no GradScaler state for this fp16 run")
+        self.scaler.load_state_dict(state["scaler"])

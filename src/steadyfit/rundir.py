@@ -37,8 +37,8 @@ class RunDirectory:
 
     Entering it (rank 0) takes the lock, removes what a crashed save left in ``checkpoints/``, writes
     ``config.yaml`` and opens the loggers; leaving it closes the loggers and releases the lock. As a
-    checkpoint component it saves how many rows metrics.jsonl holds, and restoring it cuts the file back to
-    them, so a resumed run writes every row exactly once.
+    checkpoint component it saves how many rows metrics.jsonl holds; after a resume :meth:`cut_back` cuts
+    the file back to them, so a resumed run writes every row exactly once.
 
     Args:
         path: the run directory.
@@ -74,6 +74,7 @@ class RunDirectory:
         self.lock = RunLock(self.path)
         self.loggers: list[Logger] = []
         self.rows = 0
+        self._restored: dict[str, int] | None = None
         self.started = time.perf_counter()
 
     # ------------------------------------------------------------------------------------ lifecycle
@@ -124,9 +125,8 @@ class RunDirectory:
             logger.log_row(row)
 
     def add_logger(self, logger: Logger) -> None:
-        """A logger of the caller's that receives every later row (rank 0)."""
-        if self.dist.is_main:
-            self.loggers.append(logger)
+        """A logger of the caller's that receives every later row, on the rank that adds it."""
+        self.loggers.append(logger)
 
     def start_fresh(self) -> None:
         """No checkpoint to resume: rows a run wrote before it died without one are dropped."""
@@ -135,23 +135,39 @@ class RunDirectory:
         self.rows = 0
 
     def state_dict(self) -> dict[str, int]:
+        """How many rows metrics.jsonl holds; they are made durable first, like the checkpoint itself."""
+        for logger in self.loggers:
+            if isinstance(logger, JsonlLogger):
+                logger.sync()  # one fsync per checkpoint
         return {"rows": self.rows}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Cut metrics.jsonl back to the rows it held at the checkpoint (rank 0).
+        """Take the row count of a checkpoint; :meth:`cut_back` applies it once the whole restore worked.
 
         A checkpoint of an older layout names its step instead (``after_step``): rows of later steps go.
         """
-        rows = state.get("rows")
-        if rows is None and isinstance(state.get("after_step"), int):
-            if self.dist.is_main:
-                self.rows = truncate_history(self.path, state["after_step"])
+        rows, after_step = state.get("rows"), state.get("after_step")
+        if rows is None and isinstance(after_step, int) and not isinstance(after_step, bool):
+            self._restored = {"after_step": after_step}
             return
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
             raise ValueError(f"metrics: 'rows' must be a count, got {rows!r}")
+        self._restored = {"rows": rows}
+
+    def cut_back(self) -> None:
+        """Cut metrics.jsonl back to the restored checkpoint's rows (rank 0), so a resumed run writes every
+        row exactly once. Called after every rank restored every component: a restore that fails on any
+        rank leaves the file as it was."""
+        restored, self._restored = self._restored, None
+        if restored is None:
+            return
+        if "after_step" in restored:
+            kept = truncate_history(self.path, restored["after_step"]) if self.dist.is_main else 0
+            self.rows = kept
+            return
         if self.dist.is_main:
-            truncate_rows(self.path, rows)
-        self.rows = rows
+            truncate_rows(self.path, restored["rows"])
+        self.rows = restored["rows"]
 
     # ------------------------------------------------------------------------------------ final weights
     def write_final(

@@ -32,6 +32,7 @@ does at a boundary, its state describes that boundary, since nothing observes it
 from __future__ import annotations
 
 import itertools
+import json
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -147,7 +148,10 @@ class Trainer:
         self.progress = Progress(False, None)
         self._unbooked: list[StepRecord] = []
         self._preempt_votes: torch.Tensor | None = None
-        self._saved_at: tuple[int, int] | None = None
+        # What the last checkpoint holds: the TrainState and the rows logged. The same on every rank
+        # (diagnostic rows, rank 0's alone, do not count), so every rank decides alike to save again.
+        self._saved_at: tuple[str, int] | None = None
+        self._rows_logged = 0
 
     # ----------------------------------------------------------------------------------------- public
     def fit(self) -> FitResult:
@@ -335,7 +339,9 @@ class Trainer:
                 self._evaluate_and_track()
         if epoch_ended:
             self.callbacks.fire("on_epoch_end", self, state)
-        if stepped and config.save_every and state.step % config.save_every == 0:
+        self._agree_on_stop()
+        # A step of unknown-length data can end its epoch one boundary later, saved again with the new epoch.
+        if (stepped or epoch_ended) and config.save_every and state.step % config.save_every == 0:
             self._save()
         self._announce_committed()
         # Under several ranks the vote of the last step's all-reduce: read here, where every rank reads.
@@ -397,6 +403,7 @@ class Trainer:
         """Write a row to metrics.jsonl and every logger; diagnostics read it (its numbers are on the host
         already)."""
         self.run_directory.log(row)
+        self._rows_logged += 1
         self.progress.log(row)
         for finding in self.diagnostics.observe(row) if self.diagnostics is not None else ():
             self.run_directory.log(finding)
@@ -426,15 +433,29 @@ class Trainer:
         if self.tracker is not None and self.tracker.update(state, scores):
             state.best_checkpoint = str(self.checkpoints.path_for(state.step))
             if self.checkpoints.hold_best(state.step, self._checkpointed, **self._save_arguments()):
-                self._saved_at = (state.step, self.run_directory.rows)
+                self._saved_at = self._boundary_key()
 
     def _save(self) -> None:
-        """Checkpoint this boundary, unless it is saved already (same step, nothing logged since)."""
-        here = (self.state.step, self.run_directory.rows)
+        """Checkpoint this boundary, unless the last checkpoint holds it already (its step again, with a
+        state that changed since, e.g. by a final row or the end of an epoch, replaces it)."""
+        here = self._boundary_key()
         if self._saved_at == here:
             return
         self.checkpoints.save(self.state.step, self._checkpointed, **self._save_arguments())
         self._saved_at = here
+
+    def _boundary_key(self) -> tuple[str, int]:
+        state = self.state.to_dict()
+        del state["stop_reason"]  # worded per rank when a stop comes from rank 0's diagnostics
+        return json.dumps(state, sort_keys=True), self._rows_logged
+
+    def _agree_on_stop(self) -> None:
+        """Diagnostics run on rank 0 alone: a stop they ask for reaches every rank (one all-reduce, only
+        with ``stop_on``), before any rank decides to save or to go on."""
+        if not (self.config.stop_on and self.dist.is_distributed):
+            return
+        if self.dist.any_rank(self.state.should_stop, self.device) and not self.state.should_stop:
+            self.request_stop("stopped by rank 0's diagnostics")
 
     def _save_arguments(self) -> dict[str, Any]:
         best = self.state.best_checkpoint
@@ -463,6 +484,7 @@ class Trainer:
             self._log_train()
         if self.eval_data is not None and state.last_eval_step != state.step:
             self._evaluate_and_track()
+        self._agree_on_stop()
         self._save()
         self.checkpoints.wait()
         self._announce_committed()
@@ -523,7 +545,9 @@ class Trainer:
         saving and restoring both iterate."""
         model = self.model
         components: dict[str, Stateful] = {
-            "identity": RunIdentity(self.config, self.dist, self.train_data, model, self.ema is not None),
+            "identity": RunIdentity(
+                self.config, self.dist, self.train_data, model, self.optimizer, self.ema is not None
+            ),
             "model": (
                 ShardedWeights(self.dist, model, self.optimizer)
                 if self.dist.is_sharded
@@ -540,7 +564,7 @@ class Trainer:
             components["ema"] = self.ema
         if self.diagnostics is not None:
             components["diagnostics"] = self.diagnostics
-        # Last: restoring it cuts metrics.jsonl back to the checkpoint's rows, once everything else fits.
+        # The row count of metrics.jsonl, cut back to it once every rank restored everything (_resume).
         components["metrics"] = self.run_directory
         return components
 
@@ -550,7 +574,8 @@ class Trainer:
         if path is None:
             self.run_directory.start_fresh()
         else:
-            self._saved_at = (self.state.step, self.run_directory.rows)
+            self.run_directory.cut_back()
+            self._saved_at = self._boundary_key()
         show = self.config.progress and self.dist.is_main
         self.progress = Progress(show, self.horizons.total_steps, initial_step=self.state.step)
         self.backward.on_out_of_memory = self.progress.message

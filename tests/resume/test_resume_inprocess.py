@@ -87,3 +87,62 @@ def test_extending_max_epochs_continues_the_run(tmp_path):
     full = _run(tmp_path / "b", max_epochs=3)
     for key, value in full.model.state_dict().items():
         assert torch.equal(value, longer.model.state_dict()[key]), key
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """Data without a length: its epoch ends when it runs out, one boundary after its last step."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __iter__(self):
+        return iter(self.data)
+
+
+class CountEvents(Callback):
+    def __init__(self):
+        self.epochs_started = 0
+
+    def on_epoch_start(self, trainer, state):
+        self.epochs_started += 1
+
+
+def _rerun_changes_nothing(tmp_path, make_trainer):
+    """Fit, then fit again on the same run directory: the second finds everything done."""
+    first = make_trainer()
+    first.fit()
+    forwards = []
+    second = make_trainer()
+    second.model.register_forward_pre_hook(lambda module, args: forwards.append(module.training))
+    counter = CountEvents()
+    second.callbacks = type(second.callbacks)([counter])
+    second.fit()
+    assert True not in forwards, "a rerun of a finished run trained again"
+    assert counter.epochs_started == 0
+    assert second.state.to_dict() == first.state.to_dict()
+    for key, value in first.model.state_dict().items():
+        assert torch.equal(value, second.model.state_dict()[key]), key
+
+
+def test_a_finished_run_over_data_without_a_length_reruns_without_training(tmp_path):
+    data = list(zip(torch.randn(16, 6), torch.randint(0, 3, (16,)), strict=True))
+
+    def make():
+        seed_everything(0)
+        config = base_config(tmp_path, batch_size=4, max_epochs=1, max_steps=50, save_every=2, log_every=2)
+        return Trainer(make_mlp(), config, train_data=Stream(data), loss_fn=CE)
+
+    _rerun_changes_nothing(tmp_path, make)
+
+
+def test_a_finished_run_whose_last_step_was_skipped_reruns_without_training(tmp_path):
+    data = make_regression(13)
+    data.tensors[0][12] = float("nan")  # the last batch (one sample) has a NaN loss: that step is skipped
+
+    def make():
+        seed_everything(0)
+        config = base_config(tmp_path, batch_size=4, max_epochs=1, save_every=3, optimizer="sgd", lr=0.1)
+        loader = torch.utils.data.DataLoader(data, batch_size=4)
+        return Trainer(make_mlp(), config, train_data=loader, loss_fn=CE)
+
+    _rerun_changes_nothing(tmp_path, make)

@@ -240,3 +240,12 @@ def test_a_symlink_in_place_of_a_checkpoint_is_skipped_and_moved_aside(tmp_path,
     assert elsewhere.is_dir(), "the link's target is never touched"
     assert (checkpoints / "step-00000006").is_dir() and not (checkpoints / "step-00000006").is_symlink()
     assert any(p.name.startswith("damaged-step-00000006") for p in checkpoints.iterdir())
+
+
+def test_another_optimizer_on_resume_is_another_experiment_not_damage(tmp_path):
+    _fit(tmp_path, crash_after=3)
+    config = base_config(tmp_path, batch_size=8, max_epochs=None, max_steps=8, optimizer="sgd", lr=0.05)
+    trainer = Trainer(make_mlp(dropout=0.2), config, train_data=make_regression(90), loss_fn=CE)
+    with pytest.raises(ConfigError, match=r"optimizer: the checkpoint was trained with optimizer 'AdamW'"):
+        trainer.fit()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000002"]

@@ -13,6 +13,7 @@ at the same point; rank 0 alone writes.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +88,8 @@ class CheckpointManager:
         self.writer = AsyncCheckpointWriter(self.store)
         self.last_checkpoint: str | None = None
         self.last_saved_step: int | None = None
-        self._committed: list[str] = []
+        # Appended by the writer thread, drained by the caller's: a deque's append and popleft are atomic.
+        self._committed: deque[str] = deque()
         self._best: _Capture | None = None
 
     def path_for(self, step: int) -> Path:
@@ -162,7 +164,9 @@ class CheckpointManager:
 
     def pop_committed(self) -> list[str]:
         """Checkpoints committed since the last call (rank 0; empty elsewhere), oldest first."""
-        committed, self._committed = self._committed, []
+        committed = []
+        while self._committed:
+            committed.append(self._committed.popleft())
         return committed
 
     def close(self, *, quietly: bool = False) -> None:
@@ -336,20 +340,26 @@ class CheckpointManager:
         except CheckpointError as exc:
             prefix = f"checkpoint {path} failed verification: "
             return str(exc).removeprefix(prefix)
-        fault, incompatible = None, None
+        fault, incompatible, fatal = None, None, None
         try:
             self._load(checkpoint, components, upgrade)
         except ConfigError as exc:
             incompatible = f"{exc}; checkpoint: {path}"
-        except torch.OutOfMemoryError:
-            raise  # not the checkpoint's fault: trying an older one would not help
+        except torch.OutOfMemoryError as exc:  # not the checkpoint's fault: an older one would not help
+            fatal = exc
         except Exception as exc:  # anything else a component raised: this checkpoint's content is wrong
             fault = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
-        verdicts = self.dist.gather_objects((fault, incompatible))
-        incompatible = next((message for _, message in verdicts if message), None)
+        # Every rank learns every rank's verdict, so all of them go on, fall back or stop together.
+        verdicts = self.dist.gather_objects((fault, incompatible, str(fatal) if fatal else None))
+        if fatal is not None:
+            raise fatal
+        failed = next((message for _, _, message in verdicts if message), None)
+        if failed is not None:
+            raise CheckpointError(f"another rank ran out of memory restoring {path}: {failed}")
+        incompatible = next((message for _, message, _ in verdicts if message), None)
         if incompatible is not None:
             raise ConfigError(incompatible)
-        return next((message for message, _ in verdicts if message), None)
+        return next((message for message, _, _ in verdicts if message), None)
 
     def _open_on_every_rank(self, path: Path) -> LoadedCheckpoint:
         """Verify and read a checkpoint on every rank; all of them raise if any failed, before any loads.
@@ -361,6 +371,8 @@ class CheckpointManager:
             checkpoint = self.store.open(path, hash_shards=self.dist.is_main)
         except CheckpointError as exc:
             error = exc
+        except Exception as exc:  # an unexpected error on one rank must not leave the others waiting
+            error = CheckpointError(f"could not read {path}: {type(exc).__name__}: {exc}")
         failures = [message for message in self.dist.gather_objects(str(error) if error else None) if message]
         if error is not None:
             raise error
@@ -398,7 +410,9 @@ class CheckpointManager:
                 continue
             elif name in states:
                 _load_one(name, component.load_state_dict, states[name])
-            elif not getattr(component, "optional_in_checkpoint", False):
+            elif getattr(component, "optional_in_checkpoint", False):
+                _load_one(name, component.load_state_dict, None)  # absent: back to its initial state
+            else:
                 raise CheckpointError(f"it holds no {name!r} state")
 
 

@@ -42,6 +42,12 @@ class JsonlLogger(Logger):
         self._file.write(json.dumps({key: _plain(value) for key, value in row.items()}) + "\n")
         self._file.flush()
 
+    def sync(self) -> None:
+        """Make the rows written so far durable (fsync)."""
+        if self._file is not None and not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
     def close(self) -> None:
         if self._file is not None and not self._file.closed:
             self._file.close()
