@@ -8,6 +8,7 @@ Example:
 from steadyfit.callbacks import Callback
 from steadyfit.checkpoint import CheckpointError, RunLockedError
 from steadyfit.config import ConfigError, TrainConfig
+from steadyfit.data import BatchError
 from steadyfit.guard import NonFiniteError
 from steadyfit.metrics import accuracy
 from steadyfit.recipes import Recipe
@@ -19,6 +20,7 @@ from steadyfit.trainer import Trainer
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchError",
     "Callback",
     "CheckpointError",
     "ConfigError",

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from steadyfit import data as data_mod
+from steadyfit.config import ConfigError
 from steadyfit.distributed import Distributed, full_tensor, local_tensor
-from steadyfit.loss import as_sum_and_count, forward_batch
+from steadyfit.loss import LossContractError, as_sum_and_count, forward_batch
 from steadyfit.precision import Precision
 
 
@@ -102,37 +103,55 @@ class WindowBackward:
         loss_count: Any = 0
         counts_tokens = False
         pieces = list(self._pieces(window, sample_counts))
-        distributed = self.dist.is_distributed
-        for position, (micro_batch, num_samples) in enumerate(pieces):
-            micro_batch = data_mod.move_to(micro_batch, self.device, self.non_blocking)
-            with self.dist.gradient_sync(self.model, position == len(pieces) - 1):
-                with self.precision.autocast():
-                    _, value, _ = forward_batch(self.model, micro_batch, self.loss_fn)
-                total, count, counts_tokens = as_sum_and_count(value, num_samples)
-                if num_samples == 0:
-                    # A stand-in for this rank's empty share of a short last batch: it takes part in the
-                    # gradient sync with weight zero.
-                    total, count = total * 0.0, count * 0
-                if counts_tokens or distributed:
-                    backward_loss = total  # a sum; the grads are divided by the window's count afterwards
-                elif num_samples == window_samples:
-                    backward_loss = value  # one micro-batch: exactly the plain loop's backward
-                else:
-                    # The micro-batch's share of the window's samples (the last one may be short).
-                    backward_loss = value * (num_samples / window_samples)
-                self.precision.scale(backward_loss).backward()
+        for position, (index_in_window, micro_batch, num_samples) in enumerate(pieces):
+            try:
+                total, count, counts_tokens = self._forward_backward(
+                    micro_batch, num_samples, window_samples, last=position == len(pieces) - 1
+                )
+            except (torch.OutOfMemoryError, LossContractError, ConfigError):
+                raise  # their own messages say what to do; an OOM may be retried with smaller pieces
+            except Exception as exc:
+                raise data_mod.BatchError(
+                    f"the forward, loss or backward raised {data_mod.one_line(exc)}; the micro-batch holds "
+                    f"{data_mod.describe_batch(micro_batch)}",
+                    index_in_window,
+                ) from exc
             loss_sum = total.detach().float() + loss_sum
             loss_count = loss_count + count
         return WindowLoss(loss_sum, loss_count, counts_tokens)
 
-    def _pieces(self, window: list[Any], sample_counts: list[int]) -> Iterable[tuple[Any, int]]:
+    def _forward_backward(
+        self, micro_batch: Any, num_samples: int, window_samples: int, *, last: bool
+    ) -> tuple[torch.Tensor, Any, bool]:
+        """One micro-batch's forward and backward; returns its loss as (sum, count, counts_tokens)."""
+        micro_batch = data_mod.move_to(micro_batch, self.device, self.non_blocking)
+        with self.dist.gradient_sync(self.model, last):
+            with self.precision.autocast():
+                _, value, _ = forward_batch(self.model, micro_batch, self.loss_fn)
+            total, count, counts_tokens = as_sum_and_count(value, num_samples)
+            if num_samples == 0:
+                # A stand-in for this rank's empty share of a short last batch: it takes part in the
+                # gradient sync with weight zero.
+                total, count = total * 0.0, count * 0
+            if counts_tokens or self.dist.is_distributed:
+                backward_loss = total  # a sum; the grads are divided by the window's count afterwards
+            elif num_samples == window_samples:
+                backward_loss = value  # one micro-batch: exactly the plain loop's backward
+            else:
+                # The micro-batch's share of the window's samples (the last one may be short).
+                backward_loss = value * (num_samples / window_samples)
+            self.precision.scale(backward_loss).backward()
+        return total, count, counts_tokens
+
+    def _pieces(self, window: list[Any], sample_counts: list[int]) -> Iterable[tuple[int, Any, int]]:
+        """(position in the window, piece, samples): micro-batches, cut to ``micro_limit`` when set."""
         limit = self.micro_limit
-        for batch, num_samples in zip(window, sample_counts, strict=True):
+        for index, (batch, num_samples) in enumerate(zip(window, sample_counts, strict=True)):
             if limit is None or num_samples <= limit:
-                yield batch, num_samples
+                yield index, batch, num_samples
                 continue
             for piece in data_mod.split_batch(batch, limit):
-                yield piece, data_mod.count_samples(piece)
+                yield index, piece, data_mod.count_samples(piece)
 
     def reduce_over_ranks(
         self, loss: WindowLoss, samples: int, global_samples: int | None, preempted: bool

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from steadyfit.callbacks import Callback
 from steadyfit.config import ConfigError, TrainConfig, make_config, parse_overrides, read_yaml
-from steadyfit.recipes import BUILTIN, Recipe, default_config_path, resolve_recipe
+from steadyfit.recipes import BUILTIN, build_recipe, default_config_path
 from steadyfit.state import FitResult
 
 if TYPE_CHECKING:
@@ -63,14 +63,9 @@ def prepare(source: str | None, overrides: list[str] | dict[str, Any] = ()) -> t
 
 def build_trainer(recipe_name: str, config: TrainConfig, callbacks: Iterable[Callback] = ()) -> Trainer:
     """Seed, build the recipe (so its model is the same every run), and wrap it in a Trainer."""
-    from steadyfit.rng import seed_everything
     from steadyfit.trainer import Trainer
 
-    build = resolve_recipe(recipe_name)
-    seed_everything(config.seed)  # before the model is built: its initial weights depend on the seed
-    recipe = build(config)
-    if not isinstance(recipe, Recipe):
-        raise ConfigError(f"recipe: {recipe_name!r} returned {type(recipe).__name__}, not a steadyfit.Recipe")
+    recipe = build_recipe(recipe_name, config)
     return Trainer(
         recipe.model,
         config,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -10,9 +11,12 @@ from pathlib import Path
 from steadyfit.assembly import train
 from steadyfit.checkpoint import CheckpointError, RunLockedError
 from steadyfit.config import ConfigError
+from steadyfit.data import BatchError
 from steadyfit.guard import NonFiniteError
 from steadyfit.layout import CHECKPOINTS_DIR, FINAL_DIR, FINAL_MODEL_FILE, METRICS_FILE
+from steadyfit.loggers.base import LoggerError
 from steadyfit.loss import LossContractError
+from steadyfit.secrets import redact_text, secret_env_values
 from steadyfit.signals import Preempted
 
 # Exit statuses (DESIGN.md): 0 done, 2 bad config or usage, 143/130 preempted with a checkpoint, 1 otherwise.
@@ -111,16 +115,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse the command line with ``key=value`` overrides allowed anywhere, before or after options
+    (``steadyfit sweep digits --space s.yaml --trials 20 max_steps=300``): argparse alone takes positionals
+    only before the first option.
+
+    Example:
+        >>> argv = ["sweep", "digits", "--space", "s.yaml", "--trials", "2", "max_steps=30"]
+        >>> parse_arguments(build_parser(), argv).overrides
+        ['max_steps=30']
+    """
+    args, extras = parser.parse_known_args(argv)
+    if not extras:
+        return args
+    stray = [item for item in extras if item.startswith("-") or "=" not in item]
+    if stray or not hasattr(args, "overrides"):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extras)}")
+    args.overrides.extend(extras)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``steadyfit`` console script; returns the exit status."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
+        args = parse_arguments(parser, argv)
     except SystemExit as exc:  # argparse already printed the usage message
         return EXIT_USAGE if exc.code else EXIT_OK
+    # `steadyfit fit mymod:recipe` finds mymod.py in the current directory, as `python -m steadyfit` does
+    # (which puts it first on the path); the console script alone would not.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     if (
-        args.command in ("fit", "lr-find")
+        args.command in ("fit", "lr-find", "sweep")
         and args.source
         and "=" in args.source
         and not Path(args.source).exists()
@@ -140,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         return run_report(args.run_dir, args.compare, args.out)
     except (ConfigError, RunLockedError) as exc:
-        print(f"steadyfit: error: {exc}", file=sys.stderr)
+        _print_error(f"steadyfit: error: {exc}")
         return EXIT_USAGE
     except Preempted as exc:
         print(
@@ -150,12 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("steadyfit: interrupted", file=sys.stderr)
         return 130
-    except (CheckpointError, NonFiniteError, LossContractError) as exc:
-        print(f"steadyfit: error: {exc}", file=sys.stderr)
+    except (BatchError, CheckpointError, LoggerError, NonFiniteError, LossContractError) as exc:
+        _print_error(f"steadyfit: error: {exc}")
         return EXIT_FAILURE
     except Exception:
-        traceback.print_exc()
+        _print_error(traceback.format_exc().rstrip("\n"))
         return EXIT_FAILURE
+
+
+def _print_error(text: str) -> None:
+    """Print to stderr with secrets masked: messages and tracebacks echo config values, paths and URLs
+    (a password in MLFLOW_TRACKING_URI or in resume=...)."""
+    print(redact_text(text, secret_env_values()), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Checkpoint components the loop's objects cannot be on their own: adapters with ``state_dict()`` /
-``load_state_dict()`` for the model's weights and the optimizer (full, or FSDP shards), every rank's RNG
-streams, and the run's identity (what a resume must not change).
+``load_state_dict()`` for the model's weights and the optimizer (full, or FSDP shards) and every rank's RNG
+streams (the run's fingerprint is ``steadyfit.identity``).
 
 The Trainer lists every component of a run in one mapping (``Trainer._components``); the checkpoint manager
 iterates it once to save and once to restore. A ``load_state_dict`` here replaces all of its object's state
@@ -18,8 +18,6 @@ import torch
 import yaml
 
 from steadyfit.checkpoint.sharded import load_shards, split_state
-from steadyfit.config import ConfigError, TrainConfig
-from steadyfit.data import dataset_length
 from steadyfit.distributed import Distributed
 from steadyfit.layout import CONFIG_FILE
 from steadyfit.rng import capture_rng, restore_rng
@@ -147,115 +145,6 @@ class RankRNG:
         # Same world size: each rank continues its own streams. A resharded FSDP resume (another world size)
         # continues correctly but not bitwise: there is no saved stream for a new rank.
         restore_rng(ranks[self.dist.rank] if self.dist.rank < len(ranks) else ranks[0])
-
-
-class RunIdentity:
-    """What a resume must not change, or it would not continue the same trajectory.
-
-    Its ``load_state_dict`` changes nothing: it compares and raises ``ConfigError`` naming the field and the
-    ways out. Extending ``max_steps`` / ``max_epochs`` is allowed.
-    """
-
-    def __init__(
-        self,
-        config: TrainConfig,
-        dist: Distributed,
-        train_data: Any,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        has_ema: bool,
-    ) -> None:
-        self.config = config
-        self.dist = dist
-        self.train_data = train_data
-        self.model = model
-        self.optimizer = optimizer
-        self.has_ema = has_ema
-
-    def state_dict(self) -> dict[str, Any]:
-        config = self.config
-        return {
-            "seed": config.seed,
-            "grad_accum_steps": config.grad_accum_steps,
-            "global_batch": config.batch_size * self.dist.world_size,
-            "world_size": self.dist.world_size,
-            "dataset_length": dataset_length(self.train_data),
-            "ema": self.has_ema,
-            "parameters": {name: list(t.shape) for name, t in self.model.state_dict().items()},
-            "optimizer": type(self.optimizer).__name__,
-            "param_groups": [len(group["params"]) for group in self.optimizer.param_groups],
-        }
-
-    def load_state_dict(self, saved: dict[str, Any]) -> None:
-        """Raises ConfigError naming the first difference; ValueError for a malformed record."""
-        if not isinstance(saved, dict):
-            raise ValueError("identity: not a mapping")
-        now = self.state_dict()
-        for field, what in (
-            ("seed", "seed"),
-            ("grad_accum_steps", "grad_accum_steps"),
-            # The global batch fixes which samples each step sees; a resharded run must keep it.
-            ("global_batch", "global batch (batch_size x world size)"),
-        ):
-            if field in saved and saved[field] != now[field]:
-                name = "batch_size" if field == "global_batch" else field
-                raise ConfigError(
-                    f"{name}: the checkpoint was trained with {what} {saved[field]!r}, this run asks for "
-                    f"{now[field]!r}; resuming would not be exact. Use the same value or a new run_dir "
-                    "(extending max_steps / max_epochs is allowed)"
-                )
-        saved_world = saved.get("world_size", now["world_size"])
-        if saved_world != now["world_size"] and not self.dist.is_sharded:
-            raise ConfigError(
-                f"world size: the checkpoint was written by {saved_world} rank(s), this run has "
-                f"{now['world_size']}; only strategy=fsdp resumes on another world size (with the same "
-                "global batch)"
-            )
-        length = saved.get("dataset_length")
-        if length is not None and now["dataset_length"] is not None and length != now["dataset_length"]:
-            raise ConfigError(
-                f"train_data: the checkpoint was trained on {length} samples, this run has "
-                f"{now['dataset_length']}; resuming would not be exact. Use the same data or a new run_dir"
-            )
-        if "ema" in saved and saved["ema"] != now["ema"]:
-            raise ConfigError(
-                "ema_decay: the checkpoint was trained "
-                + ("with" if saved["ema"] else "without")
-                + " EMA weights; resume with the same ema_decay setting or use a new run_dir"
-            )
-        if "parameters" in saved:
-            _check_same_parameters(saved["parameters"], now["parameters"])
-        for field in ("optimizer", "param_groups"):
-            if field in saved and saved[field] != now[field]:
-                raise ConfigError(
-                    f"optimizer: the checkpoint was trained with {field.replace('_', ' ')} {saved[field]!r}, "
-                    f"this run has {now[field]!r}; use the same optimizer, another run_dir, or resume=never "
-                    "after moving checkpoints/ away"
-                )
-
-
-def _check_same_parameters(saved: Any, now: dict[str, list[int]]) -> None:
-    if not isinstance(saved, dict):
-        raise ValueError("identity: 'parameters' is not a mapping")
-    missing = sorted(now.keys() - saved.keys())
-    unexpected = sorted(saved.keys() - now.keys())
-    reshaped = sorted(name for name in now.keys() & saved.keys() if list(saved[name]) != now[name])
-    if not (missing or unexpected or reshaped):
-        return
-    parts = []
-    if missing:
-        parts.append(f"new in this model: {', '.join(missing[:5])}")
-    if unexpected:
-        parts.append(f"only in the checkpoint: {', '.join(unexpected[:5])}")
-    if reshaped:
-        parts.append(
-            "other shapes: "
-            + ", ".join(f"{name} {tuple(saved[name])} -> {tuple(now[name])}" for name in reshaped[:5])
-        )
-    raise ConfigError(
-        f"model: it is not the model the checkpoint was trained with ({'; '.join(parts)}); use the same "
-        "model, another run_dir, or resume=never after moving checkpoints/ away"
-    )
 
 
 def check_same_tensors(

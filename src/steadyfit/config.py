@@ -15,6 +15,9 @@ class ConfigError(ValueError):
     """A user-caused configuration problem; the message names the field and what is allowed."""
 
 
+MAX_SEED = 2**32 - 1
+
+
 class TrainConfig(BaseModel):
     """Everything a run needs to know, flat, with the same names in Python, YAML and on the command line.
 
@@ -24,7 +27,9 @@ class TrainConfig(BaseModel):
         1
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # allow_inf_nan=False: no float field has a meaning for inf or NaN (an off switch is null or 0), and an
+    # infinite lr or weight decay would only surface later as NaN weights.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
     run_dir: str = "runs/default"
     seed: int = 0
@@ -75,6 +80,29 @@ class TrainConfig(BaseModel):
     stop_on: list[str] = Field(default_factory=list)
     diagnostic_thresholds: dict[str, float] = Field(default_factory=dict)
     micro_batch_size: int | Literal["auto"] | None = None
+
+    @field_validator("run_dir")
+    @classmethod
+    def _names_a_directory(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must name a directory (empty would put the run in the current directory)")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, value: int) -> int:
+        # numpy's seed range (Lightning's too): python, numpy and torch all accept it; larger ones overflow.
+        if not 0 <= value <= MAX_SEED:
+            raise ValueError(f"must be an integer from 0 to {MAX_SEED} (2**32 - 1)")
+        return value
+
+    @field_validator("loggers", "stop_on", "fsdp_blocks", mode="before")
+    @classmethod
+    def _names_from_text(cls, value: Any) -> Any:
+        # `loggers=tensorboard` or `loggers=csv,mlflow` on the command line: YAML reads them as one string.
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
 
     @field_validator("betas")
     @classmethod

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import sys
 
+from steadyfit.secrets import redact_text, secret_env_values
+
 
 def notice(message: str) -> None:
-    """Print ``steadyfit: <message>`` (something the user should know: a resume, a preemption).
+    """Print ``steadyfit: <message>`` (something the user should know: a resume, a preemption), secrets
+    masked: messages quote paths, URLs and errors, which may hold a password.
 
     Example:
         >>> notice("resumed from runs/demo/checkpoints/step-00000020")  # doctest: +SKIP
     """
-    sys.stderr.write(f"steadyfit: {message}\n")
+    sys.stderr.write(f"steadyfit: {redact_text(message, secret_env_values())}\n")
     sys.stderr.flush()
 
 

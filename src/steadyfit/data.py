@@ -8,6 +8,7 @@ global micro-batch (striding), which is what makes N ranks with batch B/N equal 
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from steadyfit.config import ConfigError
 
 # Mixed into the seed so the data order stream differs from the model-init stream seeded by `seed`.
 _ORDER_SALT = 0x5EED_DA7A
@@ -212,13 +215,152 @@ def is_map_style(data: Any) -> bool:
     return hasattr(data, "__getitem__") and hasattr(data, "__len__")
 
 
+class BatchError(RuntimeError):
+    """A micro-batch could not be loaded, or its forward, loss or backward raised.
+
+    The message names where (step, epoch, micro-batch of the epoch) and what the batch held (its tensors'
+    dtypes and shapes); the original exception is chained as ``__cause__``.
+
+    Attributes:
+        index_in_window: the failing micro-batch's position in its window (None: not known yet).
+    """
+
+    def __init__(self, message: str, index_in_window: int | None = None) -> None:
+        super().__init__(message)
+        self.index_in_window = index_in_window
+
+
+def describe_batch(batch: Any) -> str:
+    """The dtypes and shapes of a batch's parts, for error messages.
+
+    Example:
+        >>> describe_batch((torch.zeros(8, 6), torch.zeros(8, dtype=torch.long)))
+        'inputs float32[8, 6], targets int64[8]'
+    """
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        parts: Iterable[tuple[str, Any]] = zip(("inputs", "targets"), batch, strict=True)
+    elif hasattr(batch, "keys") and hasattr(batch, "__getitem__"):
+        parts = ((str(key), batch[key]) for key in batch)
+    else:
+        return _describe_value(batch)
+    return ", ".join(f"{name} {_describe_value(value)}" for name, value in parts)
+
+
+def _describe_value(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).removeprefix('torch.')}{list(value.shape)}"
+    if isinstance(value, np.ndarray):
+        return f"numpy {value.dtype}{list(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return f"{type(value).__name__} of {len(value)}"
+    return "None" if value is None else type(value).__name__
+
+
+LOAD_HINT = " (a sample of another shape, or None, needs a collate_fn that pads or filters it)"
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line; a DataLoader worker's error carries the worker's whole traceback in
+    its message, whose last line is the error itself."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1 and "Traceback" in str(exc):
+        return lines[-1][:400]
+    text = " ".join(lines)[:400]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def fetch_window(micro_batches: Iterator[Any], size: int, epoch: int, first_index: int) -> list[Any]:
+    """The next ``size`` micro-batches of the epoch (fewer at its end, none after it); an error loading one
+    (a dataset's ``__getitem__``, the collate) is a BatchError naming it."""
+    window: list[Any] = []
+    try:
+        window.extend(itertools.islice(micro_batches, size))
+    except (torch.OutOfMemoryError, ConfigError):
+        raise
+    except Exception as exc:
+        raise BatchError(
+            f"train_data: micro-batch {first_index + len(window)} of epoch {epoch} could not be loaded: "
+            f"{one_line(exc)}{LOAD_HINT}"
+        ) from exc
+    return window
+
+
+def loading_errors_named(batches: Iterable[Any], what: str) -> Iterator[Any]:
+    """``batches``, with an error raised while loading one (a dataset's ``__getitem__``, the collate) turned
+    into a BatchError naming ``what`` and the batch's index."""
+    iterator = iter(batches)
+    index = 0
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except Exception as exc:
+            raise BatchError(
+                f"{what}: batch {index} could not be loaded: {one_line(exc)}{LOAD_HINT}"
+            ) from exc
+        yield batch
+        index += 1
+
+
+def loader_settings(
+    fields_set: set[str], values: dict[str, Any], train_data: Any, eval_data: Any
+) -> dict[str, Any]:
+    """What a user's own DataLoader decides of the config: ``batch_size`` and ``num_workers`` (the train
+    loader's), ``eval_batch_size`` (the eval loader's). Returns the fields to record as what really happens.
+
+    Args:
+        fields_set: the config fields the user set (``TrainConfig.model_fields_set``).
+        values: the config's current values.
+
+    Raises:
+        ConfigError: a field the user set explicitly disagrees with the loader.
+
+    Example:
+        >>> loader = DataLoader(TensorDataset(torch.zeros(10, 2)), batch_size=5)
+        >>> loader_settings(set(), {"batch_size": 32, "num_workers": 0}, loader, None)
+        {'batch_size': 5}
+    """
+    wanted: dict[str, Any] = {}
+    for data, fields in ((train_data, ("batch_size", "num_workers")), (eval_data, ("eval_batch_size",))):
+        if not isinstance(data, DataLoader):
+            continue
+        batch_size = data.batch_size or getattr(data.batch_sampler, "batch_size", None)
+        actual = {"batch_size": batch_size, "eval_batch_size": batch_size, "num_workers": data.num_workers}
+        for name in fields:
+            if actual[name] is None or actual[name] == values.get(name):
+                continue
+            which = "train_data" if name != "eval_batch_size" else "eval_data"
+            if name in fields_set:
+                raise ConfigError(
+                    f"{name}: {values.get(name)!r}, but the DataLoader passed as {which} has {name} "
+                    f"{actual[name]!r}, and a DataLoader of yours decides it; set {name}={actual[name]!r} "
+                    f"or leave {name} out"
+                )
+            wanted[name] = actual[name]
+    return wanted
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
+    """Tell a user DataLoader's sampler and batch sampler the epoch (``DistributedSampler.set_epoch``), as the
+    Hugging Face Trainer and Lightning do: their order is then a function of (their seed, epoch), so every
+    epoch draws a new order and a resume mid-epoch replays the same one."""
+    samplers = [loader.sampler, loader.batch_sampler, getattr(loader.batch_sampler, "sampler", None)]
+    for sampler in {id(s): s for s in samplers if s is not None}.values():
+        set_epoch = getattr(sampler, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+
+
 def train_batches(data: Any, spec: LoaderSpec, epoch: int, start_batch: int) -> Iterable[Any]:
     """The micro-batches of one training epoch, from micro-batch ``start_batch`` on.
 
-    A user DataLoader is passed through (its order is the user's; we skip consumed batches by iterating,
-    since we do not own its sampler). An IterableDataset is wrapped in a plain loader.
+    A user DataLoader is passed through (its order is the user's, told the epoch through
+    ``set_loader_epoch``; we skip consumed batches by iterating, since we do not own its sampler). An
+    IterableDataset is wrapped in a plain loader.
     """
     if isinstance(data, DataLoader):
+        set_loader_epoch(data, epoch)
         return _skip(data, start_batch)
     if isinstance(data, IterableDataset):
         loader = DataLoader(

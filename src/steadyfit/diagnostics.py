@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from steadyfit.config import ConfigError, TrainConfig
+from steadyfit.horizons import schedule_phases
 
 # Default thresholds, overridable with ``diagnostic_thresholds={"check.param": value}``. Windows count
-# logged rows (train rows every ``log_every`` steps; evaluations for overfitting), not optimizer steps.
+# logged rows (train rows every ``log_every`` steps; evaluations for overfitting, at_chance), not steps.
 DEFAULT_THRESHOLDS: dict[str, float] = {
     "divergence.window": 3,
     "divergence.factor": 2.0,
@@ -25,6 +26,8 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "plateau.window": 20,
     "plateau.min_improvement": 0.01,
     "plateau.still_high": 0.5,
+    "at_chance.evals": 2,
+    "at_chance.fraction": 1.0,
     "overfitting.evals": 3,
     "overfitting.min_rise": 0.1,
     "grad_spike.factor": 10.0,
@@ -49,6 +52,9 @@ CHECKS: tuple[str, ...] = tuple(dict.fromkeys(key.split(".")[0] for key in DEFAU
 
 # Running medians look at this many recent values: enough to be robust, bounded in checkpoint size.
 _HISTORY = 200
+
+# State keys that checkpoints written before the at_chance check and the first-step baseline lack.
+_ADDED_KEYS = frozenset({"first_step_loss", "chance_evals"})
 
 
 def validate_diagnostics(stop_on: Iterable[str], thresholds: dict[str, float]) -> dict[str, float]:
@@ -111,7 +117,12 @@ class Diagnostics:
         self.config = config
         self.total_steps = total_steps
         self.thresholds = validate_diagnostics(config.stop_on, config.diagnostic_thresholds)
+        # Evaluations in the warm-up are not judged at_chance: the lr is small there by design.
+        self.warmup_steps = schedule_phases(config, total_steps)[0]
         self.reported: dict[str, int] = {}
+        # The loss of the run's first step alone (the first train row's ``first_step_loss``): the untrained
+        # model's loss, the baseline of a run that goes wrong from its first window on.
+        self.first_step_loss: float | None = None
         self.first_loss: float | None = None
         self.best_loss: float | None = None
         self.high_rows = 0
@@ -125,6 +136,7 @@ class Diagnostics:
         self.memory: list[float] = []
         self.last_nonfinite_skips = 0
         self.evals: list[dict[str, float]] = []
+        self.chance_evals = 0
         self.last_train_loss: float | None = None
 
     def threshold(self, key: str) -> float:
@@ -147,8 +159,11 @@ class Diagnostics:
             loss = _finite(row.get("loss"))
             if loss is not None:
                 self.last_train_loss = loss
+            first_step_loss = _finite(row.get("first_step_loss"))
+            if first_step_loss is not None:
+                self.first_step_loss = first_step_loss
         elif row.get("kind") == "eval":
-            checks = (self._overfitting,)
+            checks = (self._overfitting, self._at_chance)
         else:
             return []
         findings = []
@@ -163,6 +178,8 @@ class Diagnostics:
             step = int(row.get("step", 0))
             self.reported[name] = step
             header = {"kind": "diagnostic", "step": step, "diagnostic": name, "first_seen": True}
+            if "time_s" in row:
+                header["time_s"] = row["time_s"]  # the finding is as old as the row that shows it
             findings.append(header | evidence)
         return findings
 
@@ -192,20 +209,27 @@ class Diagnostics:
             self.first_loss = loss
         self.best_loss = loss if self.best_loss is None else min(self.best_loss, loss)
         best, first = self.best_loss, self.first_loss
-        # High = above factor x best AND having lost a good part of the progress made since the first row,
-        # so tiny absolute wobbles of a converged loss near zero do not count.
+        # The first step's loss counts as the run's first loss: a run that blows up within its first logging
+        # window has a first row as high as the rest, and only the first step shows where it started.
+        start = self.first_step_loss
+        if start is not None:
+            best, first = min(best, start), start
+        # High = above factor x best AND having lost a good part of the progress made since the start, so
+        # tiny absolute wobbles of a converged loss near zero do not count.
         high = loss > self.threshold("divergence.factor") * best and loss - best > self.threshold(
             "divergence.lost_fraction"
         ) * max(first - best, 0.0)
         self.high_rows = self.high_rows + 1 if high else 0
         if self.high_rows < self.threshold("divergence.window"):
             return None
+        since = "the first step's loss" if best == start else "its best"
         return {
             "loss": loss,
             "best_loss": best,
             "first_loss": first,
+            "first_step_loss": start,
             "rows_high": self.high_rows,
-            "message": f"divergence: loss {loss:.4g} rose above {best:.4g} (its best) for {self.high_rows} "
+            "message": f"divergence: loss {loss:.4g} rose above {best:.4g} ({since}) for {self.high_rows} "
             "logged rows; lower lr, add warm-up or max_grad_norm",
         }
 
@@ -408,11 +432,39 @@ class Diagnostics:
             "load_best_at_end, early_stopping_patience, more data, weight_decay or dropout",
         }
 
+    def _at_chance(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        eval_loss = _finite(row.get("eval_loss"))
+        if eval_loss is None:
+            return None
+        step, start = int(row.get("step", 0)), self.first_step_loss
+        # The first step's loss is the untrained model's: for a classifier it is about ln(num_classes), the
+        # loss of a uniform prediction, and it needs no knowledge of the task. An eval loss not below it
+        # after the warm-up means the model predicts no better than it did before training.
+        at_chance = (
+            start is not None
+            and step > self.warmup_steps
+            and eval_loss >= self.threshold("at_chance.fraction") * start
+        )
+        self.chance_evals = self.chance_evals + 1 if at_chance else 0
+        if self.chance_evals < self.threshold("at_chance.evals"):
+            return None
+        accuracy = _finite(row.get("eval_accuracy"))
+        return {
+            "eval_loss": eval_loss,
+            "first_step_loss": start,
+            **({"eval_accuracy": accuracy} if accuracy is not None else {}),
+            "evals_at_chance": self.chance_evals,
+            "message": f"at_chance: eval loss {eval_loss:.4g} is not below the untrained model's {start:.4g} "
+            f"(the first step's loss) for {self.chance_evals} evaluations; lower lr if the train loss "
+            "diverged, else check the labels and the model's output",
+        }
+
     # ------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Plain JSON data (no NaN): what the checks remember, so a resumed run reports the same findings."""
         return {
             "reported": dict(self.reported),
+            "first_step_loss": self.first_step_loss,
             "first_loss": self.first_loss,
             "best_loss": self.best_loss,
             "high_rows": self.high_rows,
@@ -426,17 +478,21 @@ class Diagnostics:
             "memory": list(self.memory),
             "last_nonfinite_skips": self.last_nonfinite_skips,
             "evals": [dict(entry) for entry in self.evals],
+            "chance_evals": self.chance_evals,
             "last_train_loss": self.last_train_loss,
         }
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """Replace everything the checks remember (None: what a new run remembers); raises ValueError for a
-        state that lacks some of it."""
+        state that lacks some of it. Keys added later (``_ADDED_KEYS``) may be missing from older checkpoints:
+        they take a new run's values."""
+        fresh = Diagnostics(self.config, self.total_steps).state_dict()
         if state is None:
-            state = Diagnostics(self.config, self.total_steps).state_dict()
-        expected = self.state_dict()
-        if not isinstance(state, dict) or not expected.keys() <= state.keys():
-            missing = sorted(expected.keys() - (state.keys() if isinstance(state, dict) else set()))
+            state = fresh
+        if not isinstance(state, dict):
+            raise ValueError(f"diagnostics: the state must be a mapping, got {type(state).__name__}")
+        missing = sorted(fresh.keys() - state.keys() - _ADDED_KEYS)
+        if missing:
             raise ValueError(f"diagnostics: the state lacks {missing}")
-        for key in expected:
-            setattr(self, key, state[key])
+        for key, value in fresh.items():
+            setattr(self, key, state.get(key, value))

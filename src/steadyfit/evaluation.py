@@ -9,10 +9,27 @@ from typing import Any
 import torch
 
 from steadyfit import data as data_mod
+from steadyfit.config import ConfigError, TrainConfig
 from steadyfit.distributed import Distributed
-from steadyfit.loss import as_sum_and_count, forward_batch
+from steadyfit.loss import LossContractError, as_sum_and_count, forward_batch
 from steadyfit.metrics import MetricAccumulator
 from steadyfit.precision import Precision
+
+
+def check_eval_settings(config: TrainConfig, eval_data: Any) -> None:
+    """A periodic evaluation asked for without eval data is an error, not a setting silently ignored.
+
+    Example:
+        >>> check_eval_settings(TrainConfig(eval_every=100), None)
+        Traceback (most recent call last):
+        ...
+        steadyfit.config.ConfigError: eval_every: 100, but the Trainer has no eval_data; ...
+    """
+    if eval_data is None and config.eval_every:
+        raise ConfigError(
+            f"eval_every: {config.eval_every}, but the Trainer has no eval_data; pass eval_data=... or set "
+            "eval_every=0"
+        )
 
 
 def evaluate_model(
@@ -36,16 +53,25 @@ def evaluate_model(
     model.eval()
     try:
         with torch.no_grad():
-            for index, batch in enumerate(data_mod.eval_batches(data, spec)):
+            batches = data_mod.loading_errors_named(data_mod.eval_batches(data, spec), "eval_data")
+            for index, batch in enumerate(batches):
                 batch = data_mod.move_to(batch, device, non_blocking)
                 num_samples = dist.samples_in(data, batch, index, spec.eval_batch_size)
-                with precision.autocast():
-                    outputs, value, targets = forward_batch(model, batch, loss_fn)
-                if num_samples == 0:
-                    continue  # a stand-in that only kept this rank in step with the others
-                total, count, _ = as_sum_and_count(value, num_samples)
-                accumulator.add_loss(total, count)
-                accumulator.add_batch(outputs, targets, num_samples)
+                try:
+                    with precision.autocast():
+                        outputs, value, targets = forward_batch(model, batch, loss_fn)
+                    if num_samples == 0:
+                        continue  # a stand-in that only kept this rank in step with the others
+                    total, count, _ = as_sum_and_count(value, num_samples)
+                    accumulator.add_loss(total, count)
+                    accumulator.add_batch(outputs, targets, num_samples)
+                except (torch.OutOfMemoryError, LossContractError, ConfigError):
+                    raise
+                except Exception as exc:
+                    raise data_mod.BatchError(
+                        f"eval_data: batch {index}: the forward, loss or a metric raised "
+                        f"{data_mod.one_line(exc)}; the batch holds {data_mod.describe_batch(batch)}"
+                    ) from exc
     finally:
         model.train(was_training)
     # One host read and, under several ranks, one collective for the whole evaluation.

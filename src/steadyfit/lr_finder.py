@@ -234,8 +234,10 @@ def _check_sweep_arguments(
     min_lr: float, max_lr: float, num_steps: int, smoothing: float, diverge_factor: float
 ) -> None:
     # ConfigError (a ValueError): `steadyfit lr-find` reports these like any bad argument, with status 2.
-    if not 0 < min_lr < max_lr:
-        raise ConfigError(f"min_lr / max_lr: need 0 < min_lr < max_lr, got {min_lr} and {max_lr}")
+    if not 0 < min_lr < max_lr < math.inf:
+        raise ConfigError(
+            f"min_lr / max_lr: need 0 < min_lr < max_lr, both finite, got {min_lr} and {max_lr}"
+        )
     if num_steps < 3:
         raise ConfigError(f"num_steps: the sweep needs at least 3 steps, got {num_steps}")
     if not 0 <= smoothing < 1:
@@ -327,33 +329,43 @@ def lr_find_command(
     """``steadyfit lr-find``: resolve a recipe or config like ``steadyfit fit`` and sweep its model.
 
     The run directory gets nothing but the plot (default ``RUN_DIR/lr_find.png``): no config.yaml, no
-    metrics.jsonl, no checkpoints, so a later ``steadyfit fit`` starts fresh.
+    metrics.jsonl, no checkpoints, so a later ``steadyfit fit`` starts fresh. Its lock is held for the
+    sweep when the plot goes there.
 
     Raises:
         ConfigError: for a bad recipe, file, override or sweep argument (as ``steadyfit fit``).
+        RunLockedError: another run holds the run directory.
 
     Example:
         >>> result = lr_find_command("digits", ["batch_size=64"], num_steps=50)  # doctest: +SKIP
     """
     from steadyfit.assembly import prepare
-    from steadyfit.recipes import Recipe, resolve_recipe
-    from steadyfit.rng import seed_everything
+    from steadyfit.checkpoint import RunLock
+    from steadyfit.recipes import build_recipe
+    from steadyfit.rundir import acquire_run_lock
 
     _check_sweep_arguments(min_lr, max_lr, num_steps, smoothing=0.9, diverge_factor=4.0)  # before any build
     recipe_name, config = prepare(source, overrides)
-    build = resolve_recipe(recipe_name)
-    seed_everything(config.seed)  # the same initial model as `steadyfit fit` with this config
-    recipe = build(config)
-    if not isinstance(recipe, Recipe):
-        raise ConfigError(f"recipe: {recipe_name!r} returned {type(recipe).__name__}, not a steadyfit.Recipe")
-    return find_lr(
-        recipe.model,
-        recipe.train_data,
-        loss_fn=recipe.loss_fn,
-        config=config,
-        collate_fn=recipe.collate_fn,
-        min_lr=min_lr,
-        max_lr=max_lr,
-        num_steps=num_steps,
-        plot_path=out if out is not None else Path(config.run_dir) / LR_FIND_FILE,
-    )
+    run_dir = Path(config.run_dir)
+    plot_path = Path(out) if out is not None else run_dir / LR_FIND_FILE
+    # The plot is the run directory's only change, but a run directory has one writer: take its lock (before
+    # the sweep, so a held one is refused at once) unless the plot goes elsewhere.
+    lock = RunLock(run_dir)
+    if plot_path.resolve().is_relative_to(run_dir.resolve()):
+        acquire_run_lock(lock)
+    try:
+        # Seeded as `steadyfit fit` seeds it: the same initial model as a run with this config.
+        recipe = build_recipe(recipe_name, config)
+        return find_lr(
+            recipe.model,
+            recipe.train_data,
+            loss_fn=recipe.loss_fn,
+            config=config,
+            collate_fn=recipe.collate_fn,
+            min_lr=min_lr,
+            max_lr=max_lr,
+            num_steps=num_steps,
+            plot_path=plot_path,
+        )
+    finally:
+        lock.release()

@@ -7,6 +7,7 @@ nothing, so every rank can call them at the same points.
 
 from __future__ import annotations
 
+import errno
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,7 @@ from steadyfit.checkpoint.atomic import replace_file
 from steadyfit.checkpoint.payload import prepare_tensors
 from steadyfit.config import ConfigError
 from steadyfit.layout import CONFIG_FILE, FINAL_DIR, FINAL_EMA_FILE, FINAL_MODEL_FILE
-from steadyfit.loggers.base import Logger
+from steadyfit.loggers.base import Logger, LoggerError
 from steadyfit.loggers.jsonl import JsonlLogger, truncate_history, truncate_rows
 from steadyfit.loggers.registry import build_loggers
 
@@ -35,8 +36,9 @@ def write_weights(path: Path, tensors: dict[str, torch.Tensor], step: int) -> No
 class RunDirectory:
     """One run directory, one writer.
 
-    Entering it (rank 0) takes the lock, removes what a crashed save left in ``checkpoints/``, writes
-    ``config.yaml`` and opens the loggers; leaving it closes the loggers and releases the lock. As a
+    Entering it (rank 0) takes the lock and removes what a crashed save left in ``checkpoints/``;
+    :meth:`open_loggers` then writes ``config.yaml`` and opens the loggers; leaving it closes the loggers
+    and releases the lock. As a
     checkpoint component it saves how many rows metrics.jsonl holds; after a resume :meth:`cut_back` cuts
     the file back to them, so a resumed run writes every row exactly once.
 
@@ -53,6 +55,7 @@ class RunDirectory:
         >>> from steadyfit.distributed import Distributed
         >>> one_process = Distributed.setup(TrainConfig())
         >>> with RunDirectory(tempfile.mkdtemp(), one_process, b"seed: 0\\n", {}, []) as run:
+        ...     run.open_loggers()
         ...     run.log({"kind": "train", "step": 1, "loss": 0.5})
         >>> run.rows
         1
@@ -79,33 +82,49 @@ class RunDirectory:
 
     # ------------------------------------------------------------------------------------ lifecycle
     def __enter__(self) -> RunDirectory:
-        # Rank 0 alone writes to the run directory; the others learn whether it could start.
+        self._on_main(self._open)
+        return self
+
+    def _on_main(self, action: Any) -> None:
+        # Rank 0 alone writes to the run directory; the others learn whether it could.
         error: BaseException | None = None
         if self.dist.is_main:
             try:
-                self._open()
-            except (ConfigError, CheckpointError, RunLockedError, OSError) as exc:
+                action()
+            except (ConfigError, CheckpointError, RunLockedError, LoggerError, OSError) as exc:
                 error = exc
         error = self.dist.broadcast_object(error)
         if error is not None:
             raise error
-        return self
 
     def _open(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.lock.__enter__()
+        acquire_run_lock(self.lock)
         try:
+            # Checked before training too, not only at its end: the whole run would be lost to a refusal.
+            final_dir = self.path / FINAL_DIR
+            if _is_link_or_file(final_dir):
+                raise ConfigError(
+                    f"run_dir: {final_dir} is a link or a file, not a directory; move it away and rerun "
+                    "(the final weights are written inside the run directory only)"
+                )
             CheckpointStore(self.path).cleanup_stray()
-            replace_file(self.path / CONFIG_FILE, self.config_yaml)
-            self.loggers = [
-                JsonlLogger(self.path),
-                *build_loggers(self.logger_names, str(self.path), self.config_dict),
-            ]
-            for logger in self.loggers:
-                logger.log_params(self.config_dict)
         except BaseException:
             self.lock.__exit__(None, None, None)
             raise
+
+    def open_loggers(self) -> None:
+        """Write config.yaml and open the loggers: once a resume decided that this run owns the directory
+        (a refused experiment leaves the directory's config and logger stores as they were)."""
+        self._on_main(self._open_loggers)
+
+    def _open_loggers(self) -> None:
+        replace_file(self.path / CONFIG_FILE, self.config_yaml)
+        self.loggers = [
+            JsonlLogger(self.path),
+            *build_loggers(self.logger_names, str(self.path), self.config_dict),
+        ]
+        for logger in self.loggers:
+            logger.log_params(self.config_dict)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if not self.dist.is_main:
@@ -186,7 +205,7 @@ class RunDirectory:
         if not self.dist.is_main:
             return None
         final_dir = self.path / FINAL_DIR
-        if final_dir.is_symlink() or (final_dir.exists() and not final_dir.is_dir()):
+        if _is_link_or_file(final_dir):
             raise CheckpointError(
                 f"{final_dir} is not a directory (a link or a file): move it away; the weights are in the "
                 "last checkpoint"
@@ -201,3 +220,30 @@ class RunDirectory:
         for logger in self.loggers:
             logger.log_artifact(str(final_path))
         return final_path
+
+
+def _is_link_or_file(path: Path) -> bool:
+    return path.is_symlink() or (path.exists() and not path.is_dir())
+
+
+def acquire_run_lock(lock: RunLock) -> None:
+    """Create the run directory if needed and take its lock, or say in one line why it cannot be one.
+
+    Raises:
+        ConfigError: ``run_dir`` is a file, cannot be created or written, or its lock file is a link.
+        RunLockedError: another run holds the lock.
+    """
+    run_dir = lock.run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir: {run_dir} exists and is not a directory; choose another run_dir")
+    try:
+        lock.acquire()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # the lock is opened with O_NOFOLLOW: a link is never followed
+            raise ConfigError(
+                f"run_dir: the lock file {lock.path} is a symbolic link, not steadyfit's; remove it and rerun"
+            ) from None
+        raise ConfigError(
+            f"run_dir: cannot use {run_dir} as a run directory ({exc.strerror}: {exc.filename}); "
+            "choose a directory you can create and write"
+        ) from None

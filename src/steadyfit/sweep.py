@@ -6,14 +6,15 @@ Layout of a sweep directory::
     SWEEP_DIR/space.yaml      the search space, as given
     SWEEP_DIR/sweep.yaml      config source, overrides, objective, sampler and pruner settings
     SWEEP_DIR/trial-0003/     trial 3's run directory (config.yaml, metrics.jsonl, checkpoints/ ...)
-    SWEEP_DIR/results.md      one row per trial: params, value, state
-    SWEEP_DIR/sweep.png       best value against trials (needs matplotlib)
+    SWEEP_DIR/results.md      one row per trial: params, value, state; the best trial and its rerun command
+    SWEEP_DIR/sweep.png       every trial's value (pruned ones marked) and the best so far (needs matplotlib)
 """
 
 from __future__ import annotations
 
 import math
 import multiprocessing
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -280,8 +281,53 @@ def run_sweep(
         else:
             _run_workers(storage, seed, objective, shares)
     study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
-    write_results(study, root, objective_metric(config))
+    best = best_trial_lines(study, config_source, list(overrides), root, objective_metric(config))
+    write_results(study, root, objective_metric(config), best)
+    for line in best:
+        print(f"sweep: {line}", flush=True)
     return study
+
+
+def best_trial_lines(
+    study: optuna.Study, config_source: str | None, overrides: list[str], root: Path, metric: str
+) -> list[str]:
+    """The best completed trial, its parameters and the ``steadyfit fit`` command that reruns it.
+
+    The command repeats the sweep's config source and overrides with the trial's parameters (which win, as
+    in the trial), in a fresh run directory ``SWEEP_DIR/best``: the same config as the trial but for
+    ``run_dir`` and ``progress``, so the same weights on the same machine.
+
+    Example:
+        >>> lines = best_trial_lines(study, "digits", ["max_steps=300"], Path("sw"), "eval_loss")
+        >>> print("\n".join(lines))
+        best trial 4: eval_loss=0.0731
+        best params: lr=0.0042, weight_decay=0.0013
+        rerun it: steadyfit fit digits max_steps=300 lr=0.0042 weight_decay=0.0013 run_dir=sw/best
+    """
+    optuna = _import_optuna()
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        return [f"no trial completed yet; see {root / RESULTS_FILE}"]
+    best = study.best_trial
+    params = best.params
+    kept = [item for item in overrides if item.partition("=")[0] not in params]
+    words = ["steadyfit", "fit", *([config_source] if config_source else [])]
+    words += kept + [f"{name}={_override_value(value)}" for name, value in params.items()]
+    words.append(f"run_dir={root / 'best'}")
+    shown = ", ".join(f"{name}={_override_value(value)}" for name, value in params.items())
+    return [
+        f"best trial {best.number}: {metric}={best.value:.6g}",
+        f"best params: {shown}",
+        f"rerun it: {shlex.join(words)}",
+    ]
+
+
+def _override_value(value: Any) -> str:
+    """A parameter as a ``key=value`` override reads it back: floats in full (repr round-trips)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
 
 
 def _storage_url(root: Path) -> str:
@@ -337,8 +383,8 @@ def _run_workers(storage: str, seed: int, objective: Objective, shares: list[int
         raise RuntimeError(f"sweep: {len(failed)} worker process(es) failed (exit codes {failed})")
 
 
-def write_results(study: optuna.Study, root: Path, metric: str) -> None:
-    """``results.md`` (one row per trial) and ``sweep.png`` (best value against trials)."""
+def write_results(study: optuna.Study, root: Path, metric: str, best: list[str] = ()) -> None:
+    """``results.md`` (one row per trial, then the ``best`` lines) and ``sweep.png`` (every trial)."""
     optuna = _import_optuna()
     complete = optuna.trial.TrialState.COMPLETE
     best_number = study.best_trial.number if study.get_trials(deepcopy=False, states=(complete,)) else None
@@ -358,6 +404,8 @@ def write_results(study: optuna.Study, root: Path, metric: str) -> None:
             state += f" (resumes {trial.user_attrs['resumes_trial']})"
         run_dir = Path(trial.user_attrs.get(RUN_DIR_ATTR, "")).name
         lines.append(f"| {trial.number} | {params} | {value} | {state} | {run_dir} |")
+    if best:
+        lines += ["", *(f"- {line}" for line in best)]
     (root / RESULTS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
     _plot(study, root / PLOT_FILE, metric)
 
@@ -377,20 +425,58 @@ def _plot(study: optuna.Study, path: Path, metric: str) -> None:
             f"sweep: skipping {path.name}: matplotlib is missing (pip install 'steadyfit[plot]')", flush=True
         )
         return
+    figure = sweep_figure(study, metric)
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def sweep_figure(study: optuna.Study, metric: str) -> Any:
+    """The sweep plot: every trial on integer ticks, completed ones as dots, pruned ones as crosses at their
+    last reported value, failed ones as ticks on the axis, and the best completed value so far.
+
+    Example:
+        >>> sweep_figure(study, "eval_loss").savefig("sweep.png")  # doctest: +SKIP
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     maximize = study.direction.name == "MAXIMIZE"
-    numbers, values, best = [], [], []
+    completed: list[tuple[int, float]] = []
+    pruned: list[tuple[int, float]] = []
+    failed: list[int] = []
+    best: list[tuple[int, float]] = []
     for trial in study.get_trials(deepcopy=False):
-        if trial.value is None or trial.state.name != "COMPLETE":
-            continue
-        numbers.append(trial.number)
-        values.append(trial.value)
-        best.append(max(values) if maximize else min(values))
+        if trial.state.name == "COMPLETE" and trial.value is not None:
+            completed.append((trial.number, trial.value))
+            values = [value for _, value in completed]
+            best.append((trial.number, max(values) if maximize else min(values)))
+        elif trial.state.name == "PRUNED" and trial.intermediate_values:
+            last_step = max(trial.intermediate_values)
+            pruned.append((trial.number, trial.intermediate_values[last_step]))
+        elif trial.state.name in ("PRUNED", "FAIL"):
+            failed.append(trial.number)
     figure, axes = plt.subplots(figsize=(6, 4))
-    axes.scatter(numbers, values, label="trial", color="tab:gray")
-    axes.step(numbers, best, where="post", label="best so far", color="tab:blue")
+    if completed:
+        axes.scatter(*zip(*completed, strict=True), label="completed", color="tab:gray")
+    if pruned:
+        axes.scatter(*zip(*pruned, strict=True), label="pruned (last value)", color="tab:red", marker="x")
+    if failed:
+        # On the x axis, whatever the y range: a failed trial has no value to place.
+        axes.plot(
+            failed,
+            [0.0] * len(failed),
+            "|",
+            color="black",
+            markersize=12,
+            label="failed",
+            transform=axes.get_xaxis_transform(),
+            clip_on=False,
+        )
+    if best:
+        axes.step(*zip(*best, strict=True), where="post", label="best so far", color="tab:blue")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("trial")
     axes.set_ylabel(metric)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    return figure

@@ -31,7 +31,6 @@ does at a boundary, its state describes that boundary, since nothing observes it
 
 from __future__ import annotations
 
-import itertools
 import json
 import signal
 import time
@@ -51,7 +50,6 @@ from steadyfit.components import (
     ModelWeights,
     OptimizerState,
     RankRNG,
-    RunIdentity,
     ShardedWeights,
     upgrade_legacy_states,
 )
@@ -59,9 +57,10 @@ from steadyfit.config import ConfigError, TrainConfig, make_config
 from steadyfit.diagnostics import Diagnostics, validate_diagnostics
 from steadyfit.distributed import Distributed
 from steadyfit.ema import WeightEMA
-from steadyfit.evaluation import evaluate_model, predict
+from steadyfit.evaluation import check_eval_settings, evaluate_model, predict
 from steadyfit.guard import DeviceSkip, NonFiniteGuard, ReadCadence, StepRecord
 from steadyfit.horizons import Horizons, compute_horizons
+from steadyfit.identity import RunIdentity
 from steadyfit.layout import CONFIG_FILE
 from steadyfit.log_window import LogWindow, memory_mb
 from steadyfit.loggers.progress import Progress
@@ -70,7 +69,7 @@ from steadyfit.precision import Precision
 from steadyfit.rng import seed_everything, set_deterministic
 from steadyfit.rundir import RunDirectory
 from steadyfit.schedules import resolve_scheduler
-from steadyfit.secrets import redact
+from steadyfit.secrets import redact, secret_env_values
 from steadyfit.signals import Preempted, PreemptionFlag
 from steadyfit.state import FitResult, TrainState
 from steadyfit.tracking import build_tracker
@@ -117,7 +116,13 @@ class Trainer:
         scheduler: Any = None,
         collate_fn: Callable[..., Any] | None = None,
     ) -> None:
-        self.config = config if isinstance(config, TrainConfig) else make_config(dict(config or {}))
+        config = config if isinstance(config, TrainConfig) else make_config(dict(config or {}))
+        check_eval_settings(config, eval_data)
+        # A DataLoader of the user's decides its batch size and workers: config.yaml records what happens.
+        recorded = data_mod.loader_settings(
+            config.model_fields_set, config.model_dump(), train_data, eval_data
+        )
+        self.config = config.model_copy(update=recorded) if recorded else config
         self.dist = Distributed.setup(self.config)
         self.device = self.dist.device(self.config.device)
         self.model = model.to(self.device)
@@ -172,7 +177,7 @@ class Trainer:
         seed_everything(config.seed)
         set_deterministic(config.deterministic)
         self._prepare()
-        config_data = redact(config.to_yaml_dict())
+        config_data = redact(config.to_yaml_dict(), secret_env_values())
         self._config_yaml = yaml.safe_dump(config_data, sort_keys=False).encode()
         self.run_directory = RunDirectory(
             config.run_dir, self.dist, self._config_yaml, config_data, config.loggers
@@ -184,6 +189,7 @@ class Trainer:
                 self._resume()
                 self.model.train()
                 self.callbacks.fire("on_fit_start", self, self.state)
+                self.log_window.start()  # time_s and the first throughput leave set-up and loggers out
                 while not self._is_done():
                     self._train_epoch(preemption)
                 self._finish()
@@ -251,7 +257,7 @@ class Trainer:
         # next window is fetched only after this boundary, so a checkpoint holds the RNG streams (and data
         # position) of the boundary itself, never draws made for a window it does not contain.
         fetched = False
-        while window := list(itertools.islice(micro_batches, accumulation)):
+        while window := data_mod.fetch_window(micro_batches, accumulation, state.epoch, state.batch_in_epoch):
             fetched = True
             self._train_step(window, state.batch_in_epoch, preemption)
             state.batch_in_epoch += len(window)
@@ -277,7 +283,14 @@ class Trainer:
             self.dist.samples_in(self.train_data, batch, first_index + i, batch_size)
             for i, batch in enumerate(window)
         ]
-        loss = self.backward.run(window, sample_counts)
+        try:
+            loss = self.backward.run(window, sample_counts)
+        except data_mod.BatchError as exc:
+            step = state.step + len(self._unbooked) + 1  # steps taken on the device are booked later
+            raise data_mod.BatchError(
+                f"step {step} (epoch {state.epoch}, micro-batch {first_index + (exc.index_in_window or 0)} "
+                f"of the epoch): {exc}"
+            ) from exc.__cause__
         samples = sum(sample_counts)
         self.precision.unscale_(optimizer)
         if self.dist.is_distributed:
@@ -402,6 +415,7 @@ class Trainer:
     def _log(self, row: dict[str, Any]) -> None:
         """Write a row to metrics.jsonl and every logger; diagnostics read it (its numbers are on the host
         already)."""
+        row.setdefault("time_s", self.log_window.time_s())
         self.run_directory.log(row)
         self._rows_logged += 1
         self.progress.log(row)
@@ -576,11 +590,19 @@ class Trainer:
         else:
             self.run_directory.cut_back()
             self._saved_at = self._boundary_key()
+        self.run_directory.open_loggers()
         show = self.config.progress and self.dist.is_main
         self.progress = Progress(show, self.horizons.total_steps, initial_step=self.state.step)
         self.backward.on_out_of_memory = self.progress.message
-        if path is not None and self.dist.is_main:
+        if not self.dist.is_main:
+            return
+        if path is not None:
             console.notice(f"resumed from {path} at step {self.state.step}")
+        elif self.checkpoints.started_from is not None:
+            console.notice(
+                f"fine-tuning from the weights of {self.checkpoints.started_from}: another experiment's "
+                "checkpoint, so step 0 with a fresh optimizer, schedule and data order"
+            )
 
     def _is_done(self) -> bool:
         state, config = self.state, self.config

@@ -120,7 +120,8 @@ def test_changed_batch_size_on_resume_is_refused(tmp_path):
     data = torch.utils.data.TensorDataset(torch.randn(203, 16), torch.zeros(203, dtype=torch.long))
     with pytest.raises(
         ConfigError,
-        match=r"batch_size: the checkpoint .* \(batch_size x world size\) 8, this run asks for 16",
+        match=r"another experiment \(.*batch_size: global batch \(batch_size x world size\) 8 in the "
+        r"checkpoint, 16 now",
     ):
         Trainer(model, config, train_data=data, loss_fn=torch.nn.functional.cross_entropy).fit()
 

@@ -12,9 +12,10 @@ import torch
 
 from helpers import make_mlp, make_regression
 from steadyfit import Callback, TrainConfig, Trainer
-from steadyfit.assembly import train
+from steadyfit.assembly import prepare, train
 from steadyfit.config import ConfigError
 from steadyfit.diagnostics import CHECKS, DEFAULT_THRESHOLDS, Diagnostics
+from steadyfit.recipes.tinylm import TinyLM, TinyLMConfig, lm_loss, load_stdlib_windows, token_accuracy
 
 ROOT = Path(__file__).resolve().parents[2]
 F = torch.nn.functional
@@ -89,6 +90,39 @@ def test_divergence_needs_a_sustained_rise_and_the_window_is_configurable():
 def test_a_converged_loss_wobbling_near_zero_is_not_divergence():
     losses = [2.3, 1.0, 0.1, 0.01, 0.001, 0.003, 0.004, 0.005, 0.002]
     assert feed(diagnostics(), train_rows(losses)) == []
+
+
+def test_a_loss_far_above_the_first_step_from_the_first_row_on_is_divergence():
+    # sgd lr=50 on digits: the first step's loss is 2.3 (ln 10), every logged window is in the hundreds.
+    rows = train_rows([348.0, 208.0, 362.0, 228.0])
+    rows[0]["first_step_loss"] = 2.3
+    found = feed(diagnostics(), rows)
+    assert [(f["diagnostic"], f["step"], f["first_step_loss"]) for f in found] == [("divergence", 30, 2.3)]
+    assert "the first step's loss" in found[0]["message"]
+    del rows[0]["first_step_loss"]
+    assert feed(diagnostics(), rows) == []  # what the first row alone allowed to see: nothing
+    healthy = train_rows([2.2, 1.4, 0.9, 0.6, 0.5, 0.45])
+    healthy[0]["first_step_loss"] = 2.3
+    assert feed(diagnostics(), healthy) == []
+
+
+def test_evaluations_no_better_than_the_first_step_are_at_chance():
+    def found(eval_losses: list[float], first_step_loss: float | None = 2.3, **config: object) -> list:
+        rows = [{"kind": "train", "step": 1, "loss": 2.3, "first_step_loss": first_step_loss}]
+        rows += [
+            {"kind": "eval", "step": 10 * (i + 1), "eval_loss": loss, "eval_accuracy": 0.1}
+            for i, loss in enumerate(eval_losses)
+        ]
+        return [
+            (f["diagnostic"], f["step"], f.get("eval_accuracy")) for f in feed(diagnostics(**config), rows)
+        ]
+
+    assert found([9.6, 2.9, 2.3]) == [("at_chance", 20, 0.1)]  # two evaluations in a row
+    assert found([2.4, 1.9, 2.5, 1.5]) == []  # one at a time: the baseline is one batch, it is noisy
+    assert found([2.2, 2.1, 2.25]) == []  # below the untrained model's loss: it learned something
+    assert found([2.4] * 4, warmup_steps=20) == [("at_chance", 40, 0.1)]  # 10 and 20: in the warm-up
+    assert found([9.6, 9.6], first_step_loss=None) == []  # no baseline (a checkpoint of an older run)
+    assert found([2.2, 2.2], diagnostic_thresholds={"at_chance.fraction": 0.95}) == [("at_chance", 20, 0.1)]
 
 
 def test_plateau_when_the_loss_stays_high_but_not_after_convergence():
@@ -183,8 +217,16 @@ def test_resumed_diagnostics_report_what_an_uninterrupted_run_reports():
         )
         if i % 3 == 2:
             rows.append({"kind": "eval", "step": i + 1, "eval_loss": 1.0 + abs(i - 15) / 10})
+    rows[0]["first_step_loss"] = 2.1  # from step 27 on the eval loss is at or above it: at_chance
     whole = feed(diagnostics(), rows)
-    assert set(names(whole)) >= {"divergence", "overfitting", "grad_spike", "throughput", "memory_growth"}
+    assert set(names(whole)) >= {
+        "divergence",
+        "overfitting",
+        "grad_spike",
+        "throughput",
+        "memory_growth",
+        "at_chance",
+    }
     for cut in (7, 30, 50):
         first = diagnostics()
         found = feed(first, rows[:cut])
@@ -192,6 +234,18 @@ def test_resumed_diagnostics_report_what_an_uninterrupted_run_reports():
         resumed = diagnostics()
         resumed.load_state_dict(saved)
         assert found + feed(resumed, rows[cut:]) == whole
+
+
+def test_a_checkpoint_from_before_the_first_step_baseline_still_loads():
+    older = diagnostics().state_dict()
+    del older["first_step_loss"], older["chance_evals"]  # what checkpoints of earlier versions hold
+    restored = diagnostics()
+    restored.load_state_dict(older)
+    assert (restored.first_step_loss, restored.chance_evals) == (None, 0)
+    broken = diagnostics().state_dict()
+    del broken["best_loss"]
+    with pytest.raises(ValueError, match="best_loss"):
+        diagnostics().load_state_dict(broken)
 
 
 # ----------------------------------------------------------------------------------------- the real Trainer
@@ -333,4 +387,43 @@ def test_a_healthy_digits_run_has_no_findings(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert sum(row["kind"] == "train" for row in rows) >= 30  # the checks had rows to look at
     assert sum(row["kind"] == "eval" for row in rows) == 4
+    assert rows[0]["first_step_loss"] == pytest.approx(2.3, abs=0.1)  # the baseline: about ln(10)
     assert read_findings(run_dir) == []
+
+
+def test_sgd_at_lr_50_on_digits_diverges_and_evaluates_at_chance(tmp_path):
+    # The reported run: a loss of ~350 from the first logged row on, and eval accuracy at 1/10.
+    run_dir = tmp_path / "digits"
+    overrides = ["optimizer=sgd", "lr=50", "max_steps=200"]
+    train("digits", [f"run_dir={run_dir}", "progress=false", *overrides])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] > 100 * rows[0]["first_step_loss"]  # the first row hides where the run began
+    found = {f["diagnostic"]: f for f in read_findings(run_dir)}
+    assert found["divergence"]["step"] == 60  # the third logged row, as divergence.window says
+    assert found["at_chance"]["step"] == 90  # the second evaluation
+    assert found["at_chance"]["eval_accuracy"] < 0.15
+
+
+def test_a_healthy_tinylm_run_has_no_findings(tmp_path):
+    # The tinylm recipe's training settings (AdamW, cosine, warm-up, clipping, its lr) with the short
+    # horizon and the tiny model test_tinylm.py trains (the defaults take ~90 s); warm-up kept at 5% of the
+    # run. log_every=2 and eval_every=10 give the checks rows, and evaluations right after the warm-up, where
+    # at_chance would first fire.
+    overrides = {"max_steps": 30, "warmup_steps": 2, "log_every": 2, "eval_every": 10, "save_every": 0}
+    _, config = prepare("tinylm", {"run_dir": str(tmp_path / "run"), "progress": False} | overrides)
+    model_config = TinyLMConfig(context_length=32, d_model=32, n_layer=1)
+    train_data, eval_data = load_stdlib_windows(model_config.context_length)
+    torch.manual_seed(0)
+    trainer = Trainer(
+        TinyLM(model_config),
+        config,
+        train_data=train_data,
+        eval_data=eval_data,
+        loss_fn=lm_loss,
+        metrics={"accuracy": token_accuracy},
+    )
+    trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(row["kind"] == "eval" for row in rows) == 3
+    assert rows[0]["first_step_loss"] > 4  # the untrained model over ~100 characters
+    assert read_findings(tmp_path / "run") == []

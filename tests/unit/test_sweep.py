@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import assert_bitwise_equal, final_weights
 from steadyfit.assembly import train
 from steadyfit.config import ConfigError
 
@@ -118,3 +120,86 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
         assert (sweep_dir / f"trial-{number:04d}" / "metrics.jsonl").read_bytes() == finished[number]
         assert f"trial {number} started" not in rerun.stdout
     assert "(resumes 3)" in (sweep_dir / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_documented_command_prints_the_best_trial_and_a_rerun_that_gives_its_weights(
+    tmp_path, capsys, monkeypatch
+):
+    from steadyfit.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    write_space(tmp_path, SPACE)
+    # The form docs/sweeps.md shows: the config overrides after the options.
+    argv = ["sweep", "digits", "--space", "space.yaml", "--trials", "2", "--dir", "sw", "max_steps=12"]
+    assert main([*argv, "eval_every=6"]) == 0
+    out = capsys.readouterr().out
+    study = optuna.load_study(study_name="steadyfit-sweep", storage=f"sqlite:///{tmp_path / 'sw/study.db'}")
+    assert [trial.state for trial in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    best = study.best_trial
+    assert f"sweep: best trial {best.number}: eval_accuracy={best.value:.6g}" in out
+    assert "sweep: best params: " + ", ".join(f"{k}={v!r}" for k, v in best.params.items()) in out
+    rerun = next(line for line in out.splitlines() if line.startswith("sweep: rerun it: "))
+    words = shlex.split(rerun.removeprefix("sweep: rerun it: "))
+    assert words[:3] == ["steadyfit", "fit", "digits"] and "max_steps=12" in words
+    assert words[-1] == "run_dir=sw/best"
+    assert rerun.removeprefix("sweep: ") in (tmp_path / "sw" / "results.md").read_text()
+    assert main(words[1:]) == 0
+    assert_bitwise_equal(
+        final_weights(tmp_path / "sw" / "best"), final_weights(tmp_path / "sw" / f"trial-{best.number:04d}")
+    )
+
+
+def test_overrides_are_taken_before_and_after_the_options():
+    from steadyfit.cli import build_parser, parse_arguments
+
+    parser = build_parser()
+    after = parse_arguments(
+        parser, ["sweep", "digits", "--space", "s.yaml", "--trials", "2", "lr=0.1", "seed=3"]
+    )
+    before = parse_arguments(
+        parser, ["sweep", "digits", "lr=0.1", "--space", "s.yaml", "--trials", "2", "seed=3"]
+    )
+    assert after.source == before.source == "digits"
+    assert after.overrides == before.overrides == ["lr=0.1", "seed=3"]
+    lr_find = parse_arguments(parser, ["lr-find", "digits", "--num-steps", "5", "max_steps=9"])
+    assert lr_find.num_steps == 5 and lr_find.overrides == ["max_steps=9"]
+    with pytest.raises(SystemExit):
+        parse_arguments(parser, ["sweep", "digits", "--space", "s.yaml", "--trials", "2", "--bogus"])
+
+
+def test_the_plot_shows_every_trial_on_integer_ticks_with_pruned_ones_marked():
+    pytest.importorskip("matplotlib")
+    from optuna.distributions import FloatDistribution
+
+    from steadyfit.sweep import sweep_figure
+
+    study = optuna.create_study(direction="minimize")
+    lr = {"lr": FloatDistribution(1e-4, 1.0, log=True)}
+    TrialState = optuna.trial.TrialState
+    for number, (state, value) in enumerate(
+        [
+            (TrialState.COMPLETE, 0.5),
+            (TrialState.PRUNED, 0.9),
+            (TrialState.COMPLETE, 0.3),
+            (TrialState.FAIL, None),
+        ]
+    ):
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=state,
+                value=value if state == TrialState.COMPLETE else None,
+                params={"lr": 0.01 * (number + 1)},
+                distributions=lr,
+                intermediate_values={5: 0.8, 10: value} if state == TrialState.PRUNED else {},
+            )
+        )
+    figure = sweep_figure(study, "eval_loss")
+    axes = figure.axes[0]
+    points = {collection.get_label(): collection.get_offsets().tolist() for collection in axes.collections}
+    assert points["completed"] == [[0.0, 0.5], [2.0, 0.3]]
+    assert points["pruned (last value)"] == [[1.0, 0.9]]
+    lines = {line.get_label(): line for line in axes.lines}
+    assert list(lines["failed"].get_xdata()) == [3]
+    assert list(lines["best so far"].get_ydata()) == [0.5, 0.3]
+    assert all(float(tick).is_integer() for tick in axes.get_xticks())

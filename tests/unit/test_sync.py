@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import base_config, make_mlp, make_regression
-from steadyfit import Callback, Trainer
+from steadyfit import BatchError, Callback, Trainer
 from steadyfit.guard import DeviceSkip, NonFiniteError
 
 READS = ("item", "cpu", "tolist", "__bool__")
@@ -274,8 +274,9 @@ def test_an_error_between_read_points_hands_back_a_clean_optimizer(tmp_path):
 
     config = base_config(tmp_path, batch_size=4, log_every=LOG_EVERY, optimizer="adamw", lr=0.01)
     trainer = Trainer(make_mlp(), config, train_data=make_regression(40), loss_fn=fails_in_step_3)
-    with pytest.raises(ValueError, match="bad batch"):
+    with pytest.raises(BatchError, match=r"step 3 .*raised ValueError: bad batch") as raised:
         trainer.fit()
+    assert isinstance(raised.value.__cause__, ValueError)
     assert trainer.device_skip is not None
     # Mid-window: the groups held device lr views and the optimizer a found_inf flag; both are gone.
     assert all(type(group["lr"]) is float for group in trainer.optimizer.param_groups)

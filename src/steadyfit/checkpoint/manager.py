@@ -29,6 +29,7 @@ from steadyfit.checkpoint.sharded import save_sharded
 from steadyfit.checkpoint.store import CheckpointStore, LoadedCheckpoint
 from steadyfit.config import ConfigError
 from steadyfit.console import notice, warn
+from steadyfit.identity import ExperimentChanged
 
 if TYPE_CHECKING:
     from steadyfit.distributed import Distributed
@@ -91,6 +92,8 @@ class CheckpointManager:
         # Appended by the writer thread, drained by the caller's: a deque's append and popleft are atomic.
         self._committed: deque[str] = deque()
         self._best: _Capture | None = None
+        # The checkpoint whose weights a fine-tune started from (restore with resume=PATH of another run).
+        self.started_from: str | None = None
 
     def path_for(self, step: int) -> Path:
         return self.store.path_for(step)
@@ -261,19 +264,38 @@ class CheckpointManager:
 
         ``mode`` is ``auto`` (the newest checkpoint that restores; a damaged one, whether its files fail the
         manifest or its content does not fit a component, is reported, kept and skipped for the previous
-        one), ``never`` (start fresh; refused when checkpoints exist) or the path of one checkpoint. Rank 0
-        chooses; every rank verifies and loads the same checkpoint, and all of them agree on the outcome.
+        one), ``never`` (start fresh; refused when checkpoints exist) or the path of one checkpoint. A PATH
+        outside this run directory starts it: once the run directory holds checkpoints of its own, a rerun
+        of the same command continues from those, as ``auto`` does. A PATH of another experiment whose
+        weights fit this model is a fine-tune: only the weights are loaded, the run starts at step 0 (the
+        manager's ``started_from`` names it) and None is returned. Rank 0 chooses; every rank verifies and
+        loads the same checkpoint, and all of them agree on the outcome.
 
         Raises:
-            ConfigError: the checkpoint belongs to another experiment (a component said so), ``never`` with
-                existing checkpoints, or a PATH that is no checkpoint directory.
+            ConfigError: the checkpoint belongs to another experiment (a component said so; the message
+                names the ways out), ``never`` with existing checkpoints, or a PATH that is no checkpoint
+                directory.
             CheckpointError: every checkpoint is damaged (nothing restarts from step 0 over them), or the
                 named PATH is.
         """
+        if mode not in ("auto", "never") and self._continues_own_checkpoints(Path(mode)):
+            if self.dist.is_main:
+                notice(
+                    f"resume={mode}: {self.store.checkpoints_dir} holds this run's own checkpoints; "
+                    "continuing from the newest of them"
+                )
+            mode = "auto"
         candidates = self._candidates(mode)
         skipped: list[str] = []
         for path in candidates:
-            fault = self._try_restore(path, components, upgrade)
+            try:
+                fault = self._try_restore(path, components, upgrade)
+            except ExperimentChanged as exc:
+                if mode in ("auto", "never") or not exc.weights_fit or self.store.list_checkpoints():
+                    raise ExperimentChanged(self._ways_out(exc, path, mode), exc.weights_fit) from None
+                self.read_model(path, components[MODEL])
+                self.started_from = str(path)
+                return None
             if fault is None:
                 self.last_checkpoint = str(path)
                 self.last_saved_step = layout.step_of(path.name)
@@ -290,6 +312,25 @@ class CheckpointManager:
                 "pass resume=PATH"
             )
         return None
+
+    def _continues_own_checkpoints(self, path: Path) -> bool:
+        """``resume=PATH`` from outside the run directory, rerun once the run wrote checkpoints of its own."""
+        if path.is_symlink() or not path.is_dir():
+            return False  # _choose says what is wrong with it
+        own = self.store.checkpoints_dir.resolve()
+        return bool(self.store.list_checkpoints()) and own not in path.resolve().parents
+
+    def _ways_out(self, exc: ExperimentChanged, path: Path, mode: str) -> str:
+        ways = [
+            "another run_dir starts a new run",
+            f"resume=never starts over here once {self.store.checkpoints_dir} is moved away",
+        ]
+        if exc.weights_fit:
+            ways.append(f"resume={path} with another run_dir fine-tunes from its weights")
+        return (
+            f"resume={mode}: {path} is a checkpoint of another experiment ({exc}); nothing was changed. "
+            f"Ways out: {'; '.join(ways)}"
+        )
 
     def read_model(self, path: str | Path, model: Stateful) -> None:
         """Load only the weights of the checkpoint at ``path`` into ``model`` (every rank, verified first)."""
@@ -343,8 +384,10 @@ class CheckpointManager:
         fault, incompatible, fatal = None, None, None
         try:
             self._load(checkpoint, components, upgrade)
+        except ExperimentChanged as exc:
+            incompatible = exc
         except ConfigError as exc:
-            incompatible = f"{exc}; checkpoint: {path}"
+            incompatible = ConfigError(f"{exc}; checkpoint: {path}")
         except torch.OutOfMemoryError as exc:  # not the checkpoint's fault: an older one would not help
             fatal = exc
         except Exception as exc:  # anything else a component raised: this checkpoint's content is wrong
@@ -356,9 +399,9 @@ class CheckpointManager:
         failed = next((message for _, _, message in verdicts if message), None)
         if failed is not None:
             raise CheckpointError(f"another rank ran out of memory restoring {path}: {failed}")
-        incompatible = next((message for _, message, _ in verdicts if message), None)
+        incompatible = next((error for _, error, _ in verdicts if error is not None), None)
         if incompatible is not None:
-            raise ConfigError(incompatible)
+            raise incompatible
         return next((message for message, _, _ in verdicts if message), None)
 
     def _open_on_every_rank(self, path: Path) -> LoadedCheckpoint:

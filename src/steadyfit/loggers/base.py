@@ -5,6 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 
+class LoggerError(RuntimeError):
+    """An extra logger could not start (a tracking server unreachable, credentials refused...)."""
+
+
 class Logger:
     """A sink for run parameters and metric rows. Only rank 0 ever constructs loggers.
 

@@ -1,4 +1,4 @@
-"""Progress on the console: a tqdm bar on a terminal, plain periodic lines otherwise, or nothing."""
+"""Progress on the console: a tqdm bar on a terminal, short plain lines otherwise, or nothing."""
 
 from __future__ import annotations
 
@@ -6,30 +6,69 @@ import sys
 import time
 from typing import Any, TextIO
 
+# A plain line never wraps on a CI log or a narrow terminal; the whole row is in metrics.jsonl.
+LINE_WIDTH = 100
+_MORE = " ..."  # ends a line that left numbers out
+_NOT_SHOWN = frozenset({"kind", "step", "epoch", "time_s", "first_seen", "message"})
 
-def _format(row: dict[str, Any]) -> str:
-    parts = []
+
+def _number(value: float) -> str:
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
+def _parts(row: dict[str, Any], total_steps: int | None) -> list[str]:
+    """What a line says about a row, most important first."""
+    parts = [f"step {row.get('step')}" + (f"/{total_steps}" if total_steps else "")]
+    if row.get("epoch") is not None:
+        parts.append(f"epoch {row['epoch']}")
+    kind = row.get("kind")
+    if kind == "train":
+        shown = {"loss": "loss", "lr": "lr", "samples_per_sec": "samples/s", "tokens_per_sec": "tokens/s"}
+        for key, label in shown.items():
+            if isinstance(row.get(key), float):
+                parts.append(f"{label} {_number(row[key])}")
+        return parts
+    if kind == "diagnostic":
+        return [*parts, str(row.get("diagnostic"))]  # its message is printed once, as a console warning
+    # eval (its keys without the eval_ prefix: the tag says it), summary, and rows of any other kind
     for key, value in row.items():
-        if key in ("kind", "time_s"):
+        if key in _NOT_SHOWN or value is None or isinstance(value, bool):
             continue
-        if isinstance(value, float):
-            parts.append(f"{key}={value:.4g}")
-        elif value is not None:
-            parts.append(f"{key}={value}")
-    return " ".join(parts)
+        text = _number(value) if isinstance(value, float) else str(value)
+        parts.append(f"{key.removeprefix('eval_')} {text}")
+    return parts
+
+
+def format_row(row: dict[str, Any], total_steps: int | None, elapsed_s: float) -> str:
+    """One line of at most :data:`LINE_WIDTH` characters: the row's kind, time, step (of the total), epoch
+    and its main numbers; what does not fit is left out, marked ``...``.
+
+    Example:
+        >>> format_row({"kind": "train", "step": 20, "epoch": 0, "loss": 2.2842, "lr": 0.002}, 900, 1.5)
+        '[train     1.5s] step 20/900 epoch 0 loss 2.284 lr 0.002'
+    """
+    line = f"[{row.get('kind', 'info')} {elapsed_s:7.1f}s]"
+    parts = _parts(row, total_steps)
+    for index, part in enumerate(parts):
+        room = LINE_WIDTH - (len(_MORE) if index + 1 < len(parts) else 0)
+        if len(line) + 1 + len(part) > room:
+            return line + _MORE
+        line += " " + part
+    return line
 
 
 class Progress:
     """Shows training progress. ``enabled=False`` silences it (``progress=false``).
 
-    On a terminal: a tqdm bar over optimizer steps with loss, lr and throughput in its postfix. Elsewhere
-    (CI, files): one plain line per logging row and per evaluation.
+    On a terminal: a tqdm bar over optimizer steps with loss, lr and throughput in its postfix, and one line
+    per evaluation or finding. Elsewhere (CI, files): one short line (:func:`format_row`) per logged row.
     """
 
     def __init__(
         self, enabled: bool, total_steps: int | None, initial_step: int = 0, stream: TextIO | None = None
     ):
         self.enabled = enabled
+        self.total_steps = total_steps
         self.stream = stream or sys.stderr
         self.is_terminal = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self._bar = None
@@ -48,21 +87,21 @@ class Progress:
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        if self._bar is not None:
-            if row.get("kind") == "train":
-                self._bar.set_postfix(
-                    {
-                        k: f"{row[k]:.4g}"
-                        for k in ("loss", "lr", "samples_per_sec")
-                        if isinstance(row.get(k), float)
-                    },
-                    refresh=False,
-                )
-            else:
-                self._bar.write(f"[{row.get('kind')}] {_format(row)}", file=self.stream)
+        if self._bar is not None and row.get("kind") == "train":
+            self._bar.set_postfix(
+                {
+                    k: f"{row[k]:.4g}"
+                    for k in ("loss", "lr", "samples_per_sec")
+                    if isinstance(row.get(k), float)
+                },
+                refresh=False,
+            )
             return
-        elapsed = time.perf_counter() - self._start
-        print(f"[{row.get('kind', 'info')} {elapsed:7.1f}s] {_format(row)}", file=self.stream, flush=True)
+        # The row's own time_s when it has one, so the console and metrics.jsonl agree.
+        elapsed = row.get("time_s")
+        if not isinstance(elapsed, (int, float)):
+            elapsed = time.perf_counter() - self._start
+        self.message(format_row(row, self.total_steps, elapsed))
 
     def message(self, text: str) -> None:
         if not self.enabled:

@@ -6,7 +6,7 @@ import importlib
 from typing import Any
 
 from steadyfit.config import ConfigError
-from steadyfit.loggers.base import Logger
+from steadyfit.loggers.base import Logger, LoggerError
 
 # name -> (module, class). Modules are imported only when their logger is asked for, so an
 # optional library is never imported by a run that does not use it.
@@ -38,6 +38,7 @@ def build_loggers(names: list[str], run_dir: str, config_dict: dict[str, Any]) -
     Raises:
         ConfigError: for an unknown name, or when the logger's optional library is not installed
             (the message names the extra: ``pip install steadyfit[tensorboard]``).
+        LoggerError: when a logger fails to start (an unreachable tracking server...).
 
     Example:
         >>> loggers = build_loggers(["jsonl", "csv"], "runs/demo", {"lr": 0.1})  # doctest: +SKIP
@@ -53,7 +54,16 @@ def build_loggers(names: list[str], run_dir: str, config_dict: dict[str, Any]) -
             raise ConfigError(f"loggers: unknown logger {name!r}; allowed values: {allowed}")
         module_name, class_name = _LOGGERS[name]
         logger_class = getattr(importlib.import_module(module_name), class_name)
-        loggers.append(logger_class(run_dir, config_dict))
+        try:
+            loggers.append(logger_class(run_dir, config_dict))
+        except ConfigError:
+            raise
+        except Exception as exc:
+            # A server or library failure, not our bug: one line naming the logger, no library traceback.
+            raise LoggerError(
+                f"loggers: the {name} logger could not start ({type(exc).__name__}: {exc}); check its "
+                f"settings (environment variables, server), or remove {name} from loggers"
+            ) from exc
     return loggers
 
 

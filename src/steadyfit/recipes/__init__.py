@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +56,31 @@ def resolve_recipe(name: str) -> Callable[[TrainConfig], Recipe]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"recipe: cannot import module {module_name!r} ({exc})") from None
+        raise ConfigError(
+            f"recipe: cannot import module {module_name!r} ({exc}); the command line looks in the current "
+            "directory, set PYTHONPATH for a module elsewhere"
+        ) from None
     function = getattr(module, function_name, None)
     if not callable(function):
         raise ConfigError(f"recipe: module {module_name!r} has no function {function_name!r}")
     return function
+
+
+def build_recipe(name: str, config: TrainConfig) -> Recipe:
+    """Seed the run, then call the recipe ``name`` with ``config`` (so its model is the same every run).
+
+    Raises:
+        ConfigError: when the recipe cannot be found or returns something other than a :class:`Recipe`.
+    """
+    from steadyfit.rng import seed_everything
+
+    build = resolve_recipe(name)
+    seed_everything(config.seed)  # before the model is built: its initial weights depend on the seed
+    recipe = build(config)
+    if not isinstance(recipe, Recipe):
+        raise ConfigError(
+            f"recipe: {name!r} returned {reprlib.repr(recipe)} ({type(recipe).__name__}), not a "
+            "steadyfit.Recipe; a recipe function takes the TrainConfig and returns "
+            "steadyfit.Recipe(model, train_data, ...)"
+        )
+    return recipe

@@ -1,0 +1,202 @@
+"""What a user's own data meets: a DataLoader's sampler is told the epoch (and resumes mid-epoch to the same
+order), the config records the batch size the loader really uses, settings that cannot apply are errors,
+and a batch that fails to load, or whose forward or loss raises, is named with its step, epoch, index,
+dtypes and shapes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from helpers import assert_bitwise_equal, base_config, final_weights, make_mlp, make_regression
+from steadyfit import BatchError, Callback, ConfigError, Trainer
+
+
+class SeenInputs:
+    """Records the first feature of every sample the model sees, per forward."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.seen: list[list[float]] = []
+        model.register_forward_hook(lambda _m, args, _out: self.seen.append(args[0][:, 0].tolist()))
+
+
+def _indexed_data(n: int = 16) -> TensorDataset:
+    inputs, targets = make_regression(n).tensors
+    inputs = inputs.clone()
+    inputs[:, 0] = torch.arange(n, dtype=torch.float32)  # the sample's index, so orders can be read back
+    return TensorDataset(inputs, targets)
+
+
+def _loader(data: TensorDataset) -> DataLoader:
+    return DataLoader(data, batch_size=4, sampler=DistributedSampler(data, num_replicas=1, rank=0, seed=3))
+
+
+def test_a_distributed_sampler_is_told_each_epoch_like_a_hand_written_loop(tmp_path):
+    data = _indexed_data()
+    reference_model = make_mlp()
+    reference = SeenInputs(reference_model)
+    optimizer = torch.optim.SGD(reference_model.parameters(), lr=0.1)
+    loader = _loader(data)
+    for epoch in range(3):
+        loader.sampler.set_epoch(epoch)
+        for inputs, targets in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(reference_model(inputs), targets).backward()
+            optimizer.step()
+
+    model = make_mlp()
+    seen = SeenInputs(model)
+    config = base_config(tmp_path, max_epochs=3, optimizer="sgd", lr=0.1)
+    Trainer(model, config, train_data=_loader(data), loss_fn=F.cross_entropy).fit()
+    assert seen.seen == reference.seen
+    epochs = [[index for batch in seen.seen[i * 4 : (i + 1) * 4] for index in batch] for i in range(3)]
+    assert epochs[0] != epochs[1] != epochs[2], "each epoch draws its own order"
+    for name, tensor in model.state_dict().items():
+        assert torch.allclose(tensor, reference_model.state_dict()[name], atol=1e-6), name
+
+
+class CrashAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer, state) -> None:
+        if state.step == self.step:
+            raise RuntimeError("crash")
+
+
+def test_a_user_loader_with_a_distributed_sampler_resumes_mid_epoch_bitwise(tmp_path):
+    data = _indexed_data(24)
+
+    def fit(run_dir, callbacks=()):
+        config = base_config(
+            tmp_path, run_dir=str(run_dir), max_epochs=3, save_every=4, optimizer="adamw", lr=0.01
+        )
+        Trainer(
+            make_mlp(), config, train_data=_loader(data), loss_fn=F.cross_entropy, callbacks=callbacks
+        ).fit()
+
+    fit(tmp_path / "clean")
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(tmp_path / "resumed", [CrashAt(10)])  # epoch 1 (6 steps an epoch), after the step-8 checkpoint
+    fit(tmp_path / "resumed")
+    assert_bitwise_equal(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "clean"))
+
+
+def test_the_config_records_the_batch_size_and_workers_of_a_user_loader(tmp_path):
+    loader = DataLoader(make_regression(50), batch_size=5, shuffle=False)
+    trainer = Trainer(make_mlp(), base_config(tmp_path), train_data=loader, loss_fn=F.cross_entropy)
+    trainer.fit()
+    assert trainer.config.batch_size == 5
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["batch_size"] == 5
+    eval_loader = DataLoader(make_regression(20), batch_size=7)
+    trainer = Trainer(make_mlp(), base_config(tmp_path / "b"), train_data=loader, eval_data=eval_loader)
+    assert trainer.config.eval_batch_size == 7
+
+
+def test_an_explicit_batch_size_that_the_loader_contradicts_is_refused(tmp_path):
+    loader = DataLoader(make_regression(50), batch_size=5)
+    with pytest.raises(
+        ConfigError, match=r"batch_size: 64, but the DataLoader passed as train_data has .* 5"
+    ):
+        Trainer(make_mlp(), base_config(tmp_path, batch_size=64), train_data=loader, loss_fn=F.cross_entropy)
+    with pytest.raises(ConfigError, match=r"num_workers: 2, but the DataLoader"):
+        Trainer(make_mlp(), base_config(tmp_path, num_workers=2), train_data=loader, loss_fn=F.cross_entropy)
+
+
+def test_eval_every_without_eval_data_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="eval_every: 5, but the Trainer has no eval_data"):
+        Trainer(
+            make_mlp(),
+            base_config(tmp_path, eval_every=5),
+            train_data=make_regression(),
+            loss_fn=F.cross_entropy,
+        )
+
+
+def _fit(tmp_path, train_data, eval_data=None, **overrides):
+    config = base_config(tmp_path, batch_size=4, **overrides)
+    return Trainer(
+        make_mlp(), config, train_data=train_data, eval_data=eval_data, loss_fn=F.cross_entropy
+    ).fit()
+
+
+def test_a_forward_that_raises_names_step_epoch_batch_and_shapes(tmp_path):
+    inputs, targets = make_regression(12).tensors
+    with pytest.raises(BatchError) as raised:
+        _fit(tmp_path, TensorDataset(inputs.double(), targets))
+    message = str(raised.value)
+    assert message.startswith(
+        "step 1 (epoch 0, micro-batch 0 of the epoch): the forward, loss or backward raised"
+    )
+    assert "inputs float64[4, 6], targets int64[4]" in message
+    assert isinstance(raised.value.__cause__, RuntimeError), "the original error is chained"
+
+
+def test_a_label_out_of_range_names_its_step_and_batch(tmp_path):
+    inputs, targets = make_regression(12).tensors
+    targets = targets.clone()
+    targets[9] = 7  # 3 classes; micro-batch 2 of the (unshuffled by index) epoch holds it somewhere
+    with pytest.raises(BatchError, match=r"step \d \(epoch 0, micro-batch \d of the epoch\).*out of bounds"):
+        _fit(tmp_path, TensorDataset(inputs, targets))
+    with pytest.raises(
+        BatchError, match=r"eval_data: batch 2: the forward, loss or a metric raised .*out of bounds"
+    ):
+        _fit(tmp_path / "eval", make_regression(12), eval_data=TensorDataset(inputs, targets))
+
+
+class Ragged(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int):
+        if index == 5:
+            return torch.zeros(3), None
+        return torch.zeros(6 if index != 6 else 4), 0
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_batch_that_cannot_be_collated_is_named_on_one_line(tmp_path, num_workers):
+    with pytest.raises(BatchError) as raised:
+        _fit(tmp_path, Ragged(), num_workers=num_workers)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith("train_data: micro-batch ")
+    assert "of epoch 0 could not be loaded" in message and "collate_fn" in message
+
+
+def test_cli_bad_labels_end_in_one_line_and_exit_1(tmp_path):
+    (tmp_path / "badlabels.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from steadyfit import Recipe
+
+            def build(config):
+                inputs = torch.randn(16, 6)
+                targets = torch.full((16,), 9)
+                data = torch.utils.data.TensorDataset(inputs, targets)
+                return Recipe(torch.nn.Linear(6, 3), data, loss_fn=torch.nn.functional.cross_entropy)
+            """
+        )
+    )
+    completed = subprocess.run(
+        [sys.executable, "-m", "steadyfit", "fit", "badlabels:build", "max_steps=2", "progress=false"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 1, completed.stderr
+    assert "Traceback" not in completed.stderr
+    lines = [line for line in completed.stderr.splitlines() if line.startswith("steadyfit: error:")]
+    assert len(lines) == 1 and "step 1 (epoch 0, micro-batch 0 of the epoch)" in lines[0]
+    assert "targets int64[" in lines[0]
