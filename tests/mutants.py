@@ -54,6 +54,14 @@ MUTANTS = (
         ("tests/parity/test_accumulation.py",),
     ),
     Mutant(
+        "model-loss-count",
+        "1. exact accumulation: a model's own token-mean loss weighted by samples, not by its tokens",
+        "src/steadyfit/loss.py",
+        "return torch.where(count > 0, loss.float() * count, 0.0), count",
+        "return loss",
+        ("tests/unit/test_hf.py",),
+    ),
+    Mutant(
         "rng-restore",
         "2. exact resume: the RNG streams are not restored",
         "src/steadyfit/components.py",

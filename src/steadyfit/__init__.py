@@ -10,6 +10,7 @@ from steadyfit.checkpoint import CheckpointError, RunLockedError
 from steadyfit.config import ConfigError, TrainConfig
 from steadyfit.data import BatchError
 from steadyfit.guard import NonFiniteError
+from steadyfit.loggers.base import Logger, LoggerProtocol
 from steadyfit.metrics import accuracy
 from steadyfit.recipes import Recipe
 from steadyfit.rng import seed_everything
@@ -25,6 +26,8 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "FitResult",
+    "Logger",
+    "LoggerProtocol",
     "NonFiniteError",
     "Preempted",
     "Recipe",

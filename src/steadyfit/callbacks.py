@@ -1,16 +1,22 @@
-"""User callbacks: eight events, a no-op base class, and dispatch only to callbacks that use an event.
+"""User callbacks: nine events, a no-op base class, and dispatch only to callbacks that use an event.
 
 Where the events fire (see trainer.py for the loop itself)::
 
     on_fit_start
+    [on_log: the start row]
     for each epoch:
         on_epoch_start
         for each optimizer step:            (accumulation, clipping, guard, step: the loop's own)
+            [on_log: the train row]         (at logging steps)
             on_step_end
-            [evaluate -> on_evaluate]       (best tracking, early stopping: the loop's own)
+            [evaluate -> on_log: the eval row -> on_evaluate]   (best tracking, early stopping: the loop's)
             [save -> on_checkpoint_saved]
         on_epoch_end
+    [on_log: the final train and eval rows, then the summary row]
     on_fit_end                              (on_exception instead, if anything raised)
+
+``on_log`` receives every row written to metrics.jsonl, in file order, each diagnostic finding right after
+the row that showed it. It fires where rows are written: on rank 0 only.
 
 A callback stops training with ``trainer.request_stop(reason)`` (or ``state.should_stop = True``); the
 loop stops at the next step boundary, after the step's own evaluation and checkpoint.
@@ -34,6 +40,7 @@ EVENTS = (
     "on_epoch_end",
     "on_fit_end",
     "on_exception",
+    "on_log",
 )
 
 
@@ -70,6 +77,20 @@ class Callback:
 
     def on_exception(self, trainer: Trainer, state: TrainState, exception: BaseException) -> None:
         """When fit() is about to raise."""
+
+    def on_log(self, trainer: Trainer, state: TrainState, row: dict[str, Any]) -> None:
+        """After each row was written to metrics.jsonl (``start``, ``train``, ``eval``, ``diagnostic``,
+        ``summary``), on rank 0 only, with a copy of the row: the file's content before the JSON encoding
+        (a non-finite number is a float here, ``null`` in the file). Rows exist only at logging steps, so
+        this event adds no host-device synchronisation.
+
+        Example:
+            >>> class Losses(Callback):
+            ...     def __init__(self): self.losses = []
+            ...     def on_log(self, trainer, state, row):
+            ...         if row["kind"] == "train":
+            ...             self.losses.append(row["loss"])
+        """
 
 
 class CallbackList:

@@ -5,10 +5,23 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from steadyfit.foreign_names import foreign_name_hint, foreign_value_hint
+from steadyfit.loggers.base import LOGGER_METHODS, LoggerProtocol, missing_methods
 
 
 class ConfigError(ValueError):
@@ -16,6 +29,50 @@ class ConfigError(ValueError):
 
 
 MAX_SEED = 2**32 - 1
+
+# A cadence in optimizer steps (0: off), or "epoch": at the end of every epoch.
+Interval = Annotated[int, Field(ge=0)] | Literal["epoch"]
+# Lightning's batch limits: a whole number of batches, or a fraction of the epoch's batches.
+BatchLimit = Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, le=1)]
+
+LoggerName = Literal["jsonl", "csv", "tensorboard", "mlflow", "wandb"]
+LOGGER_NAMES: tuple[str, ...] = get_args(LoggerName)
+
+
+def _logger_entry(value: Any) -> str | LoggerProtocol:
+    """One ``loggers`` entry: a built-in logger's name or (Python only) an object with the logger methods."""
+    if isinstance(value, str):
+        if value not in LOGGER_NAMES:
+            # Pydantic's own wording for a Literal, so the message reads like every other bad value.
+            allowed = ", ".join(repr(name) for name in LOGGER_NAMES[:-1]) + f" or {LOGGER_NAMES[-1]!r}"
+            raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": allowed})
+        return value
+    missing = missing_methods(value)
+    if missing:
+        raise ValueError(
+            f"{type(value).__name__} is not a logger: it lacks {', '.join(missing)} (a logger object needs "
+            f"{', '.join(LOGGER_METHODS)}; subclass steadyfit.Logger for no-op defaults), or give one of "
+            f"the names {', '.join(LOGGER_NAMES)}"
+        )
+    return value
+
+
+# A logger's name, or an object following steadyfit.loggers.base.LoggerProtocol (config.yaml: its class name).
+LoggerSpec = Annotated[LoggerName | LoggerProtocol, PlainValidator(_logger_entry)]
+
+# What each union-typed field allows, in words. Pydantic reports one error per member of the union
+# ("eval_every.constrained-int: ...; eval_every.literal['epoch']: ..."); a user wants one line per field.
+_UNION_ALLOWED = {
+    "eval_every": "a whole number of steps >= 0 (0: off), 'epoch', or null (every epoch)",
+    "log_every": "a whole number of steps >= 0 (0: off), or 'epoch'",
+    "save_every": "a whole number of steps >= 0 (0: off), or 'epoch'",
+    "limit_train_batches": "a whole number of batches >= 1, a fraction of the batches in (0, 1], or null",
+    "limit_eval_batches": "a whole number of batches >= 1, a fraction of the batches in (0, 1], or null",
+    "overfit_batches": "a whole number of batches >= 1, a fraction of the batches in (0, 1], or 0 (off)",
+    "fast_dev_run": "true, false, or a whole number of batches >= 0",
+    "gradient_checkpointing": "true, false, or a list of module names",
+    "micro_batch_size": "a whole number >= 1, 'auto', or null",
+}
 
 
 class TrainConfig(BaseModel):
@@ -55,10 +112,12 @@ class TrainConfig(BaseModel):
     step_size: int = Field(default=1000, ge=1)
     gamma: float = Field(default=0.1, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    eval_every: int | None = Field(default=None, ge=0)
-    log_every: int = Field(default=10, ge=0)
-    save_every: int = Field(default=0, ge=0)
+    eval_every: Interval | None = None
+    log_every: Interval = 10
+    save_every: Interval = 0
     keep_last: int = Field(default=3, ge=1)
+    keep_best: int = Field(default=1, ge=1)
+    eval_on_start: bool = False
     metric_for_best: str | None = None
     greater_is_better: bool | None = None
     load_best_at_end: bool = False
@@ -68,7 +127,7 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(default=0, ge=0)
     deterministic: bool = False
     compile: bool = False
-    loggers: list[Literal["jsonl", "csv", "tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
+    loggers: list[LoggerSpec] = Field(default_factory=list)
     on_nonfinite: Literal["skip", "raise"] = "skip"
     max_consecutive_skips: int = Field(default=10, ge=1)
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
@@ -80,6 +139,60 @@ class TrainConfig(BaseModel):
     stop_on: list[str] = Field(default_factory=list)
     diagnostic_thresholds: dict[str, float] = Field(default_factory=dict)
     micro_batch_size: int | Literal["auto"] | None = None
+    gradient_checkpointing: bool | list[str] = False
+    fast_dev_run: bool | Annotated[int, Field(ge=0)] = False
+    limit_train_batches: BatchLimit | None = None
+    limit_eval_batches: BatchLimit | None = None
+    overfit_batches: BatchLimit | Literal[0] = 0
+
+    if not TYPE_CHECKING:
+        # Hidden from type checkers, which keep the field-by-field signature pydantic gives them.
+        def __init__(self, **values: Any) -> None:
+            try:
+                super().__init__(**values)
+            except ValidationError as exc:
+                raise ConfigError(_describe_validation_error(exc)) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # validate_assignment: `config.lr = -1` fails like `TrainConfig(lr=-1)`, with the same ConfigError.
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise ConfigError(_describe_validation_error(exc)) from None
+
+    @classmethod
+    def from_hf(cls, args: Any, **overrides: Any) -> TrainConfig:
+        """The config of a Hugging Face ``TrainingArguments`` (or of its ``to_dict()``), field by field.
+
+        Every setting steadyfit has is translated, Hugging Face defaults included (its lr 5e-5, batch 8,
+        linear schedule, ``max_grad_norm`` 1.0, saving every 500 steps...), so the run trains as the Hugging
+        Face Trainer would. docs/migrating.md lists the translations.
+
+        Args:
+            args: a ``transformers.TrainingArguments``, or the dict of its ``to_dict()``.
+            **overrides: TrainConfig fields that replace the translated values.
+
+        Returns:
+            The TrainConfig.
+
+        Raises:
+            ConfigError: (a ValueError) listing, in one message, every setting that differs from the
+                ``TrainingArguments`` default and that steadyfit cannot honour (a fractional
+                ``num_train_epochs``, ``tf32``, ``fsdp``, ...); or when transformers is missing
+                (``pip install 'steadyfit[hf]'``); or for an invalid override.
+            TypeError: ``args`` is neither a ``TrainingArguments`` nor a mapping.
+
+        Example:
+            >>> from transformers import TrainingArguments  # doctest: +SKIP
+            >>> args = TrainingArguments(output_dir="out", learning_rate=3e-4, bf16=True)  # doctest: +SKIP
+            >>> config = TrainConfig.from_hf(args, max_steps=1000)  # doctest: +SKIP
+            >>> config.lr, config.precision, config.run_dir  # doctest: +SKIP
+            (0.0003, 'bf16', 'out')
+        """
+        # Imported here: hf_arguments builds on this module.
+        from steadyfit.hf_arguments import config_values_from_hf
+
+        return cls(**{**config_values_from_hf(args), **overrides})
 
     @field_validator("run_dir")
     @classmethod
@@ -103,6 +216,11 @@ class TrainConfig(BaseModel):
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
+
+    @field_serializer("loggers", when_used="json")
+    def _logger_names(self, loggers: list[str | LoggerProtocol]) -> list[str]:
+        # config.yaml and logger params stay plain data: a logger object is recorded by its class name.
+        return [logger if isinstance(logger, str) else type(logger).__name__ for logger in loggers]
 
     @field_validator("betas")
     @classmethod
@@ -143,24 +261,51 @@ class TrainConfig(BaseModel):
         return self.eval_batch_size or self.batch_size
 
     def to_yaml_dict(self) -> dict[str, Any]:
-        """Plain data for config.yaml (tuples as lists)."""
+        """Plain data for config.yaml (tuples as lists, logger objects by their class names)."""
         return self.model_dump(mode="json")
 
 
-def _describe_error(error: dict[str, Any]) -> str:
+def _describe_validation_error(error: ValidationError) -> str:
+    """One line naming each bad field and what it allows: the message of every config ConfigError."""
+    described: list[str] = []
+    collapsed: set[str] = set()
+    for detail in error.errors():
+        field = str(detail["loc"][0]) if detail["loc"] else ""
+        if field in _UNION_ALLOWED and len(detail["loc"]) > 1:
+            # A union member's error: the first one stands for the field (its input is the whole value).
+            if field not in collapsed:
+                collapsed.add(field)
+                described.append(f"{field}: got {detail['input']!r}; allowed: {_UNION_ALLOWED[field]}")
+            continue
+        described.append(_describe_error(detail))
+    return "invalid config: " + "; ".join(described)
+
+
+def _describe_error(error: ErrorDetails) -> str:
     field = ".".join(str(part) for part in error["loc"]) or "config"
     kind = error["type"]
-    if kind == "extra_forbidden":
-        close = _closest_field(field)
-        hint = f" (did you mean '{close}'?)" if close else ""
-        return f"{field}: unknown field{hint}; allowed fields: {', '.join(TrainConfig.model_fields)}"
+    if kind in ("extra_forbidden", "no_such_attribute"):
+        return _describe_unknown_field(field)
     message = error["msg"].removeprefix("Value error, ")
     if kind == "literal_error":
         expected = error.get("ctx", {}).get("expected", "")
-        return f"{field}: got {error.get('input')!r}; allowed values: {expected}"
-    if field == "config":
+        message = f"{field}: got {error.get('input')!r}; allowed values: {expected}"
+    elif field == "config":
         return message
-    return f"{field}: {message} (got {error.get('input')!r})"
+    else:
+        message = f"{field}: {message} (got {error.get('input')!r})"
+    hint = foreign_value_hint(field, error.get("input"))
+    return f"{message}; {hint}" if hint else message
+
+
+def _describe_unknown_field(name: str) -> str:
+    # Another trainer's name first: difflib would offer our distributed `strategy` for `save_strategy`.
+    hint = foreign_name_hint(name)
+    if hint:
+        return f"{name}: unknown field; {hint}"
+    close = _closest_field(name)
+    suggestion = f" (did you mean '{close}'?)" if close else ""
+    return f"{name}: unknown field{suggestion}; allowed fields: {', '.join(TrainConfig.model_fields)}"
 
 
 def _closest_field(name: str) -> str | None:
@@ -177,12 +322,10 @@ def make_config(values: dict[str, Any]) -> TrainConfig:
         ConfigError: naming each bad field and what it allows.
     """
     try:
-        config = TrainConfig(**values)
-    except ValidationError as exc:
-        raise ConfigError("invalid config: " + "; ".join(_describe_error(e) for e in exc.errors())) from None
+        return TrainConfig(**values)
     except TypeError as exc:
+        # A key that is not a string (`1: 3` in a YAML file) never reaches validation.
         raise ConfigError(f"invalid config: {exc}") from None
-    return config
 
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

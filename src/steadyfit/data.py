@@ -185,6 +185,8 @@ class LoaderSpec:
     collate_fn: Callable[..., Any] | None = None
     rank: int = 0
     world_size: int = 1
+    # False under overfit_batches: every epoch trains on the same first batches.
+    shuffle: bool = True
 
     @classmethod
     def of(
@@ -205,6 +207,7 @@ class LoaderSpec:
             collate_fn=collate_fn,
             rank=rank,
             world_size=world_size,
+            shuffle=not config.overfit_batches,
         )
 
 
@@ -341,6 +344,24 @@ def loader_settings(
     return wanted
 
 
+def check_overfit_loader(config: Any, train_data: Any) -> None:
+    """``overfit_batches`` trains on the same first batches every epoch: a user DataLoader that shuffles
+    would give other ones each epoch (Lightning swaps its sampler; we do not touch a user's loader).
+
+    Raises:
+        ConfigError: naming the field and the two ways out.
+    """
+    if not config.overfit_batches or not isinstance(train_data, DataLoader):
+        return
+    sampler = train_data.sampler
+    if isinstance(sampler, torch.utils.data.RandomSampler) or getattr(sampler, "shuffle", False):
+        raise ConfigError(
+            "overfit_batches: the DataLoader passed as train_data shuffles, so its first batches change "
+            "every epoch; pass the dataset itself (steadyfit then keeps its order) or a DataLoader with "
+            "shuffle=False"
+        )
+
+
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     """Tell a user DataLoader's sampler and batch sampler the epoch (``DistributedSampler.set_epoch``), as the
     Hugging Face Trainer and Lightning do: their order is then a function of (their seed, epoch), so every
@@ -376,7 +397,7 @@ def train_batches(data: Any, spec: LoaderSpec, epoch: int, start_batch: int) -> 
         spec.batch_size,
         seed=spec.seed,
         epoch=epoch,
-        shuffle=True,
+        shuffle=spec.shuffle,
         start_batch=start_batch,
         rank=spec.rank,
         world_size=spec.world_size,

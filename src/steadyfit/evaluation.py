@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -25,11 +26,19 @@ def check_eval_settings(config: TrainConfig, eval_data: Any) -> None:
         ...
         steadyfit.config.ConfigError: eval_every: 100, but the Trainer has no eval_data; ...
     """
-    if eval_data is None and config.eval_every:
+    if eval_data is not None:
+        return
+    if config.eval_every:
         raise ConfigError(
             f"eval_every: {config.eval_every}, but the Trainer has no eval_data; pass eval_data=... or set "
             "eval_every=0"
         )
+    for name in ("eval_on_start", "limit_eval_batches"):
+        if getattr(config, name):
+            raise ConfigError(
+                f"{name}: {getattr(config, name)}, but the Trainer has no eval_data; pass eval_data=... or "
+                f"leave {name} out"
+            )
 
 
 def evaluate_model(
@@ -40,11 +49,15 @@ def evaluate_model(
     spec: data_mod.LoaderSpec,
     precision: Precision,
     dist: Distributed,
+    max_batches: int | None = None,
 ) -> dict[str, float]:
-    """``eval_loss`` and ``eval_<metric>`` as exact per-sample (per-token) means over all of ``data``.
+    """``eval_loss`` and ``eval_<metric>`` as exact per-sample (per-token) means over all of ``data`` (its
+    first ``max_batches`` batches when set: ``limit_eval_batches``).
 
-    ``loss_fn`` follows the Trainer's contract (None: the model's own ``outputs.loss``). Under several
-    ranks each rank evaluates its strided share and the sums and counts are reduced once.
+    ``loss_fn`` follows the Trainer's contract (a :class:`~steadyfit.loss.ModelLoss`: the model's own
+    ``outputs.loss``, summed over tokens where the model averaged over tokens). Metrics receive the logits
+    of a model output that has them. Under several ranks each rank evaluates its strided share and the sums
+    and counts are reduced once.
     """
     device = precision.device
     non_blocking = device.type == "cuda"
@@ -54,6 +67,8 @@ def evaluate_model(
     try:
         with torch.no_grad():
             batches = data_mod.loading_errors_named(data_mod.eval_batches(data, spec), "eval_data")
+            # Batch i of every rank is its share of global batch i: a limit keeps the same samples on each.
+            batches = itertools.islice(batches, max_batches)
             for index, batch in enumerate(batches):
                 batch = data_mod.move_to(batch, device, non_blocking)
                 num_samples = dist.samples_in(data, batch, index, spec.eval_batch_size)
@@ -79,7 +94,7 @@ def evaluate_model(
 
 
 def predict(model: torch.nn.Module, data: Any, spec: data_mod.LoaderSpec, precision: Precision) -> Any:
-    """The model's outputs over all of ``data`` in order; tensors are concatenated along the batch."""
+    """The model's outputs over all of ``data`` in order, as one output: see :func:`concatenate_outputs`."""
     device = precision.device
     whole = dataclasses.replace(spec, rank=0, world_size=1)
     outputs: list[Any] = []
@@ -94,6 +109,51 @@ def predict(model: torch.nn.Module, data: Any, spec: data_mod.LoaderSpec, precis
                     outputs.append(model(**inputs) if isinstance(inputs, dict) else model(inputs))
     finally:
         model.train(was_training)
-    if outputs and all(isinstance(out, torch.Tensor) for out in outputs):
-        return torch.cat(outputs)
-    return outputs
+    return concatenate_outputs(outputs)
+
+
+def concatenate_outputs(batches: list[Any]) -> Any:
+    """One output for all ``batches``: every per-sample tensor concatenated along the batch dimension.
+
+    A tensor output gives one tensor; a ``ModelOutput`` (or a dict) gives one of the same class whose
+    tensor fields have a row per sample, tuple fields (``hidden_states``, ``attentions``) concatenated
+    element by element. Values that are not per sample are left out: 0-dim tensors (a batch's mean
+    ``loss``) and what is not a tensor (a generation cache); in a tuple their place holds None. Outputs of
+    any other kind come back as the list of per-batch outputs.
+
+    Raises:
+        ValueError: a per-sample tensor whose shape beyond the batch dimension differs between batches
+            (ragged padding, e.g. ``PadToLongest``): pad every batch to one length to predict at once.
+
+    Example:
+        >>> out = concatenate_outputs([{"loss": torch.tensor(0.5), "logits": torch.ones(2, 3)}] * 2)
+        >>> sorted(out), out["logits"].shape
+        (['logits'], torch.Size([4, 3]))
+    """
+    joined = _joined(batches, "outputs")
+    return batches if joined is _LEFT_OUT else joined
+
+
+_LEFT_OUT = object()  # a value with no row per sample: not part of the concatenated output
+
+
+def _joined(values: list[Any], name: str) -> Any:
+    first = values[0] if values else None
+    if isinstance(first, torch.Tensor) and first.dim() > 0:
+        shapes = {tuple(value.shape[1:]) for value in values}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"predict: {name} has shapes {sorted(shapes)} beyond the batch dimension in different "
+                "batches, so they cannot be concatenated; pad every batch to the same length (a "
+                "collate_fn with a fixed length) or call the model on each batch yourself"
+            )
+        return torch.cat(values)
+    if isinstance(first, Mapping):
+        fields = {key: _joined([value[key] for value in values], f"{name}.{key}") for key in first}
+        return type(first)(**{key: value for key, value in fields.items() if value is not _LEFT_OUT})
+    if isinstance(first, tuple):
+        elements = [_joined([value[i] for value in values], f"{name}[{i}]") for i in range(len(first))]
+        if all(element is _LEFT_OUT for element in elements):
+            return _LEFT_OUT
+        return tuple(None if element is _LEFT_OUT else element for element in elements)
+    return _LEFT_OUT

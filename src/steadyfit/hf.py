@@ -1,23 +1,92 @@
-"""Hugging Face helpers: a token-level causal-LM loss with the ``(sum, count)`` contract, and a padding
+"""Hugging Face helpers: which units a ``transformers`` model's own loss averages over, the logits a metric
+receives from a model output, a token-level causal-LM loss with the ``(sum, count)`` contract, and a padding
 collator for ragged token sequences that needs no tokenizer.
 
-The Trainer itself needs nothing from here to train a ``transformers`` model: dict batches call
-``model(**batch)`` and, without a ``loss_fn``, use ``outputs.loss``. That loss is a mean over the tokens of
-one micro-batch, so under gradient accumulation (or several ranks) micro-batches with different token counts
-are weighted by their sample counts instead. :func:`causal_lm_loss` returns the sum and the token count, so
-the window is normalised by its total token count: accumulation is exact over tokens.
+The Trainer needs nothing from here to train a ``transformers`` model: dict batches call ``model(**batch)``
+and, without a ``loss_fn``, the model's own ``outputs.loss`` is made exact over the window's tokens with
+:func:`model_loss_kind` (see ``steadyfit.loss.ModelLoss``). :func:`causal_lm_loss` is the explicit
+``(sum, count)`` form, for models whose own loss cannot be made exact.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.nn import functional
 
 IGNORE_INDEX = -100
 """Label value that takes no part in the loss (the convention of ``transformers`` and ``cross_entropy``)."""
+
+LossKind = Literal["next_token", "token", "sample", "unknown"]
+"""What a model's own mean loss averages over: labels after a shift by one (causal LMs), labels (masked LM,
+token classification), samples (sequence classification and the like), or something steadyfit cannot tell."""
+
+# transformers' loss functions (transformers/loss/loss_utils.py), by name: no import of transformers needed.
+_LOSS_FUNCTION_KINDS: dict[str, LossKind] = {
+    "ForCausalLMLoss": "next_token",  # also the loss of "ForConditionalGeneration" models that call it
+    "ForMaskedLMLoss": "token",
+    "ForTokenClassification": "token",
+    "ForSequenceClassificationLoss": "sample",
+    "ForQuestionAnsweringLoss": "sample",
+}
+# A model's ``loss_type`` (from its class name) when its forward computes the loss itself. Not
+# "ForConditionalGeneration": T5 and BART average over unshifted labels, LLaVA-like models over shifted ones.
+_LOSS_TYPE_KINDS: dict[str, LossKind] = {
+    "ForCausalLM": "next_token",
+    "ForMaskedLM": "token",
+    "ForTokenClassification": "token",
+    "ForSequenceClassification": "sample",
+    "ForImageClassification": "sample",
+    "ForVideoClassification": "sample",
+    "ForAudioClassification": "sample",
+    "ForQuestionAnswering": "sample",
+}
+
+
+def model_loss_kind(model: torch.nn.Module) -> LossKind:
+    """What the mean ``outputs.loss`` of ``model`` averages over, read from the (unwrapped) model once.
+
+    A ``transformers`` model whose ``forward`` calls ``self.loss_function`` (GPT-2, Llama, BERT's LM head,
+    ...) averages the way that function does: ``ForCausalLMLoss`` over ``labels`` shifted by one (or a
+    ``shift_labels`` batch key), ``ForMaskedLMLoss`` and ``ForTokenClassification`` over ``labels != -100``,
+    the classification losses over samples; a model with ``loss_type=None`` gets ``ForCausalLMLoss``, as
+    transformers gives it. A model that computes its loss in its own code is known by its ``loss_type``
+    (``ForMaskedLM``, ``ForTokenClassification``, ``ForCausalLM``, ``For*Classification``,
+    ``ForQuestionAnswering``). Anything else (a plain ``nn.Module``, a custom ``loss_function``, T5's
+    ``ForConditionalGeneration``) is ``"unknown"``.
+
+    Args:
+        model: the model before any DDP / FSDP / ``torch.compile`` wrapping.
+
+    Returns:
+        ``"next_token"``, ``"token"``, ``"sample"`` or ``"unknown"``.
+
+    Example:
+        >>> model_loss_kind(torch.nn.Linear(2, 2))
+        'unknown'
+    """
+    model = getattr(model, "_orig_mod", model)  # a model the user compiled: its kind is its original's
+    if _calls_loss_function(model):
+        function = model.loss_function
+        if getattr(function, "__module__", "") == "transformers.loss.loss_utils":
+            return _LOSS_FUNCTION_KINDS.get(function.__name__, "unknown")
+        return "unknown"  # a loss_function the user set: steadyfit cannot tell what it averages over
+    return _LOSS_TYPE_KINDS.get(getattr(model, "loss_type", None) or "", "unknown")
+
+
+def _calls_loss_function(model: torch.nn.Module) -> bool:
+    """Whether ``model.forward``'s code calls ``self.loss_function`` (transformers' shared losses)."""
+    if not isinstance(getattr(type(model), "loss_function", None), property):
+        return False
+    try:
+        # Reads the model's source file: once, when the Trainer is built.
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return False
+    return "self.loss_function(" in source
 
 
 def causal_lm_loss(outputs: Any, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,12 +129,24 @@ def causal_lm_loss(outputs: Any, labels: torch.Tensor) -> tuple[torch.Tensor, to
     return total, count
 
 
-def _logits_of(outputs: Any) -> torch.Tensor:
-    if isinstance(outputs, torch.Tensor):
-        return outputs
+def predictions_of(outputs: Any) -> Any:
+    """What a metric receives from a model's outputs: the ``logits`` of a Hugging Face ``ModelOutput`` (or of
+    a dict with a ``"logits"`` key), otherwise the outputs unchanged.
+
+    Example:
+        >>> predictions_of({"loss": torch.tensor(0.3), "logits": torch.ones(2, 3)}).shape
+        torch.Size([2, 3])
+        >>> predictions_of(torch.zeros(4)).shape
+        torch.Size([4])
+    """
     logits = getattr(outputs, "logits", None)
     if logits is None and isinstance(outputs, Mapping):
         logits = outputs.get("logits")
+    return logits if isinstance(logits, torch.Tensor) else outputs
+
+
+def _logits_of(outputs: Any) -> torch.Tensor:
+    logits = predictions_of(outputs)
     if not isinstance(logits, torch.Tensor):
         raise ValueError(
             f"causal_lm_loss: the model output ({type(outputs).__name__}) has no `logits` tensor; "

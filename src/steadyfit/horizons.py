@@ -65,6 +65,8 @@ def compute_horizons(config: TrainConfig, train_data: Any, world_size: int = 1) 
         ConfigError: the data has no length and ``max_steps`` is not set, or the training set is empty.
     """
     batches = batches_per_epoch(train_data, config.batch_size, world_size)
+    limit_field = "overfit_batches" if config.overfit_batches else "limit_train_batches"
+    batches = limit_batches(train_batch_limit(config), batches, limit_field)
     if batches is None:
         if config.max_steps is None:
             raise ConfigError(
@@ -120,3 +122,64 @@ def steps_from_ratio(ratio: float, total_steps: int) -> int:
         (10, 1)
     """
     return math.ceil(Fraction(repr(ratio)) * total_steps)
+
+
+def train_batch_limit(config: TrainConfig) -> int | float | None:
+    """The cap on an epoch's micro-batches: ``overfit_batches`` or ``limit_train_batches`` (None: none).
+
+    Raises:
+        ConfigError: both are set.
+    """
+    if config.overfit_batches and config.limit_train_batches is not None:
+        raise ConfigError(
+            "overfit_batches / limit_train_batches: set one of them (overfit_batches already limits the "
+            "training batches)"
+        )
+    return config.overfit_batches or config.limit_train_batches
+
+
+def limit_batches(limit: int | float | None, batches: int | None, field: str) -> int | None:
+    """Lightning's batch limit applied to an epoch of ``batches`` micro-batches (None: unknown length).
+
+    A whole number caps the count; a fraction keeps that share of the epoch, rounded down.
+
+    Raises:
+        ConfigError: a fraction of data without a length, or one that keeps no batch.
+
+    Example:
+        >>> limit_batches(0.25, 10, "limit_train_batches"), limit_batches(3, 10, "limit_train_batches")
+        (2, 3)
+    """
+    if limit is None:
+        return batches
+    if isinstance(limit, int):
+        return limit if batches is None else min(limit, batches)
+    if batches is None:
+        raise ConfigError(f"{field}: a fraction ({limit}) needs data with a length; give a number of batches")
+    kept = int(limit * batches)
+    if kept == 0:
+        raise ConfigError(
+            f"{field}: {limit} of {batches} batches keeps none; give a larger fraction or a number of batches"
+        )
+    return kept
+
+
+def fast_dev_run_settings(config: TrainConfig) -> dict[str, Any]:
+    """The config fields a ``fast_dev_run`` replaces (Lightning's meaning): N training batches (1 for
+    ``true``) and N eval batches in one epoch, no extra loggers. Empty when it is off.
+
+    Example:
+        >>> fast_dev_run_settings(TrainConfig(fast_dev_run=True))["limit_train_batches"]
+        1
+    """
+    if not config.fast_dev_run:
+        return {}
+    batches = 1 if config.fast_dev_run is True else int(config.fast_dev_run)
+    return {
+        "limit_train_batches": batches,
+        "limit_eval_batches": batches,
+        "overfit_batches": 0,
+        "max_epochs": 1,
+        "max_steps": None,
+        "loggers": [],
+    }

@@ -44,6 +44,8 @@ TRAJECTORY_FIELDS = (
     "precision",
     "ema_decay",
     "micro_batch_size",
+    "limit_train_batches",
+    "overfit_batches",
 )
 
 # The fields a rerun may change and still continue the same experiment: how long, how often, where to
@@ -77,6 +79,11 @@ MAY_CHANGE_ON_RESUME = (
     "diagnostics",
     "stop_on",
     "diagnostic_thresholds",
+    "keep_best",
+    "eval_on_start",
+    "fast_dev_run",
+    "limit_eval_batches",
+    "gradient_checkpointing",
 )
 
 

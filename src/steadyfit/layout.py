@@ -3,7 +3,7 @@
 A run directory::
 
     RUN_DIR/config.yaml                 the resolved config, written first
-    RUN_DIR/metrics.jsonl               one JSON row a line (train, eval, diagnostic, summary)
+    RUN_DIR/metrics.jsonl               one JSON row a line (start, train, eval, diagnostic, summary)
     RUN_DIR/.lock                       held while a run (or lr-find) writes here
     RUN_DIR/checkpoints/step-00000100/  one committed checkpoint (model, state, manifest)
     RUN_DIR/final/model.safetensors     the weights at the end (and ema.safetensors with ema_decay)

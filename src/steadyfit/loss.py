@@ -1,5 +1,6 @@
 """The loss contract: a loss returns a scalar mean or a ``(sum, count)`` pair; here both become a sum and a
-count, so a window of micro-batches (and, later, of ranks) is normalised by its total count."""
+count, so a window of micro-batches (and, later, of ranks) is normalised by its total count. A model's own
+``outputs.loss`` (``loss_fn=None``) joins the contract through :class:`ModelLoss`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 
 from steadyfit.config import ConfigError
+from steadyfit.hf import IGNORE_INDEX, LossKind, model_loss_kind
 
 
 class LossContractError(TypeError):
@@ -60,14 +62,83 @@ def model_loss(outputs: Any) -> torch.Tensor:
     return loss
 
 
+class ModelLoss:
+    """The model's own mean ``outputs.loss`` as ``(mean * count, count)`` over the units it averaged.
+
+    The Trainer builds one when ``loss_fn`` is None. For a model whose loss averages over tokens
+    (:func:`~steadyfit.hf.model_loss_kind` says which), the count is the number of labels the loss used
+    (``labels[..., 1:] != -100`` for a causal LM, ``labels != -100`` for a masked LM or token classifier), so
+    the window, and the ranks, are normalised by their total token count: guarantee 1 over tokens. A loss
+    averaged over samples stays a mean, weighted by samples, which is exact for it. For a model of unknown
+    kind given labels with several values per sample, steadyfit cannot know what its mean counted: the
+    mean is weighted by samples and a one-time warning names the model and the fix.
+
+    Args:
+        kind: what the model's loss averages over.
+        model_name: the model's class name, for the warning.
+        warn: where the one-time warning goes (None: nowhere, e.g. on ranks other than 0).
+
+    Example:
+        >>> loss = ModelLoss("token", "BertForMaskedLM")
+        >>> outputs = {"loss": torch.tensor(0.5)}
+        >>> total, count = loss(outputs, {"labels": torch.tensor([[3, -100, 4], [-100, -100, 5]])})
+        >>> float(total), int(count)
+        (1.5, 3)
+    """
+
+    def __init__(self, kind: LossKind, model_name: str, warn: Callable[[str], None] | None = None) -> None:
+        self.kind = kind
+        self.model_name = model_name
+        self.warn = warn
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, warn: Callable[[str], None] | None = None) -> ModelLoss:
+        """The model's kind, read once from the model before it is wrapped (DDP, FSDP, torch.compile).
+
+        Example:
+            >>> ModelLoss.of(torch.nn.Linear(2, 2)).kind
+            'unknown'
+        """
+        return cls(model_loss_kind(model), type(getattr(model, "_orig_mod", model)).__name__, warn)
+
+    def __call__(self, outputs: Any, batch: dict[str, Any]) -> Any:
+        """``(sum, count)`` for a model whose loss averages over tokens; otherwise its mean."""
+        loss = model_loss(outputs)
+        labels = batch.get("labels")
+        if self.kind == "next_token":
+            shifted = batch.get("shift_labels")
+            # The count stays on the device: no host read (the window's division happens there too).
+            count = (shifted if shifted is not None else labels[..., 1:]).ne(IGNORE_INDEX).sum()
+        elif self.kind == "token":
+            count = labels.ne(IGNORE_INDEX).sum()
+        else:
+            if self.kind == "unknown" and self.warn is not None and _has_token_labels(labels):
+                self.warn(
+                    f"{self.model_name} computes its own loss over several labels per sample, and steadyfit "
+                    "cannot tell which of them it averaged over: its mean is weighted by samples, so "
+                    "accumulation, several ranks and eval_loss are not exact over tokens. Pass a loss_fn "
+                    "returning (sum, count), e.g. loss_fn=steadyfit.hf.causal_lm_loss for a causal LM"
+                )
+                self.warn = None  # once per Trainer
+            return loss
+        # mean * count is the sum the mean came from (float32 rounding; a mean has no more digits). With no
+        # label to predict the model's mean is 0/0 = NaN: that micro-batch adds nothing, as a sum would.
+        return torch.where(count > 0, loss.float() * count, 0.0), count
+
+
+def _has_token_labels(labels: Any) -> bool:
+    return isinstance(labels, torch.Tensor) and labels.dim() >= 2 and labels[0].numel() > 1
+
+
 def forward_batch(
     model: Callable[..., Any], batch: Any, loss_fn: Callable[..., Any] | None
 ) -> tuple[Any, Any, Any]:
     """Run the model on one batch; returns ``(outputs, loss value, targets)``.
 
-    A dict batch is passed as keyword arguments (``labels`` are the targets) and, without ``loss_fn``, the
-    model's own ``outputs.loss`` is the loss; an ``(inputs, targets)`` pair gives
-    ``loss_fn(model(inputs), targets)``.
+    A dict batch is passed as keyword arguments (``labels`` are the targets) and, with a
+    :class:`ModelLoss` (the Trainer's ``loss_fn=None``), the model's own ``outputs.loss`` is the loss, as
+    ``(sum, count)`` where the model averaged over tokens; None takes ``outputs.loss`` as a plain mean. An
+    ``(inputs, targets)`` pair gives ``loss_fn(model(inputs), targets)``.
 
     Raises:
         ValueError: a batch that is neither a pair nor a dict.
@@ -85,6 +156,8 @@ def forward_batch(
         targets = batch.get("labels")
         if loss_fn is None:
             return outputs, model_loss(outputs), targets
+        if isinstance(loss_fn, ModelLoss):
+            return outputs, loss_fn(outputs, batch), targets
         return outputs, loss_fn(outputs, targets if targets is not None else batch), targets
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise ValueError(
@@ -93,7 +166,7 @@ def forward_batch(
             + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
         )
     inputs, targets = batch
-    if loss_fn is None:
+    if loss_fn is None or isinstance(loss_fn, ModelLoss):
         raise ConfigError("loss_fn: (inputs, targets) batches need a loss_fn, e.g. F.cross_entropy")
     outputs = model(inputs)
     return outputs, loss_fn(outputs, targets), targets

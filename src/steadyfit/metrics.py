@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from steadyfit.hf import predictions_of
 from steadyfit.loss import as_sum_and_count
 
 
@@ -49,6 +50,7 @@ class MetricAccumulator:
         self.counts[0] += count
 
     def add_batch(self, outputs: Any, targets: Any, num_samples: int) -> None:
+        outputs = predictions_of(outputs)  # a ModelOutput's logits
         for position, (name, fn) in enumerate(self.functions.items(), start=1):
             total, count, _ = as_sum_and_count(fn(outputs, targets), num_samples, name=f"metric {name!r}")
             self.sums[position] += total.detach().to(torch.float64)

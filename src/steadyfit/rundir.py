@@ -19,8 +19,9 @@ from steadyfit.checkpoint import CheckpointError, CheckpointStore, RunLock, RunL
 from steadyfit.checkpoint.atomic import replace_file
 from steadyfit.checkpoint.payload import prepare_tensors
 from steadyfit.config import ConfigError
+from steadyfit.console import warn
 from steadyfit.layout import CONFIG_FILE, FINAL_DIR, FINAL_EMA_FILE, FINAL_MODEL_FILE
-from steadyfit.loggers.base import Logger, LoggerError
+from steadyfit.loggers.base import LoggerError, LoggerProtocol
 from steadyfit.loggers.jsonl import JsonlLogger, truncate_history, truncate_rows
 from steadyfit.loggers.registry import build_loggers
 
@@ -47,7 +48,7 @@ class RunDirectory:
         dist: the process group; rank 0 writes.
         config_yaml: the resolved config (secrets removed), as written to config.yaml.
         config_dict: the same as plain data, for the loggers' parameters.
-        logger_names: ``TrainConfig.loggers`` (metrics.jsonl is always written).
+        logger_specs: ``TrainConfig.loggers``, names and logger objects (metrics.jsonl is always written).
 
     Example:
         >>> import tempfile
@@ -67,15 +68,15 @@ class RunDirectory:
         dist: Distributed,
         config_yaml: bytes,
         config_dict: dict[str, Any],
-        logger_names: list[str],
+        logger_specs: list[str | LoggerProtocol],
     ) -> None:
         self.path = Path(path)
         self.dist = dist
         self.config_yaml = config_yaml
         self.config_dict = config_dict
-        self.logger_names = logger_names
+        self.logger_specs = logger_specs
         self.lock = RunLock(self.path)
-        self.loggers: list[Logger] = []
+        self.loggers: list[LoggerProtocol] = []
         self.rows = 0
         self._restored: dict[str, int] | None = None
         self.started = time.perf_counter()
@@ -121,19 +122,33 @@ class RunDirectory:
         replace_file(self.path / CONFIG_FILE, self.config_yaml)
         self.loggers = [
             JsonlLogger(self.path),
-            *build_loggers(self.logger_names, str(self.path), self.config_dict),
+            *build_loggers(self.logger_specs, str(self.path), self.config_dict),
         ]
         for logger in self.loggers:
-            logger.log_params(self.config_dict)
+            try:
+                logger.log_params(self.config_dict)
+            except (ConfigError, LoggerError):
+                raise
+            except Exception as exc:
+                # A user's logger object: as a LoggerError it reaches every rank (none waits forever).
+                raise LoggerError(f"logger {type(logger).__name__}: log_params raised {exc!r}") from exc
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if not self.dist.is_main:
             return
+        failures = []
         try:
-            for logger in self.loggers:
-                logger.close()
+            for logger in self.loggers:  # every logger gets its close, whatever another one raised
+                try:
+                    logger.close()
+                except Exception as error:
+                    failures.append(error)
         finally:
             self.lock.__exit__(exc_type, exc, tb)
+        if failures and exc_type is None:
+            raise LoggerError(f"closing a logger failed: {failures[0]!r}") from failures[0]
+        for failure in failures:  # the run's own error is the news; these only add to it
+            warn(f"closing a logger failed too: {failure!r}")
 
     # ------------------------------------------------------------------------------------ metrics
     def log(self, row: dict[str, Any]) -> None:
@@ -143,7 +158,7 @@ class RunDirectory:
         for logger in self.loggers:
             logger.log_row(row)
 
-    def add_logger(self, logger: Logger) -> None:
+    def add_logger(self, logger: LoggerProtocol) -> None:
         """A logger of the caller's that receives every later row, on the rank that adds it."""
         self.loggers.append(logger)
 

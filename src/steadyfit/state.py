@@ -23,6 +23,8 @@ class TrainState:
     best_metric: float | None = None
     best_step: int | None = None
     best_checkpoint: str | None = None
+    # The evaluations whose checkpoints rotation keeps (keep_best): [step, metric] pairs, the best first.
+    kept_best: list[list[Any]] = field(default_factory=list)
     evals_without_improvement: int = 0
     nonfinite_skips: int = 0
     consecutive_skips: int = 0
@@ -90,6 +92,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "best_metric": (int, float, type(None)),
     "best_step": (int, type(None)),
     "best_checkpoint": (str, type(None)),
+    "kept_best": (list,),
     "evals_without_improvement": _COUNT,
     "nonfinite_skips": _COUNT,
     "consecutive_skips": _COUNT,

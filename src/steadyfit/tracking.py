@@ -74,6 +74,33 @@ class BestTracker:
                 )
         return improved
 
+    def keep(self, state: TrainState, metrics: dict[str, float], keep_best: int) -> bool:
+        """Record this evaluation among the ``keep_best`` whose checkpoints are kept; returns whether it is
+        one of them. The best (as :meth:`update` judged it, threshold included) is always kept, the others
+        are the next best values. Call after :meth:`update`.
+
+        Example:
+            >>> tracker, state = BestTracker("eval_loss", None, None, 0.0), TrainState()
+            >>> for state.step, loss in ((1, 0.5), (2, 0.9), (3, 0.7)):
+            ...     _ = tracker.update(state, {"eval_loss": loss})
+            ...     _ = tracker.keep(state, {"eval_loss": loss}, keep_best=2)
+            >>> state.kept_best
+            [[1, 0.5], [3, 0.7]]
+        """
+        candidates = {step: value for step, value in state.kept_best}
+        value = float(metrics[self.metric])
+        if not math.isnan(value):
+            candidates[state.step] = value
+        best = state.best_step
+        others = sorted(
+            (step for step in candidates if step != best),
+            key=lambda step: candidates[step],
+            reverse=self.greater_is_better,
+        )
+        kept = ([best] if best in candidates else []) + others[: keep_best - 1]
+        state.kept_best = [[step, candidates[step]] for step in kept]
+        return state.step in kept
+
 
 def build_tracker(config: TrainConfig, metrics: dict[str, Any], has_eval_data: bool) -> BestTracker | None:
     """The run's tracker of ``metric_for_best`` (``eval_loss`` by default); None without eval data.

@@ -5,6 +5,7 @@ One run, as fit() runs it::
     fit()
       restore every component from the newest checkpoint that restores (or start fresh)
       on_fit_start
+      start row: the start-up summary (one console line, metrics.jsonl, loggers, on_log)
       for epoch:
         on_epoch_start
         for window of grad_accum_steps micro-batches:       # fetched whole: sample counts known up front
@@ -31,10 +32,14 @@ does at a boundary, its state describes that boundary, since nothing observes it
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import shutil
 import signal
+import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,18 +64,21 @@ from steadyfit.distributed import Distributed
 from steadyfit.ema import WeightEMA
 from steadyfit.evaluation import check_eval_settings, evaluate_model, predict
 from steadyfit.guard import DeviceSkip, NonFiniteGuard, ReadCadence, StepRecord
-from steadyfit.horizons import Horizons, compute_horizons
+from steadyfit.horizons import Horizons, compute_horizons, fast_dev_run_settings, limit_batches
 from steadyfit.identity import RunIdentity
 from steadyfit.layout import CONFIG_FILE
 from steadyfit.log_window import LogWindow, memory_mb
 from steadyfit.loggers.progress import Progress
+from steadyfit.loss import ModelLoss
 from steadyfit.optim import resolve_optimizer
 from steadyfit.precision import Precision
+from steadyfit.recompute import enable_gradient_checkpointing
 from steadyfit.rng import seed_everything, set_deterministic
 from steadyfit.rundir import RunDirectory
 from steadyfit.schedules import resolve_scheduler
 from steadyfit.secrets import redact, secret_env_values
 from steadyfit.signals import Preempted, PreemptionFlag
+from steadyfit.startup import format_start, start_row
 from steadyfit.state import FitResult, TrainState
 from steadyfit.tracking import build_tracker
 
@@ -84,7 +92,8 @@ class Trainer:
         train_data: map-style Dataset, IterableDataset (needs ``max_steps``) or DataLoader.
         eval_data: same kinds; evaluated in order.
         loss_fn: ``loss_fn(outputs, targets)`` returning a scalar mean or ``(sum, count)``; None for models
-            that return ``outputs.loss`` (dict batches).
+            that return ``outputs.loss`` (dict batches), normalised over the window's tokens where the model
+            averaged over tokens (:class:`~steadyfit.loss.ModelLoss`, docs/huggingface.md).
         metrics: name -> function with the loss contract, or torchmetrics ``Metric``.
         callbacks: :class:`Callback` instances.
         optimizer: None (built from config), an Optimizer, or ``factory(model) -> Optimizer``.
@@ -122,13 +131,17 @@ class Trainer:
         recorded = data_mod.loader_settings(
             config.model_fields_set, config.model_dump(), train_data, eval_data
         )
+        recorded.update(fast_dev_run_settings(config))  # recorded too: config.yaml says what ran
         self.config = config.model_copy(update=recorded) if recorded else config
+        data_mod.check_overfit_loader(self.config, train_data)
         self.dist = Distributed.setup(self.config)
         self.device = self.dist.device(self.config.device)
         self.model = model.to(self.device)
         self.train_data = train_data
         self.eval_data = eval_data
-        self.loss_fn = loss_fn
+        # Without loss_fn, the model's own loss: what it averages over is read here, before any wrapping.
+        warn = console.warn if self.dist.is_main else None
+        self.loss_fn = loss_fn if loss_fn is not None else ModelLoss.of(self.model, warn)
         self.metrics = dict(metrics or {})
         self.callbacks = CallbackList(callbacks)
         self.state = TrainState()
@@ -137,6 +150,9 @@ class Trainer:
         self.spec = data_mod.LoaderSpec.of(
             self.config, self.device, collate_fn, self.dist.rank, self.dist.world_size
         )
+        # Lightning's meaning: overfit_batches also limits evaluation to that many batches.
+        self._eval_batch_limit = self.config.limit_eval_batches or self.config.overfit_batches or None
+        self._scratch_dir: Path | None = None
         self._user_optimizer = optimizer
         self._user_scheduler = scheduler
         self.optimizer: torch.optim.Optimizer | None = None
@@ -177,18 +193,20 @@ class Trainer:
         seed_everything(config.seed)
         set_deterministic(config.deterministic)
         self._prepare()
+        run_dir = self._fast_dev_run_dir() if config.fast_dev_run else config.run_dir
         config_data = redact(config.to_yaml_dict(), secret_env_values())
         self._config_yaml = yaml.safe_dump(config_data, sort_keys=False).encode()
-        self.run_directory = RunDirectory(
-            config.run_dir, self.dist, self._config_yaml, config_data, config.loggers
-        )
-        self.checkpoints = CheckpointManager(config.run_dir, self.dist, keep_last=config.keep_last)
+        self.run_directory = RunDirectory(run_dir, self.dist, self._config_yaml, config_data, config.loggers)
+        self.checkpoints = CheckpointManager(run_dir, self.dist, keep_last=config.keep_last)
         self._checkpointed = self._components()
-        with self.run_directory, PreemptionFlag() as preemption:
+        with self._scratch_removed(), self.run_directory, PreemptionFlag() as preemption:
             try:
-                self._resume()
+                resumed_from = self._resume()
                 self.model.train()
                 self.callbacks.fire("on_fit_start", self, self.state)
+                self._log_start(resumed_from)
+                if config.eval_on_start and self.state.step == 0 and self.state.last_eval_step is None:
+                    self._evaluate_and_track(track=False)
                 self.log_window.start()  # time_s and the first throughput leave set-up and loggers out
                 while not self._is_done():
                     self._train_epoch(preemption)
@@ -218,21 +236,40 @@ class Trainer:
         if data is None:
             raise ConfigError("eval_data: evaluate() needs data; pass eval_data=... to the Trainer")
         models = {"": self.model, **({"ema_": self.ema.module} if self.ema is not None else {})}
+        max_batches = limit_batches(
+            self._eval_batch_limit,
+            data_mod.batches_per_epoch(data, self.spec.eval_batch_size, self.dist.world_size),
+            "limit_eval_batches",
+        )
         scores = {}
         for prefix, model in models.items():
             found = evaluate_model(
-                model, data, self.loss_fn, self.metrics, self.spec, self.precision, self.dist
+                model,
+                data,
+                self.loss_fn,
+                self.metrics,
+                self.spec,
+                self.precision,
+                self.dist,
+                max_batches=max_batches,
             )
             scores.update({prefix + key: value for key, value in found.items()})
         return scores
 
     def predict(self, data: Any) -> Any:
-        """The model's outputs over ``data``, in order (tensors concatenated along the batch dimension).
+        """The model's outputs over ``data``, in order, as one output: a tensor, or a ``ModelOutput`` (or
+        dict) of the model's class whose tensor fields have one row per sample. Values that are not per
+        sample (a batch's 0-dim mean ``loss``, a generation cache) are left out.
 
         Under several ranks every rank predicts the whole of ``data``.
 
+        Raises:
+            ValueError: per-sample tensors of different lengths in different batches (ragged padding).
+
         Example:
             >>> logits = trainer.predict(test_ds)  # doctest: +SKIP
+            >>> outputs = hf_trainer.predict(test_ds)  # doctest: +SKIP
+            >>> outputs.logits.shape[0] == len(test_ds)  # doctest: +SKIP
         """
         return predict(self.model, data, self.spec, self.precision)
 
@@ -253,6 +290,10 @@ class Trainer:
         micro_batches = iter(
             data_mod.train_batches(self.train_data, self.spec, state.epoch, state.batch_in_epoch)
         )
+        if self.horizons.batches_per_epoch is not None:
+            # limit_train_batches / overfit_batches end the epoch early; a window never crosses the limit.
+            remaining = self.horizons.batches_per_epoch - state.batch_in_epoch
+            micro_batches = itertools.islice(micro_batches, remaining)
         # Whole windows: their sample counts weight mean losses exactly (the last one may be short). The
         # next window is fetched only after this boundary, so a checkpoint holds the RNG streams (and data
         # position) of the boundary itself, never draws made for a window it does not contain.
@@ -342,19 +383,19 @@ class Trainer:
             return
         state, config = self.state, self.config
         stepped = self._settle()
+        if is_due(config.log_every, state.step, stepped, epoch_ended) and self.log_window.pending_steps:
+            self._log_train()
         if stepped:
-            if config.log_every and state.step % config.log_every == 0:
-                self._log_train()
             self.callbacks.fire("on_step_end", self, state)
         if self.eval_data is not None and state.last_eval_step != state.step:
-            periodic = bool(config.eval_every) and stepped and state.step % config.eval_every == 0
-            if periodic or (config.eval_every is None and epoch_ended):
+            eval_every = "epoch" if config.eval_every is None else config.eval_every
+            if is_due(eval_every, state.step, stepped, epoch_ended):
                 self._evaluate_and_track()
         if epoch_ended:
             self.callbacks.fire("on_epoch_end", self, state)
         self._agree_on_stop()
         # A step of unknown-length data can end its epoch one boundary later, saved again with the new epoch.
-        if (stepped or epoch_ended) and config.save_every and state.step % config.save_every == 0:
+        if is_due(config.save_every, state.step, stepped or epoch_ended, epoch_ended):
             self._save()
         self._announce_committed()
         # Under several ranks the vote of the last step's all-reduce: read here, where every rank reads.
@@ -413,18 +454,37 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- at boundaries
     def _log(self, row: dict[str, Any]) -> None:
-        """Write a row to metrics.jsonl and every logger; diagnostics read it (its numbers are on the host
-        already)."""
+        """Write a row to metrics.jsonl, every logger and ``on_log``; diagnostics read it (its numbers are on
+        the host already), and each finding follows it the same way."""
         row.setdefault("time_s", self.log_window.time_s())
-        self.run_directory.log(row)
+        self._write_row(row)
         self._rows_logged += 1
-        self.progress.log(row)
         for finding in self.diagnostics.observe(row) if self.diagnostics is not None else ():
-            self.run_directory.log(finding)
-            self.progress.log(finding)
+            self._write_row(finding)
             console.warn(str(finding.get("message", finding)))
             if finding["diagnostic"] in self.config.stop_on:
                 self.request_stop(f"diagnostic {finding['diagnostic']}: {finding.get('message', '')}")
+
+    def _write_row(self, row: dict[str, Any]) -> None:
+        self.run_directory.log(row)
+        self.progress.log(row)
+        # Where rows are written: rank 0. A copy, so a callback cannot change what diagnostics read next.
+        if self.dist.is_main and self.callbacks.has("on_log"):
+            self.callbacks.fire("on_log", self, self.state, dict(row))
+
+    def _log_start(self, resumed_from: str | None) -> None:
+        """The start-up summary: one console line (rank 0, whatever ``progress`` says) and the start row."""
+        row = start_row(
+            self.model, self.config, self.horizons, self.train_data, self.device, self.state, resumed_from
+        )
+        if self.dist.is_main:
+            self.progress.notice(format_start(row))
+        self._log(row)
+        if resumed_from is not None:
+            # The restored checkpoint holds this boundary. The start row belongs to this attempt, not to the
+            # trajectory: alone it is no reason to save the same step again (a rerun finished run stays as it
+            # was), and a later resume cuts it off and writes its own.
+            self._saved_at = self._boundary_key()
 
     def _log_train(self) -> None:
         row = self.log_window.row(self.state, self.optimizer.param_groups[0]["lr"])
@@ -435,7 +495,9 @@ class Trainer:
             row["loss_scale"] = self.precision.loss_scale()
         self._log(row)
 
-    def _evaluate_and_track(self) -> None:
+    def _evaluate_and_track(self, track: bool = True) -> None:
+        """Evaluate, log, fire ``on_evaluate``; with ``track``, best tracking, early stopping and the
+        ``keep_best`` checkpoints (``eval_on_start`` does not track: untrained weights are no candidate)."""
         state = self.state
         started = time.perf_counter()
         scores = self.evaluate()
@@ -444,9 +506,14 @@ class Trainer:
         self.last_metrics = scores
         self._log({"kind": "eval", "step": state.step, "epoch": state.epoch, **scores})
         self.callbacks.fire("on_evaluate", self, state, scores)
-        if self.tracker is not None and self.tracker.update(state, scores):
+        if self.tracker is None or not track:
+            return
+        if self.tracker.update(state, scores):
             state.best_checkpoint = str(self.checkpoints.path_for(state.step))
-            if self.checkpoints.hold_best(state.step, self._checkpointed, **self._save_arguments()):
+        if self.tracker.keep(state, scores, self.config.keep_best):
+            kept = [step for step, _ in state.kept_best]
+            arguments = self._save_arguments()
+            if self.checkpoints.hold_best(state.step, self._checkpointed, **arguments, still_kept=kept):
                 self._saved_at = self._boundary_key()
 
     def _save(self) -> None:
@@ -472,8 +539,11 @@ class Trainer:
             self.request_stop("stopped by rank 0's diagnostics")
 
     def _save_arguments(self) -> dict[str, Any]:
-        best = self.state.best_checkpoint
-        return {"extra_files": {CONFIG_FILE: self._config_yaml}, "protect": [Path(best)] if best else []}
+        state = self.state
+        protect = [self.checkpoints.path_for(step) for step, _ in state.kept_best]
+        if state.best_checkpoint:
+            protect.append(Path(state.best_checkpoint))
+        return {"extra_files": {CONFIG_FILE: self._config_yaml}, "protect": protect}
 
     def _announce_committed(self) -> None:
         for path in self.checkpoints.pop_committed():
@@ -519,6 +589,7 @@ class Trainer:
         config = self.config
         if config.ema_decay and self.dist.strategy == "fsdp":
             raise ConfigError("ema_decay: not supported with strategy=fsdp (the average would need sharding)")
+        enable_gradient_checkpointing(self.model, config.gradient_checkpointing)
         # Wrap before building the optimizer: FSDP2 replaces the parameters by sharded ones in place.
         wrapped = self.dist.wrap(self.model, config.precision, tuple(config.fsdp_blocks))
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -547,7 +618,10 @@ class Trainer:
         # several ranks every rank must read at the same steps (the preemption vote rides on the reads).
         self._read_every_step = self.dist.any_rank(self.callbacks.has("on_step_end"), self.device)
         eval_every = config.eval_every if self.eval_data is not None else None
-        self._read_cadence = ReadCadence((config.log_every, eval_every, config.save_every), config.max_steps)
+        # "epoch" cadences need no planned read: the end of an epoch is always one.
+        cadences = (config.log_every, eval_every, config.save_every)
+        intervals = tuple(every if isinstance(every, int) else None for every in cadences)
+        self._read_cadence = ReadCadence(intervals, config.max_steps)
         if config.diagnostics and self.dist.is_main:
             self.diagnostics = Diagnostics(config, self.horizons.total_steps)
         # Our schedule's own factor (the LambdaLR's), so logged rows can say what the lr should be.
@@ -582,27 +656,49 @@ class Trainer:
         components["metrics"] = self.run_directory
         return components
 
-    def _resume(self) -> None:
-        """Restore every component from a checkpoint (``resume``), or start fresh; say which."""
+    def _resume(self) -> str | None:
+        """Restore every component from a checkpoint (``resume``), or start fresh; say which. Returns the
+        checkpoint restored, or None (the start row's ``resumed_from``, see :meth:`_log_start`)."""
         path = self.checkpoints.restore(self._checkpointed, self.config.resume, upgrade=upgrade_legacy_states)
         if path is None:
             self.run_directory.start_fresh()
         else:
             self.run_directory.cut_back()
-            self._saved_at = self._boundary_key()
         self.run_directory.open_loggers()
         show = self.config.progress and self.dist.is_main
         self.progress = Progress(show, self.horizons.total_steps, initial_step=self.state.step)
         self.backward.on_out_of_memory = self.progress.message
-        if not self.dist.is_main:
-            return
-        if path is not None:
-            console.notice(f"resumed from {path} at step {self.state.step}")
-        elif self.checkpoints.started_from is not None:
-            console.notice(
+        if self.dist.is_main and path is not None:
+            self.progress.notice(f"resumed from {path} at step {self.state.step}")
+        elif self.dist.is_main and self.checkpoints.started_from is not None:
+            self.progress.notice(
                 f"fine-tuning from the weights of {self.checkpoints.started_from}: another experiment's "
                 "checkpoint, so step 0 with a fresh optimizer, schedule and data order"
             )
+        return None if path is None else str(path)
+
+    def _fast_dev_run_dir(self) -> str:
+        """A scratch run directory for ``fast_dev_run`` (removed at the end): a debugging run never touches
+        ``run_dir``, so it can neither resume nor overwrite a real run there."""
+        path = tempfile.mkdtemp(prefix="steadyfit-fast-dev-run-") if self.dist.is_main else None
+        self._scratch_dir = Path(self.dist.broadcast_object(path))
+        if self.dist.is_main:
+            batches = self.config.limit_train_batches
+            console.notice(
+                f"fast_dev_run: {batches} training and {batches} eval batch(es) in {self._scratch_dir}, "
+                f"removed at the end; {self.config.run_dir} is untouched"
+            )
+        return str(self._scratch_dir)
+
+    @contextlib.contextmanager
+    def _scratch_removed(self) -> Iterator[None]:
+        """Remove ``fast_dev_run``'s scratch directory when the run ends, whichever way (entered first, so
+        it runs after the run directory closed its loggers and lock)."""
+        try:
+            yield
+        finally:
+            if self._scratch_dir is not None and self.dist.is_main:
+                shutil.rmtree(self._scratch_dir, ignore_errors=True)
 
     def _is_done(self) -> bool:
         state, config = self.state, self.config
@@ -626,3 +722,16 @@ class Trainer:
             stop_reason=state.stop_reason,
             run_dir=str(Path(self.config.run_dir)),
         )
+
+
+def is_due(every: int | str | None, step: int, stepped: bool, epoch_ended: bool) -> bool:
+    """Whether a cadence (``log_every``, ``eval_every``, ``save_every``) fires at this boundary: ``"epoch"``
+    at the end of every epoch, N when an applied step's count is a multiple of N, 0 or None never.
+
+    Example:
+        >>> is_due(10, 20, True, False), is_due("epoch", 20, True, False), is_due(0, 20, True, True)
+        (True, False, False)
+    """
+    if every == "epoch":
+        return epoch_ended
+    return stepped and bool(every) and step % every == 0

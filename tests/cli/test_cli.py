@@ -78,4 +78,10 @@ def test_rerunning_a_finished_command_exits_0_and_changes_nothing(tmp_path):
 
 
 def _timeless(lines: list[str]) -> list[dict]:
-    return [{key: value for key, value in json.loads(line).items() if "time" not in key} for line in lines]
+    # Start rows describe each attempt (a resumed process writes its own): no part of the trajectory.
+    rows = [json.loads(line) for line in lines]
+    return [
+        {key: value for key, value in row.items() if "time" not in key}
+        for row in rows
+        if row["kind"] != "start"
+    ]

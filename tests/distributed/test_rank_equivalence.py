@@ -154,6 +154,11 @@ def test_rank_zero_alone_writes_the_run_directory(two_ranks):
     assert len(keys) == len(set(keys))
     assert [step for kind, step in keys if kind == "train"] == list(range(1, 11))
     assert [kind for kind, _ in keys].count("summary") == 1
+    # One start row, from rank 0, with the global numbers; FSDP counts whole parameters, not one shard.
+    start = rows[0]
+    assert start["kind"] == "start" and [kind for kind, _ in keys].count("start") == 1
+    assert start["world_size"] == 2 and start["effective_batch"] == 2 * start["batch_size"]
+    assert metric_rows(base / "fsdp")[0]["parameters"] == start["parameters"]
 
 
 @pytest.mark.parametrize("name", ["nan", "nan_fsdp"])

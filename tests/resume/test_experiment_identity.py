@@ -45,6 +45,8 @@ CHANGED_TRAJECTORY = {
     "precision": {"precision": "bf16"},
     "ema_decay": {"ema_decay": 0.9},
     "micro_batch_size": {"micro_batch_size": 4},
+    "limit_train_batches": {"limit_train_batches": 2},
+    "overfit_batches": {"overfit_batches": 2},
 }
 
 # Fields a rerun may change and still continue: each with a value that differs from the base config.
@@ -65,6 +67,10 @@ CHANGED_FREELY = {
     "diagnostics": {"diagnostics": False},
     "early_stopping_patience": {"early_stopping_patience": 5, "eval_every": 2},
     "metric_for_best": {"metric_for_best": "eval_loss", "eval_every": 2},
+    "keep_best": {"keep_best": 2},
+    "eval_on_start": {"eval_on_start": True},
+    "limit_eval_batches": {"limit_eval_batches": 1},
+    "gradient_checkpointing": {"gradient_checkpointing": ["Linear"]},
 }
 
 

@@ -73,9 +73,12 @@ def _run(run_dir, terminate_at=None, **overrides):
 def _rows(run_dir):
     lines = (run_dir / "run" / "metrics.jsonl").read_text().splitlines()
     noisy = ("time", "per_sec", "memory")
+    rows = [json.loads(line) for line in lines]
+    # Start rows describe each attempt (a resumed process writes its own): no part of the trajectory.
     return [
-        {key: value for key, value in json.loads(line).items() if not any(n in key for n in noisy)}
-        for line in lines
+        {key: value for key, value in row.items() if not any(n in key for n in noisy)}
+        for row in rows
+        if row["kind"] != "start"
     ]
 
 
@@ -137,3 +140,25 @@ def test_a_preemption_checkpoint_describes_one_step(tmp_path, reference):
     assert state["scheduler"]["_step_count"] == step + 1
     assert trainer_state["epoch"] * 12 + trainer_state["batch_in_epoch"] == 2 * step
     assert state["window"]["pending_steps"] == step % SETTINGS["log_every"]
+
+
+EPOCH_CADENCES = {"log_every": "epoch", "eval_every": "epoch", "save_every": "epoch"}
+
+
+@pytest.fixture(scope="module")
+def epoch_reference(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("reference-epoch")
+    return _run(directory, **EPOCH_CADENCES), directory
+
+
+@pytest.mark.parametrize("forward", [3, 13, 20, 31])
+def test_epoch_cadences_resume_bitwise_after_a_preemption_mid_epoch(tmp_path, epoch_reference, forward):
+    trainer, reference_dir = epoch_reference
+    _run(tmp_path, terminate_at=forward, **EPOCH_CADENCES)
+    _assert_same_run(trainer, _run(tmp_path, **EPOCH_CADENCES), reference_dir, tmp_path)
+    # 6 steps an epoch: rows and checkpoints at the three epoch ends only (and the preemption's checkpoint).
+    rows = _rows(tmp_path)
+    assert [row["step"] for row in rows if row.get("kind") == "train"] == [6, 12, 18]
+    assert [row["step"] for row in rows if row.get("kind") == "eval"] == [6, 12, 18]
+    saved = {path.name for path in (reference_dir / "run" / "checkpoints").iterdir()}
+    assert saved == {"step-00000006", "step-00000012", "step-00000018"}

@@ -387,7 +387,8 @@ def test_a_healthy_digits_run_has_no_findings(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert sum(row["kind"] == "train" for row in rows) >= 30  # the checks had rows to look at
     assert sum(row["kind"] == "eval" for row in rows) == 4
-    assert rows[0]["first_step_loss"] == pytest.approx(2.3, abs=0.1)  # the baseline: about ln(10)
+    first = next(row for row in rows if row["kind"] == "train")
+    assert first["first_step_loss"] == pytest.approx(2.3, abs=0.1)  # the baseline: about ln(10)
     assert read_findings(run_dir) == []
 
 
@@ -397,7 +398,8 @@ def test_sgd_at_lr_50_on_digits_diverges_and_evaluates_at_chance(tmp_path):
     overrides = ["optimizer=sgd", "lr=50", "max_steps=200"]
     train("digits", [f"run_dir={run_dir}", "progress=false", *overrides])
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["loss"] > 100 * rows[0]["first_step_loss"]  # the first row hides where the run began
+    first = next(row for row in rows if row["kind"] == "train")
+    assert first["loss"] > 100 * first["first_step_loss"]  # the first row hides where the run began
     found = {f["diagnostic"]: f for f in read_findings(run_dir)}
     assert found["divergence"]["step"] == 60  # the third logged row, as divergence.window says
     assert found["at_chance"]["step"] == 90  # the second evaluation
@@ -425,5 +427,6 @@ def test_a_healthy_tinylm_run_has_no_findings(tmp_path):
     trainer.fit()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sum(row["kind"] == "eval" for row in rows) == 3
-    assert rows[0]["first_step_loss"] > 4  # the untrained model over ~100 characters
+    first = next(row for row in rows if row["kind"] == "train")
+    assert first["first_step_loss"] > 4  # the untrained model over ~100 characters
     assert read_findings(tmp_path / "run") == []

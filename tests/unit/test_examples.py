@@ -39,12 +39,14 @@ def run_example(arguments: list[str], tmp_path: Path) -> subprocess.CompletedPro
         ("plain_model.py", "eval_accuracy="),
         ("callback.py", "stopped at step"),
         ("hf_model.py", "weights identical to the trained model: True"),
+        ("hf_text_classification.py", "predict(): one SequenceClassifierOutput with logits of shape (90, 3)"),
         ("torchrun_example.py", "eval accuracy"),
     ],
 )
 def test_example_runs(script, expected, tmp_path):
-    if script == "hf_model.py":
+    if script.startswith("hf_"):
         pytest.importorskip("transformers")
+    if script == "hf_model.py":
         pytest.importorskip("datasets")
     run_dir = tmp_path / "run"
     completed = run_example([str(EXAMPLES / script), str(run_dir)], tmp_path)
@@ -53,12 +55,19 @@ def test_example_runs(script, expected, tmp_path):
     assert (run_dir / "final" / "model.safetensors").is_file()
 
 
-def test_hf_example_skips_cleanly_without_transformers(tmp_path):
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        ("hf_model.py", "skipped, needs transformers and datasets"),
+        ("hf_text_classification.py", "skipped, needs transformers"),
+    ],
+)
+def test_hf_example_skips_cleanly_without_transformers(script, expected, tmp_path):
     # Importing a module set to None in sys.modules raises ImportError: as if the extra were not installed.
     code = (
         "import runpy, sys; sys.modules['transformers'] = None; sys.modules['datasets'] = None; "
-        f"runpy.run_path({str(EXAMPLES / 'hf_model.py')!r}, run_name='__main__')"
+        f"runpy.run_path({str(EXAMPLES / script)!r}, run_name='__main__')"
     )
     completed = run_example(["-c", code], tmp_path)
     assert completed.returncode == 0, completed.stderr
-    assert "skipped, needs transformers and datasets" in completed.stdout
+    assert expected in completed.stdout

@@ -1,6 +1,7 @@
 """Hugging Face models and datasets through steadyfit's Trainer: a tiny GPT-2 built from a config (no hub
 download) trains on a ``datasets.Dataset``, its final weights load with ``from_pretrained``, collators pass
-through, and ``causal_lm_loss`` makes accumulation exact over tokens."""
+through, the model's own loss (``loss_fn=None``) and ``causal_lm_loss`` make accumulation and eval_loss
+exact over tokens, metrics get a ModelOutput's logits and ``predict`` returns one ModelOutput."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: no
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
-from steadyfit import TrainConfig, Trainer  # noqa: E402
-from steadyfit.hf import PadToLongest, causal_lm_loss  # noqa: E402
+from steadyfit import TrainConfig, Trainer, accuracy  # noqa: E402
+from steadyfit.hf import PadToLongest, causal_lm_loss, model_loss_kind  # noqa: E402
 
 TEXT = b"steadyfit trains pytorch models with a loop you can trust: every number it prints is exact. " * 8
 
@@ -139,10 +140,6 @@ def _train_ragged(tmp_path, name: str, loss_fn, batch_size: int, grad_accum_step
     return {key: value.clone() for key, value in model.state_dict().items()}
 
 
-def _all_close(left: dict, right: dict) -> bool:
-    return all(torch.allclose(left[key], right[key], rtol=1e-4, atol=1e-6) for key in left)
-
-
 def test_token_level_accumulation_is_exact_with_ragged_padding(tmp_path):
     large = _train_ragged(tmp_path, "large", causal_lm_loss, batch_size=4, grad_accum_steps=1)
     accumulated = _train_ragged(tmp_path, "accumulated", causal_lm_loss, batch_size=2, grad_accum_steps=2)
@@ -150,12 +147,118 @@ def test_token_level_accumulation_is_exact_with_ragged_padding(tmp_path):
         torch.testing.assert_close(accumulated[key], large[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
-def test_the_models_mean_loss_is_not_token_exact_under_accumulation(tmp_path):
-    # The control for the test above: per-micro-batch token means weighted by samples differ from the
-    # token mean of the whole window, which is why causal_lm_loss returns (sum, count).
-    large = _train_ragged(tmp_path, "large", None, batch_size=4, grad_accum_steps=1)
-    accumulated = _train_ragged(tmp_path, "accumulated", None, batch_size=2, grad_accum_steps=2)
-    assert not _all_close(large, accumulated)
+def test_the_models_own_loss_is_token_exact_under_accumulation(tmp_path):
+    # loss_fn=None: GPT-2's outputs.loss is a mean over one micro-batch's tokens. Weighted by samples it
+    # differs from batch_size=8 by 0.14 in the weights; normalised over the window's tokens, by rounding.
+    large = _train_ragged(tmp_path, "large", None, batch_size=8, grad_accum_steps=1)
+    accumulated = _train_ragged(tmp_path, "accumulated", None, batch_size=2, grad_accum_steps=4)
+    for key in large:
+        torch.testing.assert_close(accumulated[key], large[key], rtol=2e-5, atol=2e-5, msg=key)
+
+
+def test_eval_loss_of_the_models_own_loss_is_independent_of_eval_batch_size(tmp_path):
+    model = tiny_gpt2()
+    # A row of one token predicts nothing: alone in a batch, the model's own mean is 0/0 = NaN.
+    lengths = [30, 5, 9, 28, 6, 31, 12, 4, 25, 8, 17, 3, 22, 11, 1, 19, 27, 7, 14, 10, 26, 13, 16]
+    eval_data = byte_dataset(lengths)
+    scores = {}
+    for eval_batch_size in (1, 7, 64):
+        config = make_config(tmp_path, f"eval{eval_batch_size}", max_steps=1, eval_batch_size=eval_batch_size)
+        trainer = Trainer(model, config, eval_data=eval_data, collate_fn=PadToLongest())
+        scores[eval_batch_size] = trainer.evaluate()["eval_loss"]
+    # The reference: the token mean over the whole set in one forward.
+    with torch.no_grad():
+        batch = PadToLongest()([eval_data[i] for i in range(len(lengths))])
+        total, count = causal_lm_loss(model(**batch), batch["labels"])
+    for eval_batch_size, score in scores.items():
+        assert score == pytest.approx(float(total / count), rel=1e-6), eval_batch_size
+
+
+def test_the_models_own_loss_normalises_by_shift_labels_when_given():
+    # ForCausalLMLoss takes `shift_labels` instead of shifting `labels`: the count must follow it.
+    from steadyfit.loss import ModelLoss
+
+    model = tiny_gpt2()
+    rows = [{"input_ids": list(TEXT[:12]), "labels": list(TEXT[:12])}]
+    rows.append({"input_ids": list(TEXT[20:27]), "labels": list(TEXT[20:27])})
+    batch = PadToLongest()(rows)  # GPT-2 computes a loss only when given labels; shift_labels win
+    shift_labels = torch.full_like(batch["input_ids"], -100)
+    shift_labels[:, :4] = batch["input_ids"][:, 1:5]  # 4 predicted tokens per row
+    batch["shift_labels"] = shift_labels
+    with torch.no_grad():
+        outputs = model(**batch)
+    total, count = ModelLoss.of(model)(outputs, batch)
+    assert int(count) == 8
+    torch.testing.assert_close(total / count, outputs.loss)
+
+
+@pytest.mark.parametrize(
+    ("model_class", "kind"),
+    [
+        ("GPT2LMHeadModel", "next_token"),  # loss_type None, but its forward calls ForCausalLMLoss
+        ("GPT2ForSequenceClassification", "sample"),
+        ("GPT2DoubleHeadsModel", "unknown"),  # computes a sum of two losses in its own code
+    ],
+)
+def test_model_loss_kind_follows_the_loss_the_model_computes(model_class, kind):
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=32)
+    assert model_loss_kind(getattr(transformers, model_class)(config)) == kind
+
+
+def tiny_bert(cls, seed: int = 0, **config_fields):
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        **config_fields,
+    )
+    return cls(config)
+
+
+def classification_rows(num_rows: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, 64, (num_rows, 10), generator=generator)
+    labels = (input_ids[:, 0] % 3).long()
+    return [{"input_ids": ids, "labels": label} for ids, label in zip(input_ids, labels, strict=True)]
+
+
+def test_metrics_receive_the_logits_of_a_model_output(tmp_path):
+    model = tiny_bert(transformers.BertForSequenceClassification, num_labels=3)
+    rows = classification_rows(23, seed=1)
+    config = make_config(tmp_path, "run", max_steps=1, eval_batch_size=5)
+    trainer = Trainer(model, config, eval_data=rows, metrics={"accuracy": accuracy})
+    scores = trainer.evaluate()  # before: 'SequenceClassifierOutput' object has no attribute 'argmax'
+    with torch.no_grad():
+        logits = model(input_ids=torch.stack([row["input_ids"] for row in rows])).logits
+    labels = torch.stack([row["labels"] for row in rows])
+    assert scores["eval_accuracy"] == pytest.approx(float((logits.argmax(-1) == labels).sum()) / 23, rel=1e-9)
+
+
+def test_predict_returns_one_model_output_with_a_row_per_sample(tmp_path):
+    model = tiny_bert(transformers.BertForSequenceClassification, num_labels=3)
+    rows = classification_rows(23, seed=2)
+    config = make_config(tmp_path, "run", max_steps=1, eval_batch_size=5)
+    outputs = Trainer(model, config).predict(rows)
+    assert type(outputs) is transformers.modeling_outputs.SequenceClassifierOutput
+    assert "loss" not in outputs  # one mean per batch, not per sample: left out
+    with torch.no_grad():
+        expected = model(input_ids=torch.stack([row["input_ids"] for row in rows])).logits
+    assert outputs.logits.shape == (23, 3)
+    torch.testing.assert_close(outputs.logits, expected)
+
+
+def test_predict_concatenates_tuple_fields_element_by_element(tmp_path):
+    model = tiny_bert(transformers.BertForSequenceClassification, num_labels=3, output_hidden_states=True)
+    rows = [{"input_ids": row["input_ids"]} for row in classification_rows(11, seed=3)]
+    outputs = Trainer(model, make_config(tmp_path, "run", max_steps=1, eval_batch_size=4)).predict(rows)
+    assert len(outputs.hidden_states) == 2  # embeddings and the one layer
+    assert all(hidden.shape == (11, 10, 16) for hidden in outputs.hidden_states)
 
 
 def test_pad_to_longest_pads_labels_with_ignore_index():

@@ -23,6 +23,8 @@ CONFIG = {
     "data_url": f"https://ann:{SECRET}@data.example.com/digits",
     "metric_for_best": None,
 }
+# A start-up summary: it describes the run, so no logger plots it.
+START = {"kind": "start", "step": 0, "parameters": 163, "device": "cpu", "resumed_from": None, "time_s": 0.0}
 ROWS = [
     {"kind": "train", "step": 10, "epoch": 0, "loss": 0.75, "lr": 0.001, "grad_norm": 1.5, "time_s": 1.0},
     {"kind": "train", "step": 20, "epoch": 0, "loss": 0.5, "lr": 0.001, "grad_norm": 1.25, "time_s": 2.0},
@@ -47,6 +49,7 @@ def test_scalars_name_tags_by_kind_and_drop_the_kind_prefix():
         "eval/time_s": 2.5,
     }
     assert scalars({"step": 1, "flag": True, "note": "x", "values": [1]}) == {}
+    assert scalars(START) == {}
 
 
 def test_row_kind_falls_back_on_eval_keys():
@@ -124,7 +127,7 @@ def test_tensorboard_scalars_and_hparams_read_back_with_tensorboards_reader(tmp_
 
     (logger,) = build_loggers(["tensorboard"], str(tmp_path), CONFIG)
     logger.log_params({**CONFIG, "note": f"pushed with {env_secret}"})
-    for row in ROWS:
+    for row in [START, *ROWS]:
         logger.log_row(row)
     logger.close()
 
@@ -134,7 +137,12 @@ def test_tensorboard_scalars_and_hparams_read_back_with_tensorboards_reader(tmp_
     assert loss == [(10, 0.75), (20, 0.5), (30, 0.25)]
     assert [(event.step, event.value) for event in events.Scalars("eval/accuracy")] == [(20, 0.875)]
     assert {"train/lr", "train/grad_norm", "eval/loss"} <= set(events.Tags()["scalars"])
-    assert set(events.Tags()["tensors"]) == {"config/text_summary", "diagnostic/nonfinite/text_summary"}
+    assert not any(tag.startswith("start/") for tag in events.Tags()["scalars"])
+    assert set(events.Tags()["tensors"]) == {
+        "config/text_summary",
+        "start/text_summary",
+        "diagnostic/nonfinite/text_summary",
+    }
     start = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     hparams = plugin_data_pb2.HParamsPluginData.FromString(start).session_start_info.hparams
     assert hparams["lr"].number_value == 0.001 and hparams["hf_token"].string_value == MASK
@@ -150,8 +158,10 @@ def test_tensorboard_resumed_run_replaces_the_steps_it_repeats(tmp_path):
     for step in (10, 20, 30):
         first.log_row({"kind": "train", "step": step, "loss": float(step)})
     first.close()
-    # Killed after step 30, resumed from the checkpoint at step 20: steps 30 and 40 come again.
+    # Killed after step 30, resumed from the checkpoint at step 20: steps 30 and 40 come again. The resumed
+    # run's start row, at the checkpoint's step, keeps that step's rows.
     second = build_loggers(["tensorboard"], str(tmp_path), CONFIG)[0]
+    second.log_row({**START, "step": 20, "resumed_from": "checkpoints/step-00000020"})
     for step in (30, 40):
         second.log_row({"kind": "train", "step": step, "loss": step / 10})
     second.close()
@@ -200,7 +210,7 @@ def test_mlflow_sqlite_store_holds_redacted_params_metrics_by_step_and_the_artif
     mlflow_env[1](run_dir / "mlflow.db")
     (logger,) = build_loggers(["mlflow"], str(run_dir), CONFIG)
     logger.log_params(CONFIG)
-    for row in ROWS:
+    for row in [START, *ROWS]:
         logger.log_row(row)
     logger.log_row({"kind": "eval", "step": 20, "eval_top@5": 1.0})  # '@' is not allowed in MLflow names
     weights = run_dir / "final" / "model.safetensors"
@@ -226,6 +236,9 @@ def test_mlflow_sqlite_store_holds_redacted_params_metrics_by_step_and_the_artif
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "eval/accuracy")] == [(20, 0.875)]
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "eval/top_5")] == [(20, 1.0)]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "final")] == ["final/model.safetensors"]
+    assert run.data.tags["steadyfit.start.parameters"] == "163"
+    assert run.data.tags["steadyfit.start.resumed_from"] == "null"
+    assert not any(name.startswith("start/") for name in run.data.metrics)
     assert (run_dir / "mlflow-artifacts").is_dir() and find_secrets_in_files(run_dir, [SECRET]) == []
 
 
@@ -280,6 +293,7 @@ def test_wandb_offline_run_is_written_under_the_run_dir_and_resumed_with_the_sam
     for attempt in range(2):
         (logger,) = build_loggers(["wandb"], str(tmp_path), CONFIG)
         logger.log_params(CONFIG)
+        logger.log_row({**START, "step": 10 * attempt})
         logger.log_row(ROWS[attempt])
         logger.close()
 

@@ -116,6 +116,22 @@ def test_summarize_reports_best_final_steps_wall_time_skips_and_diagnostics(tmp_
     }
 
 
+def test_start_rows_change_no_summary_number_and_no_panel(tmp_path):
+    pytest.importorskip("matplotlib")
+    start = {"kind": "start", "step": 0, "epoch": 0, "parameters": 163, "device": "cpu", "time_s": 0.0}
+    resumed = {**start, "step": 150, "epoch": 1, "resumed_from": "checkpoints/step-00000150"}
+    rows = _full_rows()
+    # Two attempts, as a resumed run writes them: the second one's clock starts again after its start row.
+    first = rows[:18]
+    second = [{**row, "time_s": row["time_s"] - 1.5} if "time_s" in row else row for row in rows[18:]]
+    with_starts = [start, *first, resumed, *second]
+    plain = _write_run(tmp_path / "plain", [*first, *second])
+    started = _write_run(tmp_path / "started", with_starts)
+
+    assert summarize(started) | {"run_dir": ""} == summarize(plain) | {"run_dir": ""}
+    assert _png_size(write_report(started)[0]) == _png_size(write_report(plain)[0])
+
+
 def test_summarize_defaults_to_lowest_eval_loss_and_reads_a_run_in_progress(tmp_path):
     rows = [_train(10, 1.0), _eval(10, 0.9, 0.5), _train(20, 0.8), _eval(20, 0.95, 0.6)]
     run = _write_run(tmp_path / "run", rows, tail='{"kind": "train", "step": 30, "lo')

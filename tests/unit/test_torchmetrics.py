@@ -1,5 +1,5 @@
 """torchmetrics ``Metric`` objects in ``metrics={...}``: same value as our exact accuracy, reset per
-evaluation."""
+evaluation, updated with the logits of a model output that carries them."""
 
 from __future__ import annotations
 
@@ -71,3 +71,28 @@ def test_torchmetrics_state_is_reset_for_each_evaluation(tmp_path):
     assert on_clean["eval_tm_accuracy"] == pytest.approx(on_clean["eval_accuracy"], rel=1e-6)
     assert on_noisy["eval_tm_accuracy"] == pytest.approx(on_noisy["eval_accuracy"], rel=1e-6)
     assert trainer.evaluate(clean) == on_clean
+
+
+def test_a_torchmetric_receives_the_logits_of_a_dict_output(tmp_path):
+    # A Hugging Face-style output (loss and logits): the Metric is updated with the logits alone.
+    class WithLoss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.linear = torch.nn.Linear(8, 5)
+
+        def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+            logits = self.linear(inputs)
+            return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    inputs, labels = classification_data(37, seed=5, label_noise=0.3).tensors
+    rows = [{"inputs": x, "labels": y} for x, y in zip(inputs, labels, strict=True)]
+    config = TrainConfig(
+        run_dir=str(tmp_path / "run"), max_steps=1, max_epochs=None, eval_batch_size=8, progress=False
+    )
+    model = WithLoss()
+    metrics = {"tm_accuracy": torchmetrics.Accuracy(task="multiclass", num_classes=5)}
+    scores = Trainer(model, config, eval_data=rows, metrics=metrics).evaluate()
+    with torch.no_grad():
+        correct = (model.linear(inputs).argmax(dim=1) == labels).sum()
+    assert scores["eval_tm_accuracy"] == pytest.approx(float(correct) / 37, rel=1e-6)

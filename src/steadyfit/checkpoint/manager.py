@@ -14,7 +14,7 @@ at the same point; rank 0 alone writes.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -133,17 +133,23 @@ class CheckpointManager:
         *,
         extra_files: Mapping[str, bytes] | None = None,
         protect: Iterable[Path] = (),
+        still_kept: Collection[int] = (),
     ) -> bool:
-        """This boundary is the new best: keep its state in host memory and commit it at the next save.
+        """This boundary is among the best: keep its state in host memory and commit it at the next save.
 
         A run that improves at every evaluation then writes one best checkpoint, not one per evaluation; a
         crash before the next save loses nothing a resume does not recompute (the resumed run replays the
-        same evaluations). Sharded checkpoints are written right away: holding every rank's shards in host
-        memory would cost as much memory as the training state itself.
+        same evaluations). One state is held at a time: one held before is committed now when its step is
+        in ``still_kept`` (``keep_best`` > 1 keeps it), dropped otherwise. Sharded checkpoints are written
+        right away: holding every rank's shards in host memory would cost as much memory as the training
+        state itself.
 
         Returns:
             Whether the checkpoint was written now (sharded) rather than held.
         """
+        held = self._best
+        if held is not None and held.step != step and held.step in still_kept:
+            self._submit(held)
         if getattr(components.get(MODEL), "sharded_state", None) is not None:
             self._best = None
             self._save_sharded(step, components, extra_files, list(protect))

@@ -36,7 +36,8 @@ class MLflowLogger(Logger):
     ``steadyfit``); the run is named after the run directory. Metrics use the ``<kind>/<key>`` tags of
     ``scalars`` (``train/loss``, ``eval/accuracy``) at the row's step. The run id is kept in
     ``RUN_DIR/mlflow_run_id``, so a resumed run (a new process on the same run directory) continues the
-    same MLflow run. Params are the flattened config with secrets masked.
+    same MLflow run. Params are the flattened config with secrets masked. The start row becomes run tags
+    ``steadyfit.start.<key>`` (tags, unlike params, may change when a resumed run starts again).
 
     Example:
         >>> logger = MLflowLogger("runs/demo", {"lr": 0.1})  # doctest: +SKIP
@@ -79,8 +80,13 @@ class MLflowLogger(Logger):
 
     def log_row(self, row: dict[str, Any]) -> None:
         """Log every numeric key of the row as a metric at the row's step (one database write per row)."""
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
 
+        if row.get("kind") == "start":
+            fields = {key: value for key, value in row.items() if key != "kind"}
+            tags = [RunTag(f"steadyfit.start.{key}", _param_text(value)) for key, value in fields.items()]
+            self.client.log_batch(self.run_id, tags=tags)
+            return
         step = row_step(row)
         if step is None:
             return

@@ -6,6 +6,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from steadyfit import console
+
 # A plain line never wraps on a CI log or a narrow terminal; the whole row is in metrics.jsonl.
 LINE_WIDTH = 100
 _MORE = " ..."  # ends a line that left numbers out
@@ -85,7 +87,8 @@ class Progress:
             self._bar.update(count)
 
     def log(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
+        # The start row has its own console line (see notice), printed whatever ``progress`` says.
+        if not self.enabled or row.get("kind") == "start":
             return
         if self._bar is not None and row.get("kind") == "train":
             self._bar.set_postfix(
@@ -102,6 +105,15 @@ class Progress:
         if not isinstance(elapsed, (int, float)):
             elapsed = time.perf_counter() - self._start
         self.message(format_row(row, self.total_steps, elapsed))
+
+    def notice(self, text: str) -> None:
+        """A :func:`steadyfit.console.notice`, printed whatever ``enabled`` says, that leaves a live bar
+        intact (cleared while the line is written, then redrawn)."""
+        if self._bar is None:
+            console.notice(text)
+            return
+        with self._bar.external_write_mode(file=self.stream):
+            console.notice(text)
 
     def message(self, text: str) -> None:
         if not self.enabled:

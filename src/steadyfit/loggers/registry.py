@@ -1,4 +1,4 @@
-"""Logger names -> logger classes, and the metric naming every extra logger shares."""
+"""``TrainConfig.loggers`` -> logger objects, and the metric naming every extra logger shares."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import importlib
 from typing import Any
 
 from steadyfit.config import ConfigError
-from steadyfit.loggers.base import Logger, LoggerError
+from steadyfit.loggers.base import LoggerError, LoggerProtocol
 
 # name -> (module, class). Modules are imported only when their logger is asked for, so an
 # optional library is never imported by a run that does not use it.
@@ -23,13 +23,20 @@ _BUILT_IN = ("jsonl",)
 # Row keys that locate a row rather than measure something.
 _POSITION_KEYS = frozenset({"kind", "step"})
 
+# Row kinds that describe the run rather than measure it at a step: the start-up summary.
+_DESCRIPTIVE_KINDS = frozenset({"start"})
 
-def build_loggers(names: list[str], run_dir: str, config_dict: dict[str, Any]) -> list[Logger]:
-    """Construct the extra loggers named in ``TrainConfig.loggers``, in order, without duplicates.
+
+def build_loggers(
+    specs: list[str | LoggerProtocol], run_dir: str, config_dict: dict[str, Any]
+) -> list[LoggerProtocol]:
+    """The extra loggers of ``TrainConfig.loggers``, in order, without duplicates: the named ones
+    constructed here, the user's objects (validated by TrainConfig) as they are.
 
     Args:
-        names: logger names (``csv``, ``tensorboard``, ``mlflow``, ``wandb``; ``jsonl`` is skipped).
-        run_dir: the run directory; every logger writes its files under it by default.
+        specs: logger names (``csv``, ``tensorboard``, ``mlflow``, ``wandb``; ``jsonl`` is skipped) and
+            objects following :class:`~steadyfit.loggers.base.LoggerProtocol`.
+        run_dir: the run directory; every named logger writes its files under it by default.
         config_dict: the resolved config (secrets already removed).
 
     Returns:
@@ -45,26 +52,33 @@ def build_loggers(names: list[str], run_dir: str, config_dict: dict[str, Any]) -
         >>> [type(logger).__name__ for logger in loggers]  # doctest: +SKIP
         ['CSVLogger']
     """
-    loggers: list[Logger] = []
-    for name in dict.fromkeys(names):
-        if name in _BUILT_IN:
-            continue
-        if name not in _LOGGERS:
-            allowed = ", ".join((*_BUILT_IN, *_LOGGERS))
-            raise ConfigError(f"loggers: unknown logger {name!r}; allowed values: {allowed}")
-        module_name, class_name = _LOGGERS[name]
-        logger_class = getattr(importlib.import_module(module_name), class_name)
-        try:
-            loggers.append(logger_class(run_dir, config_dict))
-        except ConfigError:
-            raise
-        except Exception as exc:
-            # A server or library failure, not our bug: one line naming the logger, no library traceback.
-            raise LoggerError(
-                f"loggers: the {name} logger could not start ({type(exc).__name__}: {exc}); check its "
-                f"settings (environment variables, server), or remove {name} from loggers"
-            ) from exc
+    loggers: list[LoggerProtocol] = []
+    # Names deduplicated by name, objects by identity: two equal-looking user loggers are still two sinks.
+    unique = {spec if isinstance(spec, str) else id(spec): spec for spec in specs}
+    for spec in unique.values():
+        if not isinstance(spec, str):
+            loggers.append(spec)  # the user's own, constructed by the user
+        elif spec not in _BUILT_IN:
+            loggers.append(_build_named(spec, run_dir, config_dict))
     return loggers
+
+
+def _build_named(name: str, run_dir: str, config_dict: dict[str, Any]) -> LoggerProtocol:
+    if name not in _LOGGERS:
+        allowed = ", ".join((*_BUILT_IN, *_LOGGERS))
+        raise ConfigError(f"loggers: unknown logger {name!r}; allowed values: {allowed}")
+    module_name, class_name = _LOGGERS[name]
+    logger_class = getattr(importlib.import_module(module_name), class_name)
+    try:
+        return logger_class(run_dir, config_dict)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        # A server or library failure, not our bug: one line naming the logger, no library traceback.
+        raise LoggerError(
+            f"loggers: the {name} logger could not start ({type(exc).__name__}: {exc}); check its "
+            f"settings (environment variables, server), or remove {name} from loggers"
+        ) from exc
 
 
 def import_extra(module: str, extra: str) -> Any:
@@ -101,13 +115,18 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
 
     The ``<kind>_`` prefix of a key is dropped (``eval_loss`` -> ``eval/loss``), so TensorBoard, MLflow and
     W&B group a run's charts by kind. Booleans, strings, ``step`` and ``kind`` are not scalars; NaN and
-    infinities are kept (a non-finite loss is worth seeing).
+    infinities are kept (a non-finite loss is worth seeing). A ``start`` row has none: its numbers
+    (parameters, steps per epoch...) describe the run, they are no curve (each logger records it its way).
 
     Example:
         >>> scalars({"kind": "eval", "step": 10, "eval_loss": 0.4, "eval_accuracy": 0.9})
         {'eval/loss': 0.4, 'eval/accuracy': 0.9}
+        >>> scalars({"kind": "start", "step": 0, "parameters": 1234, "device": "cpu"})
+        {}
     """
     kind = row_kind(row)
+    if kind in _DESCRIPTIVE_KINDS:
+        return {}
     tags = {}
     for key, value in row.items():
         if key in _POSITION_KEYS or isinstance(value, bool) or not isinstance(value, int | float):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,12 @@ class TensorBoardLogger(Logger):
 
     Tags are ``<kind>/<key>`` without the kind prefix of the key (``train/loss``, ``train/lr``,
     ``eval/loss``, ``eval/accuracy``), at the row's step. Diagnostic rows also become text
-    (``diagnostic/<name>``). The config goes to the HParams dashboard and, as a table, to the text tab.
+    (``diagnostic/<name>``), the start row a table in the text tab (``start``, no scalars). The config goes
+    to the HParams dashboard and, as a table, to the text tab.
 
     A resumed run (event files already there) purges the steps it is about to repeat: TensorBoard hides
-    the events of the interrupted attempt from the first step the new process logs onwards.
+    the events of the interrupted attempt after the checkpoint's step (the step of the resumed run's start
+    row; without one, from the first step the new process logs).
 
     Example:
         >>> logger = TensorBoardLogger("runs/demo", {})  # doctest: +SKIP
@@ -51,6 +54,12 @@ class TensorBoardLogger(Logger):
         """Add each numeric key of the row as a scalar at the row's step (rows without a step are skipped)."""
         step = row_step(row)
         if step is None:
+            return
+        if row.get("kind") == "start":
+            # A resumed run starts at its checkpoint's step, whose rows the checkpoint holds: only the steps
+            # after it are repeated, so only they are purged.
+            writer = self._open(purge_step=step + 1)
+            writer.add_text("start", _markdown_table(row.items()), global_step=step)
             return
         writer = self._open(purge_step=step)
         for tag, value in scalars(row).items():
@@ -86,5 +95,10 @@ class TensorBoardLogger(Logger):
         }
         for summary in hparams(values, dict.fromkeys(_HPARAM_METRICS, 0.0)):
             self._writer.file_writer.add_summary(summary)
-        table = "\n".join(f"| {key} | {json.dumps(value)} |" for key, value in flat.items())
-        self._writer.add_text("config", "| field | value |\n|---|---|\n" + table, global_step=0)
+        self._writer.add_text("config", _markdown_table(flat.items()), global_step=0)
+
+
+def _markdown_table(items: Iterable[tuple[str, Any]]) -> str:
+    """``| field | value |`` rows, values as JSON: how TensorBoard's text tab shows a mapping."""
+    lines = (f"| {key} | {json.dumps(value)} |" for key, value in items)
+    return "| field | value |\n|---|---|\n" + "\n".join(lines)

@@ -24,8 +24,8 @@ class WandbLogger(Logger):
     offline-run-*`` uploads later); ``WANDB_MODE=online`` and the other ``WANDB_*`` variables (project,
     entity, API key) are honoured. The project is ``WANDB_PROJECT`` (default ``steadyfit``), the run name
     the run directory's name, metrics the ``<kind>/<key>`` tags of ``scalars`` against ``global_step``, the
-    config (secrets masked) the run config. The run id is kept in ``RUN_DIR/wandb_run_id`` and a resumed
-    run continues the same W&B run.
+    config (secrets masked) the run config, the start row its ``start`` entry. The run id is kept in
+    ``RUN_DIR/wandb_run_id`` and a resumed run continues the same W&B run.
 
     Example:
         >>> logger = WandbLogger("runs/demo", {"lr": 0.1})  # doctest: +SKIP
@@ -65,7 +65,11 @@ class WandbLogger(Logger):
         self.run.config.update(redact(params, secret_env_values()), allow_val_change=True)
 
     def log_row(self, row: dict[str, Any]) -> None:
-        """Log every numeric key of the row at the row's step."""
+        """Log every numeric key of the row at the row's step; the start row goes to the run config."""
+        if row.get("kind") == "start":
+            start = {key: value for key, value in row.items() if key != "kind"}
+            self.run.config.update({"start": start}, allow_val_change=True)
+            return
         step = row_step(row)
         values = scalars(row)
         if step is not None and values:
