@@ -22,7 +22,7 @@ demo: venv
 
 test: venv
 	$(PIP) install --quiet "$(TORCH)" -e ".[$(TEST_EXTRAS)]"
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup
 
 lint: venv
 	$(VENV)/bin/ruff check src tests bench examples

@@ -34,6 +34,9 @@ def run_fit(source: str | None, overrides: list[str]) -> int:
         kept = " (the final weights)" if trainer.config.load_best_at_end else ""
         best = f"{trainer.tracker.metric}={result.best_metric:.4f} at step {result.best_step}"
         print(f"steadyfit: best {best}{kept}")
+    if trainer.config.fast_dev_run:
+        print(f"steadyfit: fast_dev_run: nothing was kept; {trainer.config.run_dir} is untouched")
+        return EXIT_OK
     where = f"{METRICS_FILE}, {CHECKPOINTS_DIR}/, {FINAL_DIR}/{FINAL_MODEL_FILE}"
     print(f"steadyfit: run directory {trainer.config.run_dir} ({where})")
     return EXIT_OK

@@ -353,8 +353,11 @@ def check_overfit_loader(config: Any, train_data: Any) -> None:
     """
     if not config.overfit_batches or not isinstance(train_data, DataLoader):
         return
-    sampler = train_data.sampler
-    if isinstance(sampler, torch.utils.data.RandomSampler) or getattr(sampler, "shuffle", False):
+    samplers = (train_data.sampler, getattr(train_data.batch_sampler, "sampler", None))
+    if any(
+        isinstance(sampler, torch.utils.data.RandomSampler) or getattr(sampler, "shuffle", False)
+        for sampler in samplers
+    ):
         raise ConfigError(
             "overfit_batches: the DataLoader passed as train_data shuffles, so its first batches change "
             "every epoch; pass the dataset itself (steadyfit then keeps its order) or a DataLoader with "

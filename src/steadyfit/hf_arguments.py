@@ -300,6 +300,9 @@ class _Translation:
 
     def _loggers(self) -> None:
         report_to = self.take("report_to") or []
+        if report_to == self.defaults.get("report_to"):
+            # transformers 4.x defaults to "all": every integration installed, which nobody asked for.
+            report_to = []
         names = [report_to] if isinstance(report_to, str) else list(report_to)
         loggers = [name for name in names if name in _LOGGERS]
         unknown = [name for name in names if name not in (*_LOGGERS, "none")]

@@ -182,4 +182,7 @@ def fast_dev_run_settings(config: TrainConfig) -> dict[str, Any]:
         "max_epochs": 1,
         "max_steps": None,
         "loggers": [],
+        # A run of a few steps is shorter than any warm-up: the schedule would refuse it.
+        "warmup_steps": 0,
+        "warmup_ratio": 0.0,
     }

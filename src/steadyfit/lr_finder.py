@@ -50,6 +50,9 @@ _SWEEP_FIELDS: dict[str, Any] = {
     "on_nonfinite": "raise",
     "diagnostics": False,
     "stop_on": [],
+    "eval_on_start": False,
+    "limit_eval_batches": None,
+    "fast_dev_run": False,
 }
 
 

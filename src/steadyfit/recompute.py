@@ -52,6 +52,11 @@ def enable_gradient_checkpointing(model: torch.nn.Module, setting: bool | list[s
             f"gradient_checkpointing: no submodule of class {', '.join(sorted(missing))}; the model has "
             f"{', '.join(present)}"
         )
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", False):
+        # A Hugging Face decoder block recomputed in the backward pass would append to its key/value cache a
+        # second time (transformers' own switch turns the cache off too); training never reads the cache.
+        config.use_cache = False
     for _, module in chosen:
         # A bound method, so a deep copy of the model (EMA) recomputes its own block, not this one.
         module.forward = types.MethodType(_recomputed_forward, module)

@@ -6,6 +6,7 @@ One run, as fit() runs it::
       restore every component from the newest checkpoint that restores (or start fresh)
       on_fit_start
       start row: the start-up summary (one console line, metrics.jsonl, loggers, on_log)
+      [eval_on_start: evaluate -> on_evaluate, not a candidate for the best]
       for epoch:
         on_epoch_start
         for window of grad_accum_steps micro-batches:       # fetched whole: sample counts known up front
@@ -193,6 +194,8 @@ class Trainer:
         seed_everything(config.seed)
         set_deterministic(config.deterministic)
         self._prepare()
+        if self.eval_data is not None:
+            self._eval_max_batches(self.eval_data)  # a limit that cannot apply fails now, not steps later
         run_dir = self._fast_dev_run_dir() if config.fast_dev_run else config.run_dir
         config_data = redact(config.to_yaml_dict(), secret_env_values())
         self._config_yaml = yaml.safe_dump(config_data, sort_keys=False).encode()
@@ -207,6 +210,7 @@ class Trainer:
                 self._log_start(resumed_from)
                 if config.eval_on_start and self.state.step == 0 and self.state.last_eval_step is None:
                     self._evaluate_and_track(track=False)
+                self._agree_on_stop()  # on_log saw the start row (and eval_on_start's) on rank 0 alone
                 self.log_window.start()  # time_s and the first throughput leave set-up and loggers out
                 while not self._is_done():
                     self._train_epoch(preemption)
@@ -224,7 +228,8 @@ class Trainer:
         return self._result()
 
     def evaluate(self, data: Any = None) -> dict[str, float]:
-        """Exact per-sample (per-token for ``(sum, count)`` losses) averages over the whole eval set.
+        """Exact per-sample (per-token for ``(sum, count)`` losses) averages over the whole eval set (over
+        its first batches with ``limit_eval_batches`` or ``overfit_batches``, as Lightning's ``validate``).
 
         Returns:
             ``{"eval_loss": ..., "eval_<metric>": ...}``.
@@ -236,11 +241,7 @@ class Trainer:
         if data is None:
             raise ConfigError("eval_data: evaluate() needs data; pass eval_data=... to the Trainer")
         models = {"": self.model, **({"ema_": self.ema.module} if self.ema is not None else {})}
-        max_batches = limit_batches(
-            self._eval_batch_limit,
-            data_mod.batches_per_epoch(data, self.spec.eval_batch_size, self.dist.world_size),
-            "limit_eval_batches",
-        )
+        max_batches = self._eval_max_batches(data)
         scores = {}
         for prefix, model in models.items():
             found = evaluate_model(
@@ -255,6 +256,11 @@ class Trainer:
             )
             scores.update({prefix + key: value for key, value in found.items()})
         return scores
+
+    def _eval_max_batches(self, data: Any) -> int | None:
+        """``limit_eval_batches`` (or ``overfit_batches``) as a number of batches of ``data``."""
+        batches = data_mod.batches_per_epoch(data, self.spec.eval_batch_size, self.dist.world_size)
+        return limit_batches(self._eval_batch_limit, batches, "limit_eval_batches")
 
     def predict(self, data: Any) -> Any:
         """The model's outputs over ``data``, in order, as one output: a tensor, or a ``ModelOutput`` (or
@@ -531,12 +537,13 @@ class Trainer:
         return json.dumps(state, sort_keys=True), self._rows_logged
 
     def _agree_on_stop(self) -> None:
-        """Diagnostics run on rank 0 alone: a stop they ask for reaches every rank (one all-reduce, only
-        with ``stop_on``), before any rank decides to save or to go on."""
-        if not (self.config.stop_on and self.dist.is_distributed):
+        """Diagnostics and ``on_log`` run on rank 0 alone: a stop they ask for reaches every rank (one
+        all-reduce, only with ``stop_on`` or an ``on_log`` callback), before any rank decides to save or to
+        go on."""
+        if not (self._rank_zero_may_stop and self.dist.is_distributed):
             return
         if self.dist.any_rank(self.state.should_stop, self.device) and not self.state.should_stop:
-            self.request_stop("stopped by rank 0's diagnostics")
+            self.request_stop("stopped on rank 0 (diagnostics or an on_log callback)")
 
     def _save_arguments(self) -> dict[str, Any]:
         state = self.state
@@ -617,6 +624,8 @@ class Trainer:
         # A callback on every step sees each step's exact state, so every step is a read point; under
         # several ranks every rank must read at the same steps (the preemption vote rides on the reads).
         self._read_every_step = self.dist.any_rank(self.callbacks.has("on_step_end"), self.device)
+        may_stop = bool(config.stop_on) or self.callbacks.has("on_log")
+        self._rank_zero_may_stop = self.dist.any_rank(may_stop, self.device)
         eval_every = config.eval_every if self.eval_data is not None else None
         # "epoch" cadences need no planned read: the end of an epoch is always one.
         cadences = (config.log_every, eval_every, config.save_every)
@@ -716,7 +725,7 @@ class Trainer:
             train_loss=self.log_window.run_mean(),
             metrics=dict(self.last_metrics),
             best_metric=state.best_metric,
-            best_checkpoint=state.best_checkpoint,
+            best_checkpoint=state.best_checkpoint if self._scratch_dir is None else None,
             best_step=state.best_step,
             nonfinite_skips=state.nonfinite_skips,
             stop_reason=state.stop_reason,

@@ -51,6 +51,7 @@ SCRIPT_KEYS = {
     "mode": "fit",
     "forbid_pickle": 0,
     "unused_branch": 0,
+    "stop_on_log_at": 0,
 }
 DEFAULTS = {
     "seed": 7,
@@ -168,6 +169,17 @@ class Announce(Callback):
         say(f"saved {path}")
 
 
+class StopOnLog(Callback):
+    """Requests a stop from ``on_log`` (rank 0 alone sees rows) once a train row reaches ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_log(self, trainer, state, row):
+        if row.get("kind") == "train" and row["step"] >= self.step:
+            trainer.request_stop(f"on_log saw step {row['step']}")
+
+
 class PoisonOnce:
     """Wraps a loss: rank 1 returns NaN once, in optimizer step ``step`` (1-based), in training only."""
 
@@ -213,7 +225,9 @@ def build_trainer(run_dir: str, overrides: dict[str, Any]) -> tuple[Trainer, str
         eval_data=evaluation,
         loss_fn=loss_fn,
         metrics={"accuracy": metric},
-        callbacks=[announce],
+        callbacks=[announce, StopOnLog(int(script["stop_on_log_at"]))]
+        if script["stop_on_log_at"]
+        else [announce],
     )
     return trainer, str(script["mode"])
 

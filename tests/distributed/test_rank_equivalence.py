@@ -36,6 +36,8 @@ RUNS = {
     # Fused AdamW: the non-finite check stays on the device and steps are booked at read points (every 4).
     "ddp_adamw": {"optimizer": "adamw", "lr": 0.01, "log_every": 4},
     "nan_adamw": {"optimizer": "adamw", "lr": 0.01, "log_every": 4, "nan_at": 3},
+    # A stop asked for by an on_log callback, which only rank 0 runs: every rank stops at the same step.
+    "stop_on_log": {"stop_on_log_at": 3},
     "eval_mean": {"mode": "evaluate", "eval_batch_size": 4},
     "eval_pair": {"mode": "evaluate", "loss": "pair", "eval_batch_size": 3},
 }
@@ -168,6 +170,11 @@ def test_nan_on_one_rank_skips_the_step_on_both(two_ranks, tmp_path, name):
     for rank_result in runs[name]:
         assert rank_result["nonfinite_skips"] == 1
         assert rank_result["global_step"] == clean.global_step - 1
+
+
+def test_a_stop_from_on_log_stops_every_rank_at_the_same_step(two_ranks):
+    _, runs = two_ranks
+    assert [rank_result["global_step"] for rank_result in runs["stop_on_log"]] == [3, 3]
 
 
 def test_ddp_refuses_to_resume_on_another_world_size(two_ranks, tmp_path):

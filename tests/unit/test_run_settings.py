@@ -265,3 +265,57 @@ def test_gradient_checkpointing_true_uses_a_hugging_face_models_own_switch(tmp_p
     train = base_config(tmp_path, batch_size=4, gradient_checkpointing=True)
     Trainer(model, train, train_data=data).fit()
     assert any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+
+
+def test_fast_dev_run_ignores_the_warm_up_a_one_step_run_cannot_have(tmp_path):
+    config = base_config(tmp_path, batch_size=8, fast_dev_run=True, scheduler="cosine", warmup_ratio=0.1)
+    assert Trainer(make_mlp(), config, train_data=make_regression(64), loss_fn=CE).fit().global_step == 1
+
+
+def test_a_limit_that_cannot_apply_to_the_eval_data_fails_before_training(tmp_path):
+    # 16 samples in batches of 8: a tenth of two batches keeps none.
+    steps = StepOf()
+    config = base_config(tmp_path, batch_size=8, limit_eval_batches=0.1)
+    trainer = Trainer(
+        make_mlp(),
+        config,
+        train_data=make_regression(64),
+        eval_data=make_regression(16, seed=1),
+        loss_fn=CE,
+        callbacks=[steps],
+    )
+    with pytest.raises(ConfigError, match=r"limit_eval_batches: 0\.1 of 2 batches keeps none"):
+        trainer.fit()
+    assert steps.events == []
+
+
+def test_overfit_batches_refuses_a_shuffling_batch_sampler(tmp_path):
+    data = make_regression(64)
+    sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(data), 8, drop_last=False)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=sampler)
+    with pytest.raises(ConfigError, match="overfit_batches"):
+        Trainer(make_mlp(), base_config(tmp_path, overfit_batches=2), train_data=loader, loss_fn=CE)
+
+
+def test_lr_find_leaves_the_evaluation_and_debug_settings_out(tmp_path):
+    from steadyfit.lr_finder import find_lr
+
+    config = base_config(tmp_path, eval_on_start=True, limit_eval_batches=2, fast_dev_run=True)
+    result = find_lr(make_mlp(), make_regression(64), loss_fn=CE, config=config, num_steps=12, max_lr=1.0)
+    assert len(result.lrs) == 12
+
+
+def test_gradient_checkpointing_of_hugging_face_blocks_turns_the_cache_off(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ids = torch.randint(0, 32, (8, 8), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    weights = []
+    for setting in (False, ["GPT2Block"]):
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=32, n_positions=16)
+        model = transformers.GPT2LMHeadModel(config)
+        train = base_config(tmp_path / str(bool(setting)), batch_size=4, gradient_checkpointing=setting)
+        Trainer(model, train, train_data=data).fit()
+        weights.append(model.state_dict())
+    # The same dropout masks (the recomputed forward replays the RNG); the backward's sums may round apart.
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=1e-6)
