@@ -146,10 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_arguments(parser, argv)
     except SystemExit as exc:  # argparse already printed the usage message
         return EXIT_USAGE if exc.code else EXIT_OK
-    # `steadyfit fit mymod:recipe` finds mymod.py in the current directory, as `python -m steadyfit` does
-    # (which puts it first on the path); the console script alone would not.
+    # `steadyfit fit mymod:recipe` finds mymod.py in the current directory, as `python -m steadyfit` does;
+    # the console script alone would not. Last on the path: a stray file there never shadows a library.
     if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+        sys.path.append(os.getcwd())
     if (
         args.command in ("fit", "lr-find", "sweep")
         and args.source

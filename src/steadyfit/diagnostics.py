@@ -454,9 +454,9 @@ class Diagnostics:
             "first_step_loss": start,
             **({"eval_accuracy": accuracy} if accuracy is not None else {}),
             "evals_at_chance": self.chance_evals,
-            "message": f"at_chance: eval loss {eval_loss:.4g} is not below the untrained model's {start:.4g} "
-            f"(the first step's loss) for {self.chance_evals} evaluations; lower lr if the train loss "
-            "diverged, else check the labels and the model's output",
+            "message": f"at_chance: eval loss {eval_loss:.4g} is not below the model's {start:.4g} before "
+            f"training (the first step's loss) for {self.chance_evals} evaluations; lower lr if the train "
+            "loss diverged, else check the labels and the model's output",
         }
 
     # ------------------------------------------------------------------------------------- state

@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from steadyfit.config import ConfigError, TrainConfig
 from steadyfit.data import dataset_length
@@ -43,7 +44,6 @@ TRAJECTORY_FIELDS = (
     "gamma",
     "precision",
     "ema_decay",
-    "micro_batch_size",
     "limit_train_batches",
     "overfit_batches",
 )
@@ -84,6 +84,7 @@ MAY_CHANGE_ON_RESUME = (
     "fast_dev_run",
     "limit_eval_batches",
     "gradient_checkpointing",
+    "micro_batch_size",
 )
 
 
@@ -162,15 +163,20 @@ class RunIdentity:
         # Older checkpoints fingerprinted only the seed and accumulation beside the structure.
         if saved_config is None:
             saved_config = {name: saved[name] for name in ("seed", "grad_accum_steps") if name in saved}
+        # Before the fingerprint held the config, a user DataLoader's batch was recorded as the config's
+        # default batch_size, which that loader never used: such a global batch says nothing.
+        old_loader_record = "config" not in saved and isinstance(self.train_data, DataLoader)
         changes = []
         for name in TRAJECTORY_FIELDS:
             if name == "batch_size":
+                if old_loader_record:
+                    continue
                 if "global_batch" in saved and saved["global_batch"] != now["global_batch"]:
                     changes.append(
                         f"batch_size: global batch (batch_size x world size) {saved['global_batch']} in the "
                         f"checkpoint, {now['global_batch']} now"
                     )
-            elif name in saved_config and saved_config[name] != now["config"][name]:
+            elif name in saved_config and _differs(saved_config[name], now["config"][name]):
                 changes.append(
                     f"{name}: {saved_config[name]!r} in the checkpoint, {now['config'][name]!r} now"
                 )
@@ -187,13 +193,17 @@ class RunIdentity:
             changes.append(
                 "ema_decay: the checkpoint was trained " + ("with" if saved["ema"] else "without") + " EMA"
             )
+        # The optimizer's class too, not only the config field: a Trainer may be given its own optimizer.
         for field in ("optimizer", "param_groups"):
-            if field == "optimizer" and "optimizer" in saved_config:
-                continue  # the optimizer field already said it
             if field in saved and saved[field] != now[field]:
                 what = field.replace("_", " ")
                 changes.append(f"optimizer: {what} {saved[field]!r} in the checkpoint, {now[field]!r} now")
         return changes
+
+
+def _differs(saved: Any, now: Any) -> bool:
+    """Whether a fingerprinted value changed; 1 and 1.0 differ (one batch, or the whole epoch)."""
+    return saved != now or type(saved) is not type(now)
 
 
 def _parameter_changes(saved: Any, now: dict[str, list[int]]) -> str:

@@ -20,7 +20,14 @@ from steadyfit.checkpoint.atomic import replace_file
 from steadyfit.checkpoint.payload import prepare_tensors
 from steadyfit.config import ConfigError
 from steadyfit.console import warn
-from steadyfit.layout import CONFIG_FILE, FINAL_DIR, FINAL_EMA_FILE, FINAL_MODEL_FILE
+from steadyfit.layout import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    FINAL_DIR,
+    FINAL_EMA_FILE,
+    FINAL_MODEL_FILE,
+    METRICS_FILE,
+)
 from steadyfit.loggers.base import LoggerError, LoggerProtocol
 from steadyfit.loggers.jsonl import JsonlLogger, truncate_history, truncate_rows
 from steadyfit.loggers.registry import build_loggers
@@ -92,8 +99,13 @@ class RunDirectory:
         if self.dist.is_main:
             try:
                 action()
-            except (ConfigError, CheckpointError, RunLockedError, LoggerError, OSError) as exc:
+            except (ConfigError, CheckpointError, RunLockedError, LoggerError) as exc:
                 error = exc
+            except OSError as exc:  # metrics.jsonl or config.yaml is a directory, a full disk, ...
+                error = ConfigError(
+                    f"run_dir: cannot write {exc.filename or self.path} ({exc.strerror or exc}); move what "
+                    "is in the way, free space, or choose another run_dir"
+                )
         error = self.dist.broadcast_object(error)
         if error is not None:
             raise error
@@ -108,6 +120,11 @@ class RunDirectory:
                     f"run_dir: {final_dir} is a link or a file, not a directory; move it away and rerun "
                     "(the final weights are written inside the run directory only)"
                 )
+            for name, must_be_dir in ((CHECKPOINTS_DIR, True), (CONFIG_FILE, False), (METRICS_FILE, False)):
+                path = self.path / name
+                if path.exists() and path.is_dir() != must_be_dir:
+                    what = "a file" if must_be_dir else "a directory"
+                    raise ConfigError(f"run_dir: {path} is {what}, which steadyfit cannot use; move it away")
             CheckpointStore(self.path).cleanup_stray()
         except BaseException:
             self.lock.__exit__(None, None, None)

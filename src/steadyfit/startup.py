@@ -71,30 +71,33 @@ def start_row(
     }
 
 
-def format_start(row: dict[str, Any]) -> str:
-    """The start row as one console line (the resume itself has its own notice just before).
+def format_start(row: dict[str, Any]) -> list[str]:
+    """The start row as two console lines, each short enough for a piped log (the resume itself has its
+    own notice just before): what is trained, then how.
 
     Example:
-        >>> line = format_start({"parameters": 1234, "trainable_parameters": 1234, "train_samples": 1797,
+        >>> lines = format_start({"parameters": 1234, "trainable_parameters": 1234, "train_samples": 1797,
         ...     "steps_per_epoch": 45, "total_steps": 1800, "batch_size": 20, "grad_accum_steps": 2,
         ...     "world_size": 1, "effective_batch": 40, "device": "cpu", "precision": "fp32",
         ...     "step": 0, "resumed_from": None})
-        >>> line.split(" · ")[:2]
-        ['start: 1,234 parameters (1,234 trainable)', '1,797 samples']
-        >>> line.split(" · ")[2:]
-        ['1,800 steps (45 per epoch)', 'batch 40 (20 × 1 rank × 2 accumulated)', 'cpu fp32']
+        >>> lines[0]
+        'start: 1,234 parameters (1,234 trainable) · 1,797 samples'
+        >>> lines[1]
+        'start: 1,800 steps (45 per epoch) · batch 40 (20 × 1 rank × 2 accumulated) · cpu fp32'
     """
     samples = row["train_samples"]
     per_epoch = row["steps_per_epoch"]
     ranks = row["world_size"]
-    parts = [
+    what = [
         f"{row['parameters']:,} parameters ({row['trainable_parameters']:,} trainable)",
         f"{samples:,} samples" if samples is not None else "samples: unknown (no length)",
+    ]
+    if row["resumed_from"] is not None:
+        what.append(f"resumed at step {row['step']}")
+    how = [
         f"{row['total_steps']:,} steps" + (f" ({per_epoch:,} per epoch)" if per_epoch is not None else ""),
         f"batch {row['effective_batch']:,} ({row['batch_size']} × {ranks} rank{'s' if ranks != 1 else ''} "
         f"× {row['grad_accum_steps']} accumulated)",
         f"{row['device']} {row['precision']}",
     ]
-    if row["resumed_from"] is not None:
-        parts.append(f"resumed at step {row['step']}")
-    return "start: " + " · ".join(parts)
+    return ["start: " + " · ".join(what), "start: " + " · ".join(how)]

@@ -323,6 +323,8 @@ def best_trial_lines(
 
 def _override_value(value: Any) -> str:
     """A parameter as a ``key=value`` override reads it back: floats in full (repr round-trips)."""
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):

@@ -110,9 +110,15 @@ def build_tracker(config: TrainConfig, metrics: dict[str, Any], has_eval_data: b
             naming no eval metric.
     """
     if not has_eval_data:
-        if config.load_best_at_end or config.early_stopping_patience or config.metric_for_best:
+        if (
+            config.load_best_at_end
+            or config.early_stopping_patience
+            or config.metric_for_best
+            or config.keep_best > 1
+        ):
             raise ConfigError(
-                "eval_data: metric_for_best, load_best_at_end and early_stopping_patience need eval_data"
+                "eval_data: metric_for_best, load_best_at_end, early_stopping_patience and keep_best need "
+                "eval_data"
             )
         return None
     metric = config.metric_for_best or "eval_loss"

@@ -484,7 +484,8 @@ class Trainer:
             self.model, self.config, self.horizons, self.train_data, self.device, self.state, resumed_from
         )
         if self.dist.is_main:
-            self.progress.notice(format_start(row))
+            for line in format_start(row):
+                self.progress.notice(line)
         self._log(row)
         if resumed_from is not None:
             # The restored checkpoint holds this boundary. The start row belongs to this attempt, not to the

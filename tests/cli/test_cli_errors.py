@@ -217,3 +217,16 @@ def test_notices_and_warnings_mask_secrets(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "https://bob:***@hub.example.com?token=***" in err
     assert SECRET not in err
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "config.yaml", "checkpoints"])
+def test_a_run_directory_file_in_the_way_is_named_before_training(tmp_path, capsys, name):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    if name == "checkpoints":
+        (run_dir / name).write_text("not a directory")
+    else:
+        (run_dir / name).mkdir()
+    status, err = fit(capsys, f"run_dir={run_dir}")
+    assert status == EXIT_USAGE
+    assert name in only_error_line(err)

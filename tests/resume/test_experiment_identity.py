@@ -44,7 +44,6 @@ CHANGED_TRAJECTORY = {
     "gamma": {"gamma": 0.5},
     "precision": {"precision": "bf16"},
     "ema_decay": {"ema_decay": 0.9},
-    "micro_batch_size": {"micro_batch_size": 4},
     "limit_train_batches": {"limit_train_batches": 2},
     "overfit_batches": {"overfit_batches": 2},
 }
@@ -71,6 +70,7 @@ CHANGED_FREELY = {
     "eval_on_start": {"eval_on_start": True},
     "limit_eval_batches": {"limit_eval_batches": 1},
     "gradient_checkpointing": {"gradient_checkpointing": ["Linear"]},
+    "micro_batch_size": {"micro_batch_size": 4},
 }
 
 
@@ -189,6 +189,31 @@ def test_resume_path_of_another_experiment_fine_tunes_from_its_weights(finished_
     _fit(config.model_copy(update={"max_steps": 6}), callbacks=[again])
     assert again.step == 4
     assert "holds this run's own checkpoints" in capfd.readouterr().err
+
+
+def test_an_optimizer_of_another_class_passed_to_the_trainer_is_another_experiment(finished_run, tmp_path):
+    # The config still says adamw; the Trainer gets its own SGD: the checkpoint's AdamW state cannot apply.
+    _copy(finished_run, tmp_path)
+    model = make_mlp()
+    config = _config(tmp_path, max_steps=6)
+    trainer = Trainer(
+        model,
+        config,
+        train_data=make_regression(48),
+        eval_data=make_regression(16, seed=1),
+        loss_fn=CE,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
+    )
+    with pytest.raises(ConfigError, match="optimizer: optimizer 'AdamW' in the checkpoint, 'SGD' now"):
+        trainer.fit()
+
+
+def test_one_batch_and_the_whole_epoch_are_different_limits(finished_run, tmp_path):
+    # limit_train_batches=1 is one batch, 1.0 the whole epoch: equal as numbers, not as experiments.
+    root = tmp_path / "limits"
+    _fit(_config(root, limit_train_batches=1.0))
+    with pytest.raises(ConfigError, match=r"limit_train_batches: 1\.0 in the checkpoint, 1 now"):
+        _fit(_config(root, limit_train_batches=1, max_steps=6))
 
 
 def test_a_resumed_run_says_so_without_progress(finished_run, tmp_path, capfd):

@@ -55,10 +55,11 @@ def test_every_piped_line_of_a_real_run_fits_in_the_width(tmp_path, capsys):
     config = base_config(tmp_path, progress=True, batch_size=8, max_epochs=2, eval_every=3)
     data = make_regression(48)
     Trainer(make_mlp(), config, train_data=data, eval_data=data, loss_fn=F.cross_entropy).fit()
-    printed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    stderr = capsys.readouterr().err.splitlines()
+    assert max(len(line) for line in stderr) <= LINE_WIDTH, "every line, the start-up summary's too"
+    printed = [line for line in stderr if line.startswith("[")]
     kinds = {line[1:].split()[0] for line in printed}
     assert {"train", "eval", "summary"} <= kinds
-    assert max(len(line) for line in printed) <= LINE_WIDTH
     assert all(" step " in line and "/12 " in line for line in printed)  # step of the total, 12 steps
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = next(row for row in rows if row["kind"] == "train")

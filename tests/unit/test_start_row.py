@@ -11,7 +11,10 @@ CE = torch.nn.functional.cross_entropy
 
 
 def _start_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("steadyfit: start: ")]
+    """The start-up summary's two console lines (what is trained, then how), each fit for a piped log."""
+    lines = [line for line in stderr.splitlines() if line.startswith("steadyfit: start: ")]
+    assert len(lines) == 2 and all(len(line) <= 100 for line in lines), lines
+    return lines
 
 
 def test_the_start_row_counts_parameters_samples_steps_and_the_accumulated_batch(tmp_path, capsys):
@@ -41,9 +44,9 @@ def test_the_start_row_counts_parameters_samples_steps_and_the_accumulated_batch
         "precision": "fp32",
         "resumed_from": None,
     }
-    (line,) = _start_lines(capsys.readouterr().err)  # printed once, with progress=false too
-    assert "163 parameters (51 trainable) · 50 samples · 10 steps (5 per epoch)" in line
-    assert "batch 12 (4 × 1 rank × 3 accumulated) · cpu fp32" in line
+    what, how = _start_lines(capsys.readouterr().err)  # printed once, with progress=false too
+    assert what.endswith("163 parameters (51 trainable) · 50 samples")
+    assert how.endswith("10 steps (5 per epoch) · batch 12 (4 × 1 rank × 3 accumulated) · cpu fp32")
 
 
 def test_data_without_a_length_has_no_sample_count(tmp_path, capsys):
@@ -55,8 +58,10 @@ def test_data_without_a_length_has_no_sample_count(tmp_path, capsys):
     Trainer(make_mlp(), config, train_data=Stream(), loss_fn=CE).fit()
     start = metric_rows(tmp_path / "run")[0]
     assert start["train_samples"] is None and start["steps_per_epoch"] is None and start["total_steps"] == 3
-    (line,) = _start_lines(capsys.readouterr().err)
-    assert "samples: unknown (no length) · 3 steps · batch 8" in line
+    what, how = _start_lines(capsys.readouterr().err)
+    assert what.endswith("samples: unknown (no length)") and how.startswith(
+        "steadyfit: start: 3 steps · batch 8"
+    )
 
 
 def test_a_resumed_run_writes_its_own_start_row_after_the_checkpoints_rows(tmp_path, capsys):
@@ -86,8 +91,8 @@ def test_a_resumed_run_writes_its_own_start_row_after_the_checkpoints_rows(tmp_p
     ]
     resumed = metric_rows(tmp_path / "run")[5]
     assert resumed["resumed_from"] == str(checkpoint) and resumed["total_steps"] == 7
-    (line,) = _start_lines(capsys.readouterr().err)
-    assert line.endswith("resumed at step 4")
+    what, _ = _start_lines(capsys.readouterr().err)
+    assert what.endswith("resumed at step 4")
 
 
 def test_rerunning_a_finished_run_replaces_only_its_start_row_and_saves_nothing_again(tmp_path):

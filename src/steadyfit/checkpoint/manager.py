@@ -342,6 +342,10 @@ class CheckpointManager:
         """Load only the weights of the checkpoint at ``path`` into ``model`` (every rank, verified first)."""
         checkpoint = self._open_on_every_rank(Path(path))
         if checkpoint.shards_dir is not None:
+            if not hasattr(model, "load_model_shards"):
+                raise ConfigError(
+                    f"strategy: {path} is a sharded (FSDP) checkpoint; load its weights with strategy=fsdp"
+                )
             model.load_model_shards(checkpoint.shards_dir)  # type: ignore[attr-defined]
         else:
             model.load_state_dict(checkpoint.model_state)

@@ -7,6 +7,7 @@ from typing import Any
 
 from steadyfit.config import ConfigError
 from steadyfit.loggers.base import LoggerError, LoggerProtocol
+from steadyfit.secrets import redact_text, secret_env_values
 
 # name -> (module, class). Modules are imported only when their logger is asked for, so an
 # optional library is never imported by a run that does not use it.
@@ -74,11 +75,13 @@ def _build_named(name: str, run_dir: str, config_dict: dict[str, Any]) -> Logger
     except ConfigError:
         raise
     except Exception as exc:
-        # A server or library failure, not our bug: one line naming the logger, no library traceback.
+        # A server or library failure, not our bug: one line naming the logger, no library traceback. Its
+        # text may hold a tracking URI with a password: masked, and not chained (the cause would show it).
+        reason = redact_text(f"{type(exc).__name__}: {exc}", secret_env_values())
         raise LoggerError(
-            f"loggers: the {name} logger could not start ({type(exc).__name__}: {exc}); check its "
+            f"loggers: the {name} logger could not start ({reason}); check its "
             f"settings (environment variables, server), or remove {name} from loggers"
-        ) from exc
+        ) from None
 
 
 def import_extra(module: str, extra: str) -> Any:
