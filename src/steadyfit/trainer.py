@@ -5,7 +5,7 @@ One run, as fit() runs it::
     fit()
       restore every component from the newest checkpoint that restores (or start fresh)
       on_fit_start
-      start row: the start-up summary (one console line, metrics.jsonl, loggers, on_log)
+      start row: the start-up summary (two console lines, metrics.jsonl, loggers, on_log)
       [eval_on_start: evaluate -> on_evaluate, not a candidate for the best]
       for epoch:
         on_epoch_start
@@ -479,7 +479,7 @@ class Trainer:
             self.callbacks.fire("on_log", self, self.state, dict(row))
 
     def _log_start(self, resumed_from: str | None) -> None:
-        """The start-up summary: one console line (rank 0, whatever ``progress`` says) and the start row."""
+        """The start-up summary: two console lines (rank 0, whatever ``progress`` says) and the start row."""
         row = start_row(
             self.model, self.config, self.horizons, self.train_data, self.device, self.state, resumed_from
         )
