@@ -61,7 +61,7 @@ class WindowBackward:
     def __init__(
         self,
         model: Callable[..., Any],
-        loss_fn: Callable[..., Any] | None,
+        loss_fn: Callable[..., Any],
         precision: Precision,
         dist: Distributed,
         params: list[torch.nn.Parameter],

@@ -44,7 +44,7 @@ def check_eval_settings(config: TrainConfig, eval_data: Any) -> None:
 def evaluate_model(
     model: torch.nn.Module,
     data: Any,
-    loss_fn: Callable[..., Any] | None,
+    loss_fn: Callable[..., Any],
     metrics: dict[str, Any],
     spec: data_mod.LoaderSpec,
     precision: Precision,

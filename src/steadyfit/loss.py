@@ -130,19 +130,17 @@ def _has_token_labels(labels: Any) -> bool:
     return isinstance(labels, torch.Tensor) and labels.dim() >= 2 and labels[0].numel() > 1
 
 
-def forward_batch(
-    model: Callable[..., Any], batch: Any, loss_fn: Callable[..., Any] | None
-) -> tuple[Any, Any, Any]:
+def forward_batch(model: Callable[..., Any], batch: Any, loss_fn: Callable[..., Any]) -> tuple[Any, Any, Any]:
     """Run the model on one batch; returns ``(outputs, loss value, targets)``.
 
     A dict batch is passed as keyword arguments (``labels`` are the targets) and, with a
     :class:`ModelLoss` (the Trainer's ``loss_fn=None``), the model's own ``outputs.loss`` is the loss, as
-    ``(sum, count)`` where the model averaged over tokens; None takes ``outputs.loss`` as a plain mean. An
-    ``(inputs, targets)`` pair gives ``loss_fn(model(inputs), targets)``.
+    ``(sum, count)`` where the model averaged over tokens. An ``(inputs, targets)`` pair gives
+    ``loss_fn(model(inputs), targets)``.
 
     Raises:
         ValueError: a batch that is neither a pair nor a dict.
-        ConfigError: a pair batch without ``loss_fn``.
+        ConfigError: a pair batch with the model's own loss (no ``loss_fn``).
 
     Example:
         >>> model = torch.nn.Linear(2, 1)
@@ -154,8 +152,6 @@ def forward_batch(
     if isinstance(batch, dict):
         outputs = model(**batch)
         targets = batch.get("labels")
-        if loss_fn is None:
-            return outputs, model_loss(outputs), targets
         if isinstance(loss_fn, ModelLoss):
             return outputs, loss_fn(outputs, batch), targets
         return outputs, loss_fn(outputs, targets if targets is not None else batch), targets
@@ -166,7 +162,7 @@ def forward_batch(
             + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
         )
     inputs, targets = batch
-    if loss_fn is None or isinstance(loss_fn, ModelLoss):
+    if isinstance(loss_fn, ModelLoss):
         raise ConfigError("loss_fn: (inputs, targets) batches need a loss_fn, e.g. F.cross_entropy")
     outputs = model(inputs)
     return outputs, loss_fn(outputs, targets), targets
