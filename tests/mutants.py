@@ -103,9 +103,9 @@ MUTANTS = (
     ),
     Mutant(
         "manifest-hash",
-        "3. crash-safe checkpoints: a file whose checksum differs from the manifest passes verification",
+        "3. crash-safe checkpoints: a file whose SHA-256 differs from the manifest passes verification",
         "src/steadyfit/checkpoint/manifest.py",
-        "elif record.digest != expected[algorithm]:",
+        'elif record.sha256 != expected["sha256"]:',
         "elif False:",
         ("tests/unit/test_checkpoint_store.py",),
     ),

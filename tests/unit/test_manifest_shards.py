@@ -4,12 +4,12 @@ storage, and what a damaged or planted shard does."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 from pathlib import Path
 
-import blake3
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -57,8 +57,8 @@ def load_into(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) ->
     opt.load_state_dict(optimizer_state)
 
 
-def blake3_hex(data: bytes) -> str:
-    return blake3.blake3(data).hexdigest()
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -97,10 +97,10 @@ def test_a_flipped_byte_in_a_shard_is_named_and_the_previous_checkpoint_is_the_g
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0x01
     shard.write_bytes(bytes(data))
-    faults = [f"blake3 mismatch for file shards/{SHARD} (content changed or corrupted)"]
+    faults = [f"sha256 mismatch for file shards/{SHARD} (content changed or corrupted)"]
     assert store.verify(second) == faults
     assert store.latest_good() == (first, [(second, faults)])
-    with pytest.raises(CheckpointError, match=f"{second} failed verification: blake3 mismatch"):
+    with pytest.raises(CheckpointError, match=f"{second} failed verification: sha256 mismatch"):
         store.open(second)
 
 
@@ -241,10 +241,10 @@ def test_the_manifest_takes_each_ranks_own_hash_and_rank_zero_reads_no_other_sha
     path = save_sharded(store, two, 1, tensors, {"state": {"step": 1}})
     files = json.loads((path / "manifest.json").read_text())["files"]
     # Rank 1's record is listed as it sent it: rank 0 did not read that file (its real hash differs).
-    assert files[f"shards/{PEER}"] == {"size": len(peer_bytes), "blake3": "ab" * 32}
+    assert files[f"shards/{PEER}"] == {"size": len(peer_bytes), "sha256": "ab" * 32}
     own = path / "shards" / SHARD
-    assert files[f"shards/{SHARD}"] == {"size": own.stat().st_size, "blake3": blake3_hex(own.read_bytes())}
-    assert store.verify(path) == [f"blake3 mismatch for file shards/{PEER} (content changed or corrupted)"]
+    assert files[f"shards/{SHARD}"] == {"size": own.stat().st_size, "sha256": sha256(own.read_bytes())}
+    assert store.verify(path) == [f"sha256 mismatch for file shards/{PEER} (content changed or corrupted)"]
 
 
 @pytest.mark.parametrize(

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from steadyfit import layout
-from steadyfit.checkpoint.atomic import CHECKSUMS, FileRecord, hash_file
+from steadyfit.checkpoint.atomic import FileRecord, hash_file
 from steadyfit.checkpoint.errors import CheckpointError
 from steadyfit.checkpoint.payload import loads_json
 
 _MAX_MANIFEST_BYTES = 16 * 1024 * 1024
-_DIGEST_HEX_LEN = 64  # both BLAKE3 and SHA-256 digests are 32 bytes
+_SHA256_HEX_LEN = 64
 
 
 def build_manifest(
@@ -29,13 +29,11 @@ def build_manifest(
     """The manifest of a checkpoint whose files (all but the manifest itself) have these records.
 
     ``model`` is ``model.safetensors`` for a full checkpoint, or ``shards`` for a sharded one, whose shard
-    files are listed as ``shards/<file>``. Each file's entry names its checksum's algorithm by its key:
-    ``{"size": N, "blake3": "<hex>"}`` (manifests written before BLAKE3 hold ``"sha256"``).
+    files are listed as ``shards/<file>``.
 
     Example:
-        >>> files = build_manifest(7, [], [], {"model.safetensors": FileRecord(8, "0" * 64)})["files"]
-        >>> sorted(files["model.safetensors"])
-        ['blake3', 'size']
+        >>> build_manifest(7, ["trainer"], [], {"model.safetensors": FileRecord(8, "0" * 64)})["step"]
+        7
     """
     return {
         "format_version": layout.FORMAT_VERSION,
@@ -43,7 +41,7 @@ def build_manifest(
         "model": model,
         "components": list(components),
         "extra_files": list(extra_files),
-        "files": {name: {"size": r.size, r.algorithm: r.digest} for name, r in sorted(records.items())},
+        "files": {name: {"size": r.size, "sha256": r.sha256} for name, r in sorted(records.items())},
     }
 
 
@@ -58,8 +56,8 @@ def inspect_checkpoint(
 
     Args:
         path: the checkpoint directory.
-        keep: also return the bytes (a writable ``memoryview`` each) of the top-level files (shard files are
-            hashed, never kept: they are read later, slice by slice, by torch.distributed.checkpoint).
+        keep: also return the bytes of the top-level files (shard files are hashed, never kept: they are
+            read later, slice by slice, by torch.distributed.checkpoint).
         hash_shards: False checks shard files' presence and size only, for ranks whose coordinator hashes
             them.
 
@@ -88,7 +86,7 @@ def inspect_checkpoint(
     try:
         _, raw = hash_file(path / layout.MANIFEST_FILE, keep=True)
         assert raw is not None
-        manifest = loads_json(bytes(raw), where=layout.MANIFEST_FILE)
+        manifest = loads_json(raw, where=layout.MANIFEST_FILE)
     except (OSError, CheckpointError) as exc:
         return [f"unreadable {layout.MANIFEST_FILE}: {exc}"], None, {}
     faults = manifest_faults(manifest, path.name)
@@ -115,7 +113,7 @@ def inspect_checkpoint(
             faults.append(f"unexpected non-file entry {name}")
         elif name not in listed:
             faults.append(f"unexpected file {name} (not in the manifest)")
-    contents: dict[str, memoryview] = {}
+    contents: dict[str, bytes] = {}
     for name, expected in sorted(listed.items()):
         is_shard = layout.shard_file_of(name) is not None
         entry = entries.get(name)
@@ -132,18 +130,15 @@ def inspect_checkpoint(
             continue
         if is_shard and not hash_shards:
             continue
-        checksum = checksum_of(expected)
-        assert checksum is not None  # manifest_faults checked every entry
-        algorithm = checksum[0]
         try:
-            record, data = hash_file(path / name, algorithm=algorithm, keep=keep and not is_shard)
+            record, data = hash_file(path / name, keep=keep and not is_shard)
         except OSError as exc:
             faults.append(f"unreadable file {name}: {describe_os_error(exc)}")
             continue
         if record.size != expected["size"]:
             faults.append(f"size mismatch for file {name}: changed while reading")
-        elif record.digest != expected[algorithm]:
-            faults.append(f"{algorithm} mismatch for file {name} (content changed or corrupted)")
+        elif record.sha256 != expected["sha256"]:
+            faults.append(f"sha256 mismatch for file {name} (content changed or corrupted)")
         elif data is not None:
             contents[name] = data
     return faults, (manifest if not faults else None), contents
@@ -184,7 +179,7 @@ def manifest_faults(manifest: Any, dir_name: str) -> list[str]:
             not isinstance(entry, dict)
             or not _is_int(entry.get("size"))
             or entry["size"] < 0
-            or checksum_of(entry) is None
+            or not _is_sha256(entry.get("sha256"))
         ):
             faults.append(f"malformed manifest entry for {name!r}")
     if faults:
@@ -228,22 +223,9 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def checksum_of(entry: Mapping[str, Any]) -> tuple[str, str] | None:
-    """``(algorithm, hex digest)`` of a manifest file entry, or None unless it names exactly one known one.
-
-    Example:
-        >>> checksum_of({"size": 3, "sha256": "ab" * 32})[0], checksum_of({"size": 3})
-        ('sha256', None)
-    """
-    named = [(algorithm, entry[algorithm]) for algorithm in CHECKSUMS if algorithm in entry]
-    if len(named) != 1 or not _is_digest(named[0][1]):
-        return None
-    return named[0]
-
-
-def _is_digest(value: Any) -> bool:
+def _is_sha256(value: Any) -> bool:
     return (
         isinstance(value, str)
-        and len(value) == _DIGEST_HEX_LEN
+        and len(value) == _SHA256_HEX_LEN
         and all(c in "0123456789abcdef" for c in value)
     )
