@@ -158,7 +158,7 @@ def test_a_damaged_shard_is_reported_and_the_previous_checkpoint_resumes(referen
     data[-1] ^= 0x01  # the last byte is tensor data: the file still parses, only the hash can tell
     shard.write_bytes(bytes(data))
     faults = CheckpointStore(run_dir).verify(shard.parents[1])
-    assert faults == [f"sha256 mismatch for file shards/{SHARDS[1]} (content changed or corrupted)"]
+    assert faults == [f"xxh3_128 mismatch for file shards/{SHARDS[1]} (content changed or corrupted)"]
 
     output = run_to_end(torchrun(*script((run_dir, OVERRIDES))))
     assert f"skipping damaged checkpoint {shard.parents[1]}: {faults[0]}" in output

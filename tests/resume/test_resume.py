@@ -138,15 +138,15 @@ def test_planted_pickle_is_never_executed(tmp_path):
             return (open, (str(marker), "w"))
 
     torch.save({"x": Evil()}, checkpoint / "model.safetensors")
-    import hashlib
+    import xxhash
 
     manifest_path = checkpoint / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     entries = manifest["files"]
     body = (checkpoint / "model.safetensors").read_bytes()
-    record = {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    record = {"size": len(body), "xxh3_128": xxhash.xxh3_128(body).hexdigest()}
     if isinstance(entries, dict):
-        entries["model.safetensors"].update(record)
+        entries["model.safetensors"] = record
     else:
         next(e for e in entries if e["name"] == "model.safetensors").update(record)
     manifest_path.write_text(json.dumps(manifest))

@@ -55,6 +55,32 @@ def test_saved_state_is_the_snapshot_taken_at_submit(tmp_path: Path) -> None:
     assert torch.equal(saved_state[0]["exp_avg"], torch.full((2,), 3.0))
 
 
+def test_each_save_holds_its_own_values_though_host_copies_are_refilled(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    weights = torch.zeros(1000)
+    host_copies = []
+
+    class Recording(CheckpointStore):
+        def save(self, step, model_state, *args, **kwargs) -> Path:
+            host_copies.append(model_state["w"])
+            return store.save(step, model_state, *args, **kwargs)
+
+    writer = AsyncCheckpointWriter(Recording(tmp_path))
+    paths = []
+    for step in (1, 2, 3):
+        weights.fill_(float(step))
+        writer.submit(step, {"w": weights}, {"trainer": {"step": step}})
+        weights.fill_(-1.0)  # training moves on at once
+        paths.append(writer.wait())
+    writer.close()
+    for step, path in zip((1, 2, 3), paths, strict=True):
+        model, components, _ = store.load(path)
+        assert torch.equal(model["w"], torch.full((1000,), float(step))), step
+        assert components["trainer"]["step"] == step
+    # One host buffer, refilled by every save once the previous one is written.
+    assert host_copies[0] is host_copies[1] is host_copies[2]
+
+
 def test_at_most_one_save_in_flight_and_submit_waits_for_the_previous(tmp_path: Path) -> None:
     store = GatedStore(tmp_path)
     writer = AsyncCheckpointWriter(store)

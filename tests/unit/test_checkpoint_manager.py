@@ -8,13 +8,13 @@ checkpoint), never stop the run with a traceback nor, for the pickle, run anythi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from safetensors.torch import save as save_safetensors
 
 from helpers import base_config, make_mlp, make_regression
@@ -141,7 +141,7 @@ def _rewrite(checkpoint: Path, name: str, data: bytes) -> None:
     """Replace one file of a checkpoint and its manifest record, as a careful attacker or bug would."""
     (checkpoint / name).write_bytes(data)
     manifest = json.loads((checkpoint / "manifest.json").read_text())
-    manifest["files"][name].update({"size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    manifest["files"][name] = {"size": len(data), "xxh3_128": xxhash.xxh3_128(data).hexdigest()}
     (checkpoint / "manifest.json").write_text(json.dumps(manifest))
 
 

@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import steadyfit.checkpoint
+import steadyfit.checkpoint.atomic
 import steadyfit.checkpoint.store
 from helpers import base_config, make_mlp, make_regression
 from steadyfit import Trainer
@@ -49,12 +51,12 @@ def rewrite_manifest(path: Path, edit) -> None:
 
 def relist(path: Path, name: str) -> None:
     """Update the manifest entry of ``name`` to match its current bytes, as a careful attacker would."""
-    import hashlib
+    import xxhash
 
     data = (path / name).read_bytes()
 
     def edit(manifest: dict) -> None:
-        manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        manifest["files"][name] = {"size": len(data), "xxh3_128": xxhash.xxh3_128(data).hexdigest()}
 
     rewrite_manifest(path, edit)
 
@@ -78,8 +80,8 @@ def test_save_load_round_trip_with_extra_files(tmp_path: Path) -> None:
     assert torch.equal(load_file(path / "model.safetensors")["layer.weight"], model["layer.weight"])
 
 
-def test_manifest_lists_every_file_with_size_and_sha(tmp_path: Path) -> None:
-    import hashlib
+def test_manifest_lists_every_file_with_size_and_checksum(tmp_path: Path) -> None:
+    import xxhash
 
     path = CheckpointStore(tmp_path).save(7, model_state(), components(7))
     manifest = json.loads((path / "manifest.json").read_text())
@@ -88,7 +90,66 @@ def test_manifest_lists_every_file_with_size_and_sha(tmp_path: Path) -> None:
     assert set(manifest["files"]) == on_disk
     for name, entry in manifest["files"].items():
         data = (path / name).read_bytes()
-        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        assert entry == {"size": len(data), "xxh3_128": xxhash.xxh3_128(data).hexdigest()}
+
+
+def test_a_save_never_reads_back_what_it_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_read_back(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a save read back a file it wrote")
+
+    for name in ("hash_file", "sync_and_hash", "_hash_stream"):
+        monkeypatch.setattr(steadyfit.checkpoint.atomic, name, no_read_back)
+    monkeypatch.setattr(steadyfit.checkpoint.store, "sync_and_hash", no_read_back)
+    store = CheckpointStore(tmp_path)
+    path = store.save(3, model_state(3.0), components(3), extra_files={"config.yaml": b"a: 1\n"})
+    monkeypatch.undo()
+    assert store.verify(path) == []
+    assert torch.equal(store.load(path)[0]["layer.weight"], model_state(3.0)["layer.weight"])
+
+
+def _rehash_as_sha256(path: Path) -> None:
+    """Rewrite a checkpoint's manifest the way steadyfit wrote it before XXH3 (``"sha256"`` entries)."""
+    import hashlib
+
+    def edit(manifest: dict) -> None:
+        for name in manifest["files"]:
+            data = (path / name).read_bytes()
+            manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    rewrite_manifest(path, edit)
+
+
+def test_an_old_sha256_manifest_loads_and_still_catches_a_flipped_byte(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    first, second = save_steps(store, 1, 2)
+    for path in (first, second):
+        _rehash_as_sha256(path)
+    assert store.verify(second) == []
+    model, loaded, _ = store.load(second)
+    assert torch.equal(model["layer.weight"], model_state(2)["layer.weight"])
+    assert loaded["trainer"]["step"] == 2
+    _flip_byte(second / "optimizer.safetensors")
+    good, damaged = store.latest_good()
+    assert good == first
+    assert damaged == [
+        (second, ["sha256 mismatch for file optimizer.safetensors (content changed or corrupted)"])
+    ]
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"size": 1, "sha256": "ab" * 32, "xxh3_128": "ab" * 16},
+        {"size": 1, "md5": "ab" * 16},
+        {"size": 1, "xxh3_128": "AB" * 16},
+        {"size": 1, "xxh3_128": "ab" * 15},
+    ],
+    ids=["two-algorithms", "unknown-algorithm", "uppercase", "short"],
+)
+def test_a_manifest_entry_must_name_exactly_one_known_checksum(tmp_path: Path, entry: dict) -> None:
+    (path,) = save_steps(CheckpointStore(tmp_path), 1)
+    rewrite_manifest(path, lambda m: m["files"].update({"trainer.json": entry}))
+    assert CheckpointStore(tmp_path).verify(path) == ["malformed manifest entry for 'trainer.json'"]
 
 
 def test_tied_weights_are_saved_as_separate_equal_tensors(tmp_path: Path) -> None:
@@ -102,7 +163,7 @@ def test_tied_weights_are_saved_as_separate_equal_tensors(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("damage", "fault"),
     [
-        (lambda p: _flip_byte(p / "model.safetensors"), "sha256 mismatch for file model.safetensors"),
+        (lambda p: _flip_byte(p / "model.safetensors"), "xxh3_128 mismatch for file model.safetensors"),
         (lambda p: _truncate(p / "optimizer.safetensors"), "size mismatch for file optimizer.safetensors"),
         (lambda p: (p / "extra.bin").write_bytes(b"x"), "unexpected file extra.bin"),
         (lambda p: (p / "trainer.json").unlink(), "missing file trainer.json"),
@@ -212,7 +273,7 @@ def test_latest_good_skips_and_reports_a_damaged_newest(tmp_path: Path) -> None:
     good, damaged = store.latest_good()
     assert good == first
     assert [p for p, _ in damaged] == [third, second]
-    assert damaged[0][1] == ["sha256 mismatch for file model.safetensors (content changed or corrupted)"]
+    assert damaged[0][1] == ["xxh3_128 mismatch for file model.safetensors (content changed or corrupted)"]
 
 
 def test_list_ignores_foreign_names_symlinks_and_temporaries(tmp_path: Path) -> None:
@@ -442,3 +503,95 @@ def test_a_failing_rotation_is_a_warning_and_the_run_goes_on(tmp_path: Path, mon
     stderr = capsys.readouterr().err
     for name in names:
         assert warning.format(tmp_path / "run" / "checkpoints" / name) in stderr
+
+
+def test_weights_written_by_plain_safetensors_load_without_a_copy_of_the_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    store = CheckpointStore(tmp_path)
+    path = store.save(1, model_state(), components(1))
+    weights = {"a": torch.randn(3, 4), "b": torch.tensor(2.0), "c": torch.zeros(0, 2), "d": torch.ones(2) > 0}
+    (path / "model.safetensors").unlink()
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    relist(path, "model.safetensors")
+    model, _, _ = store.load(path)
+    assert model.keys() == weights.keys()
+    assert all(torch.equal(model[k], weights[k]) and model[k].dtype == weights[k].dtype for k in weights)
+
+
+def _safetensors_bytes(header: dict, body: bytes) -> bytes:
+    encoded = json.dumps(header).encode()
+    return len(encoded).to_bytes(8, "little") + encoded + body
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"\x01", "shorter than its header length"),
+        ((10**6).to_bytes(8, "little") + b"{}", "header length 1000000 exceeds the file"),
+        (
+            _safetensors_bytes({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4),
+            "byte range",
+        ),
+        (
+            _safetensors_bytes({"w": {"dtype": "X9", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+            "bad header",
+        ),
+        (
+            _safetensors_bytes({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8),
+            "start",
+        ),
+        (
+            _safetensors_bytes({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8),
+            "after",
+        ),
+    ],
+    ids=["short", "header-overruns", "size-vs-shape", "unknown-dtype", "gap", "trailing-bytes"],
+)
+def test_malformed_safetensors_behind_a_matching_manifest_is_refused(
+    tmp_path: Path, data: bytes, why: str
+) -> None:
+    store = CheckpointStore(tmp_path)
+    (path,) = save_steps(store, 1)
+    (path / "model.safetensors").write_bytes(data)
+    relist(path, "model.safetensors")
+    assert store.verify(path) == []
+    with pytest.raises(CheckpointError, match=f"model.safetensors is not a valid safetensors file: .*{why}"):
+        store.load(path)
+
+
+def test_loaded_tensors_each_own_a_storage_over_the_verified_bytes(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    rng_state = torch.get_rng_state()
+    path = store.save(1, model_state(), {"trainer": {"rng": rng_state, "half": torch.ones(3).half()}})
+    model, loaded, _ = store.load(path)
+    for tensor in [*model.values(), *loaded["trainer"].values()]:
+        # As torch.load gives them: offset 0 into a storage of exactly the tensor's size (set_rng_state and
+        # other C++ consumers read the storage, not the view).
+        assert tensor.storage_offset() == 0
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    torch.set_rng_state(loaded["trainer"]["rng"])
+    assert torch.equal(torch.get_rng_state(), rng_state)
+
+
+def test_large_files_are_hashed_beside_the_io_in_a_thread_that_never_outlives_the_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashed_in: list[str] = []
+    run = steadyfit.checkpoint.atomic.HashThread._run
+
+    def recording_run(self: steadyfit.checkpoint.atomic.HashThread) -> None:
+        hashed_in.append(threading.current_thread().name)
+        run(self)
+
+    monkeypatch.setattr(steadyfit.checkpoint.atomic.HashThread, "_run", recording_run)
+    before = set(threading.enumerate())
+    store = CheckpointStore(tmp_path)
+    weights = {"w": torch.randn(1024, 1024)}  # 4 MiB: past the threshold for a hashing thread
+    path = store.save(1, weights, {})
+    assert set(threading.enumerate()) == before
+    assert torch.equal(store.load(path)[0]["w"], weights["w"])
+    assert store.verify(path) == []
+    assert set(threading.enumerate()) == before
+    # One thread for the save, one for the load, one for the verification: each joined before returning.
+    assert hashed_in == ["steadyfit-hash"] * 3

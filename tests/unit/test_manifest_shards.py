@@ -4,7 +4,6 @@ storage, and what a damaged or planted shard does."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from safetensors.torch import save_file
 
 import steadyfit.checkpoint.sharded
@@ -57,8 +57,8 @@ def load_into(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) ->
     opt.load_state_dict(optimizer_state)
 
 
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def xxh3_hex(data: bytes) -> str:
+    return xxhash.xxh3_128(data).hexdigest()
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -97,10 +97,10 @@ def test_a_flipped_byte_in_a_shard_is_named_and_the_previous_checkpoint_is_the_g
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0x01
     shard.write_bytes(bytes(data))
-    faults = [f"sha256 mismatch for file shards/{SHARD} (content changed or corrupted)"]
+    faults = [f"xxh3_128 mismatch for file shards/{SHARD} (content changed or corrupted)"]
     assert store.verify(second) == faults
     assert store.latest_good() == (first, [(second, faults)])
-    with pytest.raises(CheckpointError, match=f"{second} failed verification: sha256 mismatch"):
+    with pytest.raises(CheckpointError, match=f"{second} failed verification: xxh3_128 mismatch"):
         store.open(second)
 
 
@@ -129,18 +129,21 @@ def test_planted_entries_in_shards_are_faults(tmp_path, plant, fault):
     assert any(message.startswith(fault) for message in store.verify(path)), store.verify(path)
 
 
-def test_ranks_that_skip_hashing_still_see_missing_and_resized_shards(tmp_path):
+def test_a_rank_outside_a_shards_share_still_sees_it_missing_or_resized(tmp_path):
     store = CheckpointStore(tmp_path)
     path = save(store, 1, *trained(1))
     shard = path / "shards" / SHARD
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0x01
     shard.write_bytes(bytes(data))
-    # Not hashed here: rank 0 hashes the shards and its verdict reaches every rank before any shard is read.
-    assert store.open(path, hash_shards=False).shards_dir == path / "shards"
+    # Not hashed by rank 1 of 2: the one shard is rank 0's share, whose verdict every rank hears before any
+    # shard is read (CheckpointManager pools them).
+    assert store.open(path, shard_share=(1, 2)).shards_dir == path / "shards"
+    with pytest.raises(CheckpointError, match=f"xxh3_128 mismatch for file shards/{SHARD}"):
+        store.open(path, shard_share=(0, 2))
     os.truncate(shard, 10)
     with pytest.raises(CheckpointError, match=f"size mismatch for file shards/{SHARD}"):
-        store.open(path, hash_shards=False)
+        store.open(path, shard_share=(1, 2))
 
 
 @pytest.mark.parametrize(
@@ -222,7 +225,7 @@ PEER = "shard-00002-model-00001-of-00001.safetensors"
 
 
 def peer_record(size: int) -> dict[str, FileRecord]:
-    return {f"shards/{PEER}": FileRecord(size, "ab" * 32)}
+    return {f"shards/{PEER}": FileRecord(size, "ab" * 16)}
 
 
 def test_the_manifest_takes_each_ranks_own_hash_and_rank_zero_reads_no_other_shard(tmp_path, monkeypatch):
@@ -241,10 +244,16 @@ def test_the_manifest_takes_each_ranks_own_hash_and_rank_zero_reads_no_other_sha
     path = save_sharded(store, two, 1, tensors, {"state": {"step": 1}})
     files = json.loads((path / "manifest.json").read_text())["files"]
     # Rank 1's record is listed as it sent it: rank 0 did not read that file (its real hash differs).
-    assert files[f"shards/{PEER}"] == {"size": len(peer_bytes), "sha256": "ab" * 32}
+    assert files[f"shards/{PEER}"] == {"size": len(peer_bytes), "xxh3_128": "ab" * 16}
     own = path / "shards" / SHARD
-    assert files[f"shards/{SHARD}"] == {"size": own.stat().st_size, "sha256": sha256(own.read_bytes())}
-    assert store.verify(path) == [f"sha256 mismatch for file shards/{PEER} (content changed or corrupted)"]
+    assert files[f"shards/{SHARD}"] == {"size": own.stat().st_size, "xxh3_128": xxh3_hex(own.read_bytes())}
+    assert store.verify(path) == [f"xxh3_128 mismatch for file shards/{PEER} (content changed or corrupted)"]
+    # On load each rank hashes its own share: rank 0 its own shard (intact), rank 1 the peer's.
+    assert store.open(path, shard_share=(0, 2)).shards_dir == path / "shards"
+    with pytest.raises(
+        CheckpointError, match=f"failed verification: xxh3_128 mismatch for file shards/{PEER}"
+    ):
+        store.open(path, shard_share=(1, 2))
 
 
 @pytest.mark.parametrize(

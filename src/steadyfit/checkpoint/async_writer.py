@@ -46,6 +46,8 @@ class AsyncCheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: tuple[int, BaseException] | None = None
         self._closed = False
+        # The host copies of the last save, refilled by the next one once it is written (see snapshot).
+        self._staging: dict[str, torch.Tensor] = {}
 
     def submit(
         self,
@@ -70,8 +72,8 @@ class AsyncCheckpointWriter:
         if self._closed:
             raise RuntimeError("AsyncCheckpointWriter is closed; create a new one to save again")
         self._join()
-        model_copy = snapshot(dict(model_state), where="model")
-        components_copy = snapshot(dict(components), where="components")
+        model_copy = snapshot(dict(model_state), where="model", staging=self._staging)
+        components_copy = snapshot(dict(components), where="components", staging=self._staging)
         extra_copy = {name: bytes(data) for name, data in (extra_files or {}).items()}
         self._thread = threading.Thread(
             target=self._run,

@@ -417,20 +417,25 @@ class CheckpointManager:
     def _open_on_every_rank(self, path: Path) -> LoadedCheckpoint:
         """Verify and read a checkpoint on every rank; all of them raise if any failed, before any loads.
 
-        Rank 0 hashes a sharded checkpoint's shard files; the others check their sizes.
+        Each rank hashes its own share of a sharded checkpoint's shard files, in parallel (at the world size
+        that saved, the shard it wrote and will read back), and checks the others' sizes; the ranks pool
+        what they found, so every rank raises the same error, naming every fault found on any rank.
         """
         checkpoint, error = None, None
         try:
-            checkpoint = self.store.open(path, hash_shards=self.dist.is_main)
+            checkpoint = self.store.open(path, shard_share=(self.dist.rank, self.dist.world_size))
         except CheckpointError as exc:
             error = exc
         except Exception as exc:  # an unexpected error on one rank must not leave the others waiting
             error = CheckpointError(f"could not read {path}: {type(exc).__name__}: {exc}")
         failures = [message for message in self.dist.gather_objects(str(error) if error else None) if message]
-        if error is not None:
-            raise error
         if failures:
-            raise CheckpointError(f"another rank could not read {path}: {'; '.join(failures)}")
+            prefix = f"checkpoint {path} failed verification: "
+            if not all(message.startswith(prefix) for message in failures):
+                raise CheckpointError("; ".join(dict.fromkeys(failures)))
+            # A fault every rank found (a damaged state file) is named once.
+            faults = (fault for message in failures for fault in message.removeprefix(prefix).split("; "))
+            raise CheckpointError(prefix + "; ".join(dict.fromkeys(faults)))
         assert checkpoint is not None
         return checkpoint
 

@@ -7,15 +7,17 @@ import os
 import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from steadyfit import layout
-from steadyfit.checkpoint.atomic import FileRecord, hash_file
+from steadyfit.checkpoint.atomic import CHECKSUMS, DIGEST_HEX_DIGITS, FileRecord, hash_file
 from steadyfit.checkpoint.errors import CheckpointError
 from steadyfit.checkpoint.payload import loads_json
 
+if TYPE_CHECKING:
+    import torch
+
 _MAX_MANIFEST_BYTES = 16 * 1024 * 1024
-_SHA256_HEX_LEN = 64
 
 
 def build_manifest(
@@ -29,11 +31,13 @@ def build_manifest(
     """The manifest of a checkpoint whose files (all but the manifest itself) have these records.
 
     ``model`` is ``model.safetensors`` for a full checkpoint, or ``shards`` for a sharded one, whose shard
-    files are listed as ``shards/<file>``.
+    files are listed as ``shards/<file>``. Each file's entry names its checksum's algorithm by its key:
+    ``{"size": N, "xxh3_128": "<hex>"}`` (manifests written before XXH3 hold ``"sha256"``).
 
     Example:
-        >>> build_manifest(7, ["trainer"], [], {"model.safetensors": FileRecord(8, "0" * 64)})["step"]
-        7
+        >>> files = build_manifest(7, [], [], {"model.safetensors": FileRecord(8, "0" * 32)})["files"]
+        >>> sorted(files["model.safetensors"])
+        ['size', 'xxh3_128']
     """
     return {
         "format_version": layout.FORMAT_VERSION,
@@ -41,13 +45,13 @@ def build_manifest(
         "model": model,
         "components": list(components),
         "extra_files": list(extra_files),
-        "files": {name: {"size": r.size, "sha256": r.sha256} for name, r in sorted(records.items())},
+        "files": {name: {"size": r.size, r.algorithm: r.digest} for name, r in sorted(records.items())},
     }
 
 
 def inspect_checkpoint(
-    path: Path, *, keep: bool, hash_shards: bool = True
-) -> tuple[list[str], dict[str, Any] | None, dict[str, bytes]]:
+    path: Path, *, keep: bool, shard_share: tuple[int, int] = (0, 1)
+) -> tuple[list[str], dict[str, Any] | None, dict[str, torch.Tensor]]:
     """Verify a checkpoint directory against its manifest; with ``keep`` also return the verified bytes.
 
     Nothing but the manifest (JSON) is parsed. Files are opened with ``O_NOFOLLOW`` and each one's size is
@@ -56,14 +60,16 @@ def inspect_checkpoint(
 
     Args:
         path: the checkpoint directory.
-        keep: also return the bytes of the top-level files (shard files are hashed, never kept: they are
-            read later, slice by slice, by torch.distributed.checkpoint).
-        hash_shards: False checks shard files' presence and size only, for ranks whose coordinator hashes
-            them.
+        keep: also return the bytes (one uint8 tensor each) of the top-level files (shard files are hashed,
+            never kept: they are read later, slice by slice, by torch.distributed.checkpoint).
+        shard_share: ``(index, count)``: hash only every ``count``-th shard file in name order from the
+            ``index``-th (one rank's share: ``(rank, world_size)``); the others' presence and sizes are still
+            checked. The default hashes them all.
 
     Returns:
         ``(faults, manifest, contents)``: ``manifest`` is None unless ``faults`` is empty; ``contents`` maps
-        each top-level file name to its bytes when ``keep``.
+        each top-level file name to its bytes when ``keep``. Only this call's share of the shard files is
+        covered by ``faults``.
 
     Example:
         >>> inspect_checkpoint(Path("/nonexistent"), keep=False)[0]
@@ -84,8 +90,9 @@ def inspect_checkpoint(
     if manifest_stat.st_size > _MAX_MANIFEST_BYTES:
         return [f"{layout.MANIFEST_FILE} is implausibly large ({manifest_stat.st_size} bytes)"], None, {}
     try:
-        _, raw = hash_file(path / layout.MANIFEST_FILE, keep=True)
-        assert raw is not None
+        fd = os.open(path / layout.MANIFEST_FILE, os.O_RDONLY | os.O_NOFOLLOW)
+        with open(fd, "rb") as stream:
+            raw = stream.read(_MAX_MANIFEST_BYTES)  # bounded: it may have grown since the stat
         manifest = loads_json(raw, where=layout.MANIFEST_FILE)
     except (OSError, CheckpointError) as exc:
         return [f"unreadable {layout.MANIFEST_FILE}: {exc}"], None, {}
@@ -113,7 +120,10 @@ def inspect_checkpoint(
             faults.append(f"unexpected non-file entry {name}")
         elif name not in listed:
             faults.append(f"unexpected file {name} (not in the manifest)")
-    contents: dict[str, bytes] = {}
+    contents: dict[str, torch.Tensor] = {}
+    index, count = shard_share
+    shard_names = sorted(name for name in listed if layout.shard_file_of(name) is not None)
+    shares = {name: position % count == index for position, name in enumerate(shard_names)}
     for name, expected in sorted(listed.items()):
         is_shard = layout.shard_file_of(name) is not None
         entry = entries.get(name)
@@ -128,17 +138,20 @@ def inspect_checkpoint(
                 f"size mismatch for file {name}: manifest says {expected['size']} bytes, found {size}"
             )
             continue
-        if is_shard and not hash_shards:
+        if is_shard and not shares[name]:
             continue
+        checksum = checksum_of(expected)
+        assert checksum is not None  # manifest_faults checked every entry
+        algorithm = checksum[0]
         try:
-            record, data = hash_file(path / name, keep=keep and not is_shard)
+            record, data = hash_file(path / name, algorithm=algorithm, keep=keep and not is_shard)
         except OSError as exc:
             faults.append(f"unreadable file {name}: {describe_os_error(exc)}")
             continue
         if record.size != expected["size"]:
             faults.append(f"size mismatch for file {name}: changed while reading")
-        elif record.sha256 != expected["sha256"]:
-            faults.append(f"sha256 mismatch for file {name} (content changed or corrupted)")
+        elif record.digest != expected[algorithm]:
+            faults.append(f"{algorithm} mismatch for file {name} (content changed or corrupted)")
         elif data is not None:
             contents[name] = data
     return faults, (manifest if not faults else None), contents
@@ -179,7 +192,7 @@ def manifest_faults(manifest: Any, dir_name: str) -> list[str]:
             not isinstance(entry, dict)
             or not _is_int(entry.get("size"))
             or entry["size"] < 0
-            or not _is_sha256(entry.get("sha256"))
+            or checksum_of(entry) is None
         ):
             faults.append(f"malformed manifest entry for {name!r}")
     if faults:
@@ -223,9 +236,22 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_sha256(value: Any) -> bool:
+def checksum_of(entry: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(algorithm, hex digest)`` of a manifest file entry, or None unless it names exactly one known one.
+
+    Example:
+        >>> checksum_of({"size": 3, "sha256": "ab" * 32})[0], checksum_of({"size": 3})
+        ('sha256', None)
+    """
+    named = [(algorithm, entry[algorithm]) for algorithm in CHECKSUMS if algorithm in entry]
+    if len(named) != 1 or not _is_digest(*named[0]):
+        return None
+    return named[0]
+
+
+def _is_digest(algorithm: str, value: Any) -> bool:
     return (
         isinstance(value, str)
-        and len(value) == _SHA256_HEX_LEN
+        and len(value) == DIGEST_HEX_DIGITS[algorithm]
         and all(c in "0123456789abcdef" for c in value)
     )

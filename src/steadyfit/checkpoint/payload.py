@@ -215,11 +215,16 @@ def tensor_keys(structure: Any) -> set[str]:
     return keys
 
 
-def snapshot(state: Any, *, where: str = "state") -> Any:
+def snapshot(state: Any, *, where: str = "state", staging: dict[str, torch.Tensor] | None = None) -> Any:
     """Deep copy of ``state`` with every tensor copied to CPU memory, so the caller may keep mutating it.
 
     Accepts exactly the types :func:`flatten` accepts and raises the same errors, so a bad value fails in
     the caller's thread rather than later in a background writer.
+
+    ``staging``: host tensors of an earlier snapshot that nothing uses any more, by position in the state;
+    a tensor of the same shape, dtype and strides is copied into the buffer at its position instead of a
+    new one (fresh memory is zeroed page by page by the kernel on first touch: for a large state that costs
+    as much as the copy itself). The dict is updated to this snapshot's buffers.
 
     Example:
         >>> weights = torch.ones(2)
@@ -234,7 +239,18 @@ def snapshot(state: Any, *, where: str = "state") -> Any:
             if value.layout != torch.strided or value.device.type == "meta":
                 raise CheckpointError(f"cannot store {path}: only dense tensors with data can be saved")
             # One copy, straight to host memory: training may modify the original right after this.
-            return value.detach().to("cpu", copy=True)
+            buffer = staging.get(path) if staging is not None else None
+            if buffer is None or (buffer.shape, buffer.dtype, buffer.stride()) != (
+                value.shape,
+                value.dtype,
+                value.stride(),
+            ):
+                buffer = value.detach().to("cpu", copy=True)
+            else:
+                buffer.copy_(value.detach())
+            if staging is not None:
+                staging[path] = buffer
+            return buffer
         if isinstance(value, np.ndarray):
             if value.dtype.hasobject:
                 raise CheckpointError(

@@ -3,7 +3,8 @@
 A checkpoint directory ``step-<8 digits>/`` holds ``model.safetensors`` (flat name -> tensor, loadable with
 plain safetensors), one ``<name>.json`` per component (structure and scalars, see :mod:`.payload`) plus
 ``<name>.safetensors`` when the component holds tensors, any extra files (e.g. ``config.yaml``), and
-``manifest.json`` listing every other file with its size and SHA-256. Nothing is ever unpickled.
+``manifest.json`` listing every other file with its size and checksum (XXH3-128; SHA-256 in checkpoints
+written before it, still verified). Nothing is ever unpickled.
 
 A sharded (FSDP) checkpoint holds ``shards/`` instead of ``model.safetensors``: one safetensors file per
 rank with its slices of the model and optimizer tensors (see :mod:`.sharded`), listed in the manifest as
@@ -13,18 +14,15 @@ rank with its slices of the model and optimizer tensors (see :mod:`.sharded`), l
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
 
 from steadyfit import layout
 from steadyfit.checkpoint.atomic import (
@@ -34,6 +32,7 @@ from steadyfit.checkpoint.atomic import (
     remove_tree,
     sync_and_hash,
     write_bytes_durable,
+    write_chunks_durable,
 )
 from steadyfit.checkpoint.errors import CheckpointError
 from steadyfit.checkpoint.manifest import build_manifest, describe_os_error, inspect_checkpoint
@@ -240,15 +239,8 @@ class CheckpointStore:
                 tensor_files.append((tensors_name, tensors))
             document = {"format_version": layout.FORMAT_VERSION, "state": structure}
             records[json_name] = write_bytes_durable(tmp / json_name, dumps_json(document))
-        # Hashing (the read back) of one file overlaps writing the next: hashlib and file I/O release the
-        # GIL. Largest first, so the hash left over at the end is the smallest.
-        tensor_files.sort(key=lambda item: -_nbytes(item[1]))
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="steadyfit-hash") as hasher:
-            pending = {}
-            for file_name, tensors in tensor_files:
-                save_file(tensors, tmp / file_name)
-                pending[file_name] = hasher.submit(sync_and_hash, tmp / file_name)
-            records.update({file_name: future.result() for file_name, future in pending.items()})
+        for file_name, tensors in tensor_files:
+            records[file_name] = _write_safetensors(tmp / file_name, tensors)
         for name, data in extra_files.items():
             records[name] = write_bytes_durable(tmp / name, bytes(data))
         manifest = build_manifest(step, list(encoded), list(extra_files), records, model=model)
@@ -297,12 +289,18 @@ class CheckpointStore:
             )
         return opened.model_state, opened.components, opened.extra_files
 
-    def open(self, path: str | os.PathLike[str], *, hash_shards: bool = True) -> LoadedCheckpoint:
+    def open(
+        self, path: str | os.PathLike[str], *, shard_share: tuple[int, int] = (0, 1)
+    ) -> LoadedCheckpoint:
         """Verify a checkpoint, full or sharded, then load everything but a sharded checkpoint's tensors.
 
-        As :meth:`load`; a sharded checkpoint's shard files are verified (hashed unless ``hash_shards`` is
-        False, for ranks whose coordinator already hashed them) but not read: every rank loads its own
-        slices from ``shards_dir`` with torch.distributed.checkpoint.
+        As :meth:`load`; a sharded checkpoint's shard files are verified but not read: every rank loads its
+        own slices from ``shards_dir`` with torch.distributed.checkpoint. Under several ranks each rank
+        hashes its share of the shard files, ``shard_share=(rank, world_size)`` (every ``world_size``-th file
+        in name order from the ``rank``-th: at the world size that saved, the shard it wrote and reads
+        back), and checks the others' presence and sizes; the ranks then pool their faults
+        (:meth:`~steadyfit.checkpoint.manager.CheckpointManager.restore` does), so each shard is hashed once,
+        all of them in parallel.
 
         Raises:
             CheckpointError: the checkpoint fails verification or is malformed, naming the path and faults.
@@ -315,7 +313,7 @@ class CheckpointStore:
             ({'w': tensor([0.])}, None)
         """
         path = Path(path)
-        faults, manifest, contents = inspect_checkpoint(path, keep=True, hash_shards=hash_shards)
+        faults, manifest, contents = inspect_checkpoint(path, keep=True, shard_share=shard_share)
         if faults:
             raise CheckpointError(f"checkpoint {path} failed verification: " + "; ".join(faults))
         assert manifest is not None
@@ -325,7 +323,7 @@ class CheckpointStore:
         for name in manifest["components"]:
             json_name, tensors_name = layout.component_files(name)
             where = path / json_name
-            document = loads_json(contents[json_name], where=str(where))
+            document = loads_json(contents[json_name].numpy().tobytes(), where=str(where))
             if not isinstance(document, dict) or document.get("format_version") != layout.FORMAT_VERSION:
                 raise CheckpointError(f"{where}: unsupported component format (expected format_version 1)")
             tensors = (
@@ -334,7 +332,7 @@ class CheckpointStore:
                 else {}
             )
             components[name] = unflatten(document.get("state"), tensors, where=str(where))
-        extra_files = {name: contents[name] for name in manifest["extra_files"]}
+        extra_files = {name: contents[name].numpy().tobytes() for name in manifest["extra_files"]}
         shards_dir = path / layout.SHARDS_DIR if sharded else None
         return LoadedCheckpoint(path, model_state, components, extra_files, shards_dir)
 
@@ -591,15 +589,118 @@ def _check_shards(tmp: Path, records: dict[str, FileRecord]) -> dict[str, FileRe
     return records
 
 
-def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
-def _parse_tensors(data: bytes, where: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_safetensors(data)
-    except SafetensorError as exc:
-        raise CheckpointError(f"{where} is not a valid safetensors file: {exc}") from exc
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> FileRecord:
+    """Write contiguous CPU ``tensors`` as a safetensors file straight from their memory, hashing as it goes.
+
+    The same layout as ``safetensors.torch.save_file``: a little-endian u64 header length, a JSON header
+    padded with spaces to 8 bytes, then the tensors' bytes, largest element size first so every tensor
+    stays aligned. Unlike save_file, no tensor is copied to a Python ``bytes`` and the file is not read
+    back to be hashed.
+    """
+    dtype_names = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    header: dict[str, Any] = {}
+    offset = 0
+    for name in order:
+        tensor = tensors[name]
+        if tensor.dtype not in dtype_names:
+            raise CheckpointError(
+                f"cannot save {path}: dtype {tensor.dtype} of {name!r} has no safetensors name"
+            )
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": dtype_names[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    header_bytes = dumps_json(header)
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    chunks: list[Any] = [len(header_bytes).to_bytes(8, "little"), header_bytes]
+    # A uint8 view of each tensor's own memory (flattened first: a 0-dim tensor has no byte view).
+    chunks += [tensors[name].reshape(-1).view(torch.uint8).numpy() for name in order if tensors[name].numel()]
+    return write_chunks_durable(path, chunks, size=8 + len(header_bytes) + offset)
+
+
+def _parse_tensors(data: torch.Tensor, where: Path) -> dict[str, torch.Tensor]:
+    """The tensors of verified safetensors bytes (one uint8 tensor), built over ``data``'s memory (no copy).
+
+    Checked as strictly as safetensors checks: a JSON header of known dtypes and shapes whose byte ranges
+    tile the payload exactly, with no gap, overlap or excess. Each tensor gets a storage of its own, as
+    from ``torch.load`` (offset 0, its own size: ``torch.set_rng_state`` and others rely on it), that is a
+    slice of ``data``'s storage and keeps it alive from C++: freeing one needs no GIL, so a tensor let go by
+    a native thread (a collective's) at interpreter exit is safe. A tensor whose bytes are not aligned to
+    its element size (a file from another writer) is copied out instead.
+    """
+
+    def malformed(why: str) -> CheckpointError:
+        return CheckpointError(f"{where} is not a valid safetensors file: {why}")
+
+    if len(data) < 8:
+        raise malformed("shorter than its header length")
+    header_len = int.from_bytes(data[:8].numpy().tobytes(), "little")
+    if header_len > len(data) - 8:
+        raise malformed(f"header length {header_len} exceeds the file")
+    header = loads_json(data[8 : 8 + header_len].numpy().tobytes(), where=f"{where} header")
+    if not isinstance(header, dict):
+        raise malformed("header is not a JSON object")
+    header.pop("__metadata__", None)
+    body_start = 8 + header_len
+    body_len = len(data) - body_start
+    storage = data.untyped_storage()
+    origin = data.storage_offset() + body_start
+    spans = []
+    for name, info in header.items():
+        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+        shape = info.get("shape") if isinstance(info, dict) else None
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if (
+            dtype is None
+            or not isinstance(shape, list)
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+            or not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) for n in offsets)
+        ):
+            raise malformed(f"bad header entry for {name!r}")
+        start, end = offsets
+        if not 0 <= start <= end <= body_len or end - start != math.prod(shape) * dtype.itemsize:
+            raise malformed(f"byte range of {name!r} does not fit its shape or the file")
+        spans.append((start, end, name, dtype, shape))
+    position = 0
+    tensors = {}
+    for start, end, name, dtype, shape in sorted(spans, key=lambda span: span[:2]):
+        if start != position:
+            raise malformed(f"tensor {name!r} does not start where the previous one ends")
+        position = end
+        # The storage is allocator-aligned, so the offset alone says whether the tensor's bytes are aligned.
+        if start == end or (origin + start) % dtype.itemsize:
+            tensors[name] = data[body_start + start : body_start + end].clone().view(dtype).reshape(shape)
+        else:
+            own = storage[origin + start : origin + end]
+            tensors[name] = torch.empty(0, dtype=dtype).set_(own, 0, shape)
+    if position != body_len:
+        raise malformed("bytes after the last tensor")
+    return tensors
 
 
 @contextlib.contextmanager
@@ -607,7 +708,7 @@ def _removed_on_error(tmp: Path, final: Path) -> Iterator[None]:
     """Remove the temporary directory of a save that fails; disk errors become a CheckpointError."""
     try:
         yield
-    except (OSError, SafetensorError) as exc:
+    except OSError as exc:
         _remove_quietly(tmp)
         raise CheckpointError(
             f"could not save checkpoint {final}: {describe_os_error(exc)}; earlier checkpoints are untouched"
