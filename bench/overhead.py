@@ -6,9 +6,13 @@ step post-hook (``torch.optim.optimizer.register_optimizer_step_post_hook``) sta
 optimizer step, and the time per step is ``(last stamp - first stamp) / (steps - 1)``, in wall time and in
 the CPU time of the training process (``time.process_time``: insensitive to other processes on a shared
 machine, but blind to work done in DataLoader worker processes, so use wall time for the workers job).
-Imports, model and data construction, the first step (lazy optimizer state) and anything after the last
+Imports, model and data construction, the first step (lazy optimizer state, compilation under
+``torch.compile``; reported apart as ``first_step_s`` in the JSON) and anything after the last
 step (a final evaluation, a final checkpoint) are outside it; evaluation at epoch boundaries between steps
 is inside it, for every runner alike.
+
+Language-model jobs (``lm``, and ``lm_compiled`` under ``torch.compile``) also report tokens per second:
+the tokens of a step over the wall time per step.
 
 Runners: ``raw`` (bench/raw_loop.py over in-memory tensors, one indexing operation per batch: the floor),
 ``raw_dataloader`` (the same loop fed by a standard ``torch.utils.data.DataLoader``), ``steadyfit`` (its
@@ -18,6 +22,7 @@ Usage::
 
     python bench/overhead.py                          # every job, 3 repetitions, markdown table
     python bench/overhead.py --jobs tiny,workers --reps 5 --json results.json
+    python bench/overhead.py --jobs lm,lm_compiled --runners raw,raw_dataloader,steadyfit --threads 1
     python bench/overhead.py --smoke                  # tiny versions, 1 repetition, no peers (CI)
 """
 
@@ -46,11 +51,17 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 BENCH_DIR = Path(__file__).resolve().parent
 SRC_DIR = BENCH_DIR.parent / "src"
-JOBS = ("tiny", "compute", "digits", "workers")
+JOBS = ("tiny", "compute", "digits", "workers", "lm", "lm_compiled")
+# Left out of --smoke unless named: a cold torch.compile of the LM takes ~35 s on a CPU, too long for CI.
+SLOW_TO_START_JOBS = ("lm_compiled",)
 CORE_RUNNERS = ("raw", "raw_dataloader", "steadyfit")
 PEER_RUNNERS = ("hf", "lightning", "accelerate")
 RESULT_PREFIX = "RESULT "
-NOT_APPLICABLE = {("workers", "raw"): "needs a TensorDataset (this job's __getitem__ is the point)"}
+_PEERS_WITHOUT_TOKEN_LOSS = "bench/peers train a per-sample cross-entropy, not this job's token-level loss"
+NOT_APPLICABLE = {
+    ("workers", "raw"): "needs a TensorDataset (this job's __getitem__ is the point)",
+    **{(job, peer): _PEERS_WITHOUT_TOKEN_LOSS for job in ("lm", "lm_compiled") for peer in PEER_RUNNERS},
+}
 # Final losses of runners trained on the same data, seed, optimizer and schedule should agree this closely
 # (peers draw their own shuffling order, so they are not bitwise equal).
 LOSS_RTOL = 0.10
@@ -96,6 +107,15 @@ class Job:
     num_workers: int = 0
     eval_each_epoch: bool = False
     eval_data: TensorDataset | None = None
+    # What steadyfit's Trainer gets: a scalar mean, or (sum, count) over tokens (then the hand-written loops
+    # backpropagate sum / count, the same mean).
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], Any] = F.cross_entropy
+    # Set for language-model jobs: every target is a token the loss counts, so a step trains
+    # batch_size * tokens_per_sample tokens and the table reports tokens per second.
+    tokens_per_sample: int | None = None
+    # torch.compile the model in every runner (steadyfit: TrainConfig(compile=True)); compilation happens
+    # in the first step, which the clock leaves out.
+    compile: bool = False
 
     @property
     def in_memory(self) -> bool:
@@ -142,6 +162,64 @@ def _token_data(num_samples: int, seq_len: int, vocab: int, seed: int) -> tuple[
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (num_samples, seq_len), generator=generator)
     return tokens, (tokens < vocab // 2).sum(dim=1) % 10
+
+
+def _markov_tokens(num_windows: int, length: int, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of a fixed random Markov chain over ``vocab`` tokens, each token followed by one of 4 tokens
+    of its own: text an LM can learn (loss floor ln 4), so final losses fall and compare. Returns
+    ``(inputs, targets)``, the targets shifted by one."""
+    generator = torch.Generator().manual_seed(seed)
+    successors = torch.randint(0, vocab, (vocab, 4), generator=generator)
+    choices = torch.randint(0, 4, (num_windows, length), generator=generator)
+    tokens = torch.empty(num_windows, length + 1, dtype=torch.long)
+    tokens[:, 0] = torch.randint(0, vocab, (num_windows,), generator=generator)
+    for position in range(length):  # every window at once: `length` vectorised steps
+        tokens[:, position + 1] = successors[tokens[:, position], choices[:, position]]
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def token_mean(loss_fn: Callable[[torch.Tensor, torch.Tensor], Any]) -> Callable[..., torch.Tensor]:
+    """The mean a hand-written loop backpropagates for ``loss_fn``: ``sum / count`` of a ``(sum, count)``
+    loss (steadyfit backpropagates the sum and divides the gradients by the count: the same gradient),
+    ``loss_fn`` itself for a scalar mean."""
+
+    def mean(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        value = loss_fn(outputs, targets)
+        if isinstance(value, tuple):
+            total, count = value
+            return total / count
+        return value
+
+    return mean
+
+
+def _lm_job(name: str, smoke: bool) -> Job:
+    """The tinylm recipe's model and token-level (sum, count) loss on Markov-chain windows of its context
+    length; ``lm_compiled`` is the same job under torch.compile."""
+    from steadyfit.recipes import tinylm
+
+    model_config = tinylm.TinyLMConfig()
+    batch_size = 8 if smoke else 32
+    max_steps = 6 if smoke else 100
+    # One epoch of whole batches: every step has the same shape, so a compiled model never recompiles for
+    # a short last batch.
+    num_train = batch_size * max_steps
+    context, vocab = model_config.context_length, model_config.vocab_size
+    inputs, targets = _markov_tokens(num_train + 64, context, vocab, SEED)
+    return Job(
+        name,
+        lambda: tinylm.build_model(model_config),
+        TensorDataset(inputs[:num_train], targets[:num_train]),
+        inputs[num_train:],  # held-out windows of the same chain
+        targets[num_train:],
+        batch_size=batch_size,
+        max_steps=max_steps,
+        max_epochs=1,
+        log_every=10,
+        loss_fn=tinylm.lm_loss,
+        tokens_per_sample=context,
+        compile=name == "lm_compiled",
+    )
 
 
 def _digits_data() -> tuple[TensorDataset, TensorDataset]:
@@ -218,6 +296,8 @@ def make_job(name: str, smoke: bool = False) -> Job:
             log_every=10,
             num_workers=2,
         )
+    if name in ("lm", "lm_compiled"):
+        return _lm_job(name, smoke)
     raise ValueError(f"--jobs: unknown job {name!r}; choose from {', '.join(JOBS)}")
 
 
@@ -228,6 +308,7 @@ class StepClock:
 
     def __init__(self) -> None:
         self.count = 0
+        self.started = time.perf_counter()
         self.first = self.last = 0.0
         self.first_cpu = self.last_cpu = 0.0
         self._handle = register_optimizer_step_post_hook(self._stamp)
@@ -249,12 +330,18 @@ class StepClock:
     def result(self, model: torch.nn.Module, job: Job) -> dict[str, Any]:
         """What every runner reports: timings, step count and the final loss (measured after the timing)."""
         seconds = self.seconds_per_step()
-        return {
+        result = {
             "seconds_per_step": seconds,
             "cpu_seconds_per_step": (self.last_cpu - self.first_cpu) / (self.count - 1),
             "steps": self.count,
+            # From the clock's start (model, data and the runner's objects built) to the end of the first
+            # step, which the timing leaves out: torch.compile's compilation shows here.
+            "first_step_s": self.first - self.started,
             "final_loss": final_loss(model, job),
         }
+        if job.tokens_per_sample is not None:
+            result["tokens_per_step"] = job.batch_size * job.tokens_per_sample
+        return result
 
 
 def build_model(job: Job) -> torch.nn.Module:
@@ -291,7 +378,23 @@ def evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor
 
 
 def final_loss(model: torch.nn.Module, job: Job) -> float:
-    return evaluate(model, job.check_inputs, job.check_targets)["loss"]
+    """The trained model's mean loss on the job's check set: per sample, or per token for a language model."""
+    if job.tokens_per_sample is None:
+        return evaluate(model, job.check_inputs, job.check_targets)["loss"]
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64)
+    count = torch.zeros((), dtype=torch.long)
+    with torch.no_grad():
+        for start in range(0, len(job.check_targets), job.batch_size):
+            window_total, window_count = job.loss_fn(
+                model(job.check_inputs[start : start + job.batch_size]),
+                job.check_targets[start : start + job.batch_size],
+            )
+            total += window_total
+            count += window_count
+    model.train(was_training)
+    return total.item() / count.item()
 
 
 def with_epoch_evaluation(
@@ -315,6 +418,8 @@ def run_raw(job: Job, use_dataloader: bool) -> dict[str, Any]:
 
     model = build_model(job)
     optimizer, scheduler = build_optimization(model, job)
+    # The compiled module shares the model's parameters; the final loss is measured on the model itself.
+    train_model = torch.compile(model) if job.compile else model
     if use_dataloader:
         loader = DataLoader(
             job.train_data,
@@ -328,8 +433,7 @@ def run_raw(job: Job, use_dataloader: bool) -> dict[str, Any]:
             return loader
 
     else:
-        if not job.in_memory:
-            return {"skipped": NOT_APPLICABLE[(job.name, "raw")]}
+        assert job.in_memory, "NOT_APPLICABLE lists the jobs without in-memory tensors (run_one skips them)"
         inputs, targets = job.train_data.tensors
 
         def batches(epoch: int) -> Iterable[Any]:
@@ -338,9 +442,9 @@ def run_raw(job: Job, use_dataloader: bool) -> dict[str, Any]:
 
     clock = StepClock()
     raw_loop(
-        model,
+        train_model,
         with_epoch_evaluation(model, job, batches),
-        loss_fn=F.cross_entropy,
+        loss_fn=token_mean(job.loss_fn),
         optimizer=optimizer,
         scheduler=scheduler,
         max_epochs=job.max_epochs,
@@ -373,13 +477,14 @@ def run_steadyfit(job: Job) -> dict[str, Any]:
             num_workers=job.num_workers,
             progress=False,
             device="cpu",
+            compile=job.compile,
         )
         trainer = Trainer(
             model,
             config,
             train_data=job.train_data,
             eval_data=job.eval_data if job.eval_each_epoch else None,
-            loss_fn=F.cross_entropy,
+            loss_fn=job.loss_fn,
             metrics={"accuracy": accuracy} if job.eval_each_epoch else None,
         )
         clock = StepClock()
@@ -400,6 +505,8 @@ def run_peer(runner: str, job: Job) -> dict[str, Any]:
 
 def run_one(runner: str, job: Job) -> dict[str, Any]:
     """Train ``job`` with ``runner`` in this process; see :meth:`StepClock.result`."""
+    if (job.name, runner) in NOT_APPLICABLE:
+        return {"skipped": NOT_APPLICABLE[(job.name, runner)]}
     if runner == "raw":
         return run_raw(job, use_dataloader=False)
     if runner == "raw_dataloader":
@@ -429,7 +536,9 @@ class Measurements:
     seconds: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     cpu_seconds: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     losses: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    first_step_seconds: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     steps: dict[tuple[str, str], int] = field(default_factory=dict)
+    tokens_per_step: dict[tuple[str, str], int] = field(default_factory=dict)
     skipped: dict[tuple[str, str], str] = field(default_factory=dict)
     failed: set[tuple[str, str]] = field(default_factory=set)
 
@@ -443,7 +552,11 @@ class Measurements:
         self.seconds.setdefault(key, []).append(result["seconds_per_step"])
         self.cpu_seconds.setdefault(key, []).append(result["cpu_seconds_per_step"])
         self.losses.setdefault(key, []).append(result["final_loss"])
+        if "first_step_s" in result:  # logs written before it was measured lack it
+            self.first_step_seconds.setdefault(key, []).append(result["first_step_s"])
         self.steps[key] = result["steps"]
+        if "tokens_per_step" in result:
+            self.tokens_per_step[key] = result["tokens_per_step"]
 
 
 def run_worker(runners: list[str], jobs: list[str], smoke: bool, threads: int | None) -> None:
@@ -534,7 +647,8 @@ def measure_smoke(jobs: list[str], runners: list[str], threads: int | None) -> M
 
 def summarise(results: Measurements, jobs: list[str], runners: list[str]) -> list[dict[str, Any]]:
     """One row per (job, runner): wall and CPU seconds per step (median, min, max), ratios to the raw loop
-    and to the DataLoader loop, final loss and whether it agrees with the raw loop's."""
+    and to the DataLoader loop, tokens per second (language-model jobs; None otherwise), final loss and
+    whether it agrees with the raw loop's."""
     rows = []
     for job in jobs:
         present = [r for r in runners if (job, r) in results.seconds]
@@ -550,6 +664,7 @@ def summarise(results: Measurements, jobs: list[str], runners: list[str]) -> lis
             if runner not in present:
                 continue
             loss = losses[runner]
+            tokens_per_step = results.tokens_per_step.get(key)
             agrees = (
                 reference_loss is None or abs(loss - reference_loss) <= LOSS_ATOL + LOSS_RTOL * reference_loss
             )
@@ -567,6 +682,7 @@ def summarise(results: Measurements, jobs: list[str], runners: list[str]) -> lis
                     "cpu_median_s": cpu[runner],
                     "cpu_vs_raw": _ratio(cpu, runner, "raw"),
                     "cpu_vs_raw_dataloader": _ratio(cpu, runner, "raw_dataloader"),
+                    "tokens_per_s": tokens_per_step / wall[runner] if tokens_per_step else None,
                     "final_loss": loss,
                     "loss_agrees": agrees,
                 }
@@ -579,27 +695,29 @@ def _ratio(medians: dict[str, float], runner: str, reference: str) -> float | No
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The summary as a markdown table (milliseconds per optimizer step; ratios of medians)."""
+    """The summary as a markdown table (milliseconds per optimizer step, tokens per second of the median
+    step where a job counts tokens; ratios of medians)."""
 
     def ratio(value: float | None) -> str:
         return "–" if value is None else f"{value:.2f}×"
 
     lines = [
         "| job | runner | wall ms/step (median) | min–max | vs raw | vs DataLoader loop "
-        "| CPU ms/step | CPU vs raw | CPU vs DataLoader loop | final loss |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| CPU ms/step | CPU vs raw | CPU vs DataLoader loop | final loss | tokens/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         if "skipped" in row:
-            lines.append(f"| {row['job']} | {row['runner']} | skipped: {row['skipped']} |" + " |" * 7)
+            lines.append(f"| {row['job']} | {row['runner']} | skipped: {row['skipped']} |" + " |" * 8)
             continue
         flag = "" if row["loss_agrees"] else " ⚠"
+        tokens = "–" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:,.0f}"
         lines.append(
             f"| {row['job']} | {row['runner']} | {1e3 * row['median_s']:.3f} | "
             f"{1e3 * row['min_s']:.3f}–{1e3 * row['max_s']:.3f} | {ratio(row['vs_raw'])} | "
             f"{ratio(row['vs_raw_dataloader'])} | {1e3 * row['cpu_median_s']:.3f} | "
             f"{ratio(row['cpu_vs_raw'])} | {ratio(row['cpu_vs_raw_dataloader'])} | "
-            f"{row['final_loss']:.4f}{flag} |"
+            f"{row['final_loss']:.4f}{flag} | {tokens} |"
         )
     return "\n".join(lines)
 
@@ -614,7 +732,12 @@ def _parse_list(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jobs", default=",".join(JOBS), help=f"comma-separated, from {', '.join(JOBS)}")
+    parser.add_argument(
+        "--jobs",
+        default=None,
+        help=f"comma-separated, from {', '.join(JOBS)} (default: all; with --smoke: all but "
+        f"{', '.join(SLOW_TO_START_JOBS)})",
+    )
     parser.add_argument(
         "--runners",
         default=None,
@@ -641,7 +764,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    jobs = _parse_list(args.jobs, JOBS, "--jobs")
+    if args.jobs is not None:
+        jobs = _parse_list(args.jobs, JOBS, "--jobs")
+    else:
+        jobs = [job for job in JOBS if not (args.smoke and job in SLOW_TO_START_JOBS)]
     if args.worker is not None:
         run_worker(args.worker.split(","), jobs, args.smoke, args.threads)
         return 0
@@ -688,6 +814,7 @@ def main(argv: list[str] | None = None) -> int:
                     "runner": runner,
                     "seconds_per_step": values,
                     "cpu_seconds_per_step": results.cpu_seconds[(job, runner)],
+                    "first_step_s": results.first_step_seconds.get((job, runner), []),
                 }
                 for (job, runner), values in results.seconds.items()
             ],

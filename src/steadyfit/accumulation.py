@@ -11,7 +11,7 @@ window's total count afterwards (over all ranks).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,10 +99,10 @@ class WindowBackward:
     def _run(self, window: list[Any], sample_counts: list[int], window_samples: int) -> WindowLoss:
         for param in self.params:
             param.grad = None
-        loss_sum: Any = 0.0
-        loss_count: Any = 0
+        loss_sum: torch.Tensor | None = None
+        loss_count: Any = None
         counts_tokens = False
-        pieces = list(self._pieces(window, sample_counts))
+        pieces = self._pieces(window, sample_counts)
         for position, (index_in_window, micro_batch, num_samples) in enumerate(pieces):
             try:
                 total, count, counts_tokens = self._forward_backward(
@@ -116,8 +116,13 @@ class WindowBackward:
                     f"{data_mod.describe_batch(micro_batch)}",
                     index_in_window,
                 ) from exc
-            loss_sum = total.detach().float() + loss_sum
-            loss_count = loss_count + count
+            total = total.detach()
+            if total.dtype != torch.float32:
+                total = total.float()
+            # The first piece is the window's loss as it is: no op for the common one-piece window.
+            loss_sum = total if loss_sum is None else loss_sum + total
+            loss_count = count if loss_count is None else loss_count + count
+        assert loss_sum is not None  # a window holds at least one micro-batch
         return WindowLoss(loss_sum, loss_count, counts_tokens)
 
     def _forward_backward(
@@ -143,15 +148,18 @@ class WindowBackward:
             self.precision.scale(backward_loss).backward()
         return total, count, counts_tokens
 
-    def _pieces(self, window: list[Any], sample_counts: list[int]) -> Iterable[tuple[int, Any, int]]:
+    def _pieces(self, window: list[Any], sample_counts: list[int]) -> list[tuple[int, Any, int]]:
         """(position in the window, piece, samples): micro-batches, cut to ``micro_limit`` when set."""
         limit = self.micro_limit
+        pieces = []
         for index, (batch, num_samples) in enumerate(zip(window, sample_counts, strict=True)):
             if limit is None or num_samples <= limit:
-                yield index, batch, num_samples
+                pieces.append((index, batch, num_samples))
                 continue
-            for piece in data_mod.split_batch(batch, limit):
-                yield index, piece, data_mod.count_samples(piece)
+            pieces += [
+                (index, piece, data_mod.count_samples(piece)) for piece in data_mod.split_batch(batch, limit)
+            ]
+        return pieces
 
     def reduce_over_ranks(
         self, loss: WindowLoss, samples: int, global_samples: int | None, preempted: bool

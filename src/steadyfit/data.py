@@ -92,7 +92,9 @@ class ResumableBatchSampler:
         )
         step = self.global_batch_size
         for start in range(self.start_batch * step, self.length, step):
-            share = order[start : start + step][self.rank :: self.world_size]
+            share = order[start : start + step]
+            if self.world_size > 1:
+                share = share[self.rank :: self.world_size]
             # An empty share of a short last batch gets a stand-in sample, weighted zero by the loop, so every
             # rank runs the same number of forward/backward passes (collectives must match).
             yield share if share.numel() else order[start : start + 1]
@@ -114,11 +116,15 @@ class TensorBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         for index in self.sampler.index_tensors():
-            yield tuple(tensor[index] for tensor in self.tensors)
+            yield tuple([tensor[index] for tensor in self.tensors])
 
 
 class _PositionedBatches:
-    """A batch sampler yielding ``(position in the epoch, indices)``, for :class:`_PositionSeeded`."""
+    """A batch sampler yielding ``(epoch, position in the epoch, indices)``, for :class:`_PositionSeeded`.
+
+    ``sampler`` may be replaced between epochs: a loader with persistent workers iterates this same object
+    every epoch.
+    """
 
     def __init__(self, sampler: ResumableBatchSampler) -> None:
         self.sampler = sampler
@@ -126,8 +132,10 @@ class _PositionedBatches:
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
-        return enumerate(iter(self.sampler), start=self.sampler.start_batch)
+    def __iter__(self) -> Iterator[tuple[int, int, list[int]]]:
+        epoch = self.sampler.epoch
+        for position, indices in enumerate(iter(self.sampler), start=self.sampler.start_batch):
+            yield epoch, position, indices
 
 
 class _PositionSeeded(torch.utils.data.Dataset):
@@ -135,14 +143,15 @@ class _PositionSeeded(torch.utils.data.Dataset):
     ``(seed, epoch, rank, position of the batch in the epoch)``.
 
     A dataset that draws random numbers (augmentation) then draws the same ones for a batch whatever worker
-    fetches it and however many batches that worker fetched before: a run resumed mid-epoch, whose workers
-    start afresh at the resume position, sees exactly the batches of the run that never stopped.
+    fetches it, however many batches that worker fetched before and in whichever epoch it started: a run
+    resumed mid-epoch, whose workers start afresh at the resume position, sees exactly the batches of the
+    run that never stopped, and workers can live across epochs. The epoch arrives with each batch's key, so
+    the copy of this object in a worker holds nothing that changes.
     """
 
-    def __init__(self, dataset: Any, seed: int, epoch: int, rank: int) -> None:
+    def __init__(self, dataset: Any, seed: int, rank: int) -> None:
         self.dataset = dataset
         self.seed = seed
-        self.epoch = epoch
         self.rank = rank
 
     def __len__(self) -> int:
@@ -151,12 +160,10 @@ class _PositionSeeded(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Any:
         return self.dataset[index]
 
-    def __getitems__(self, key: tuple[int, list[int]]) -> list[Any]:
-        position, indices = key
+    def __getitems__(self, key: tuple[int, int, list[int]]) -> list[Any]:
+        epoch, position, indices = key
         batch_seed = (
-            ((self.seed * 1_000_003 + self.epoch) * 1_000_003 + self.rank) * 1_000_003
-            + position
-            + _ORDER_SALT
+            ((self.seed * 1_000_003 + epoch) * 1_000_003 + self.rank) * 1_000_003 + position + _ORDER_SALT
         ) % (2**63)
         random.seed(batch_seed)
         np.random.seed(batch_seed % 2**32)
@@ -376,36 +383,72 @@ def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
             set_epoch(epoch)
 
 
-def train_batches(data: Any, spec: LoaderSpec, epoch: int, start_batch: int) -> Iterable[Any]:
-    """The micro-batches of one training epoch, from micro-batch ``start_batch`` on.
+class TrainBatches:
+    """The micro-batches of the training epochs of one ``fit()``.
 
-    A user DataLoader is passed through (its order is the user's, told the epoch through
-    ``set_loader_epoch``; we skip consumed batches by iterating, since we do not own its sampler). An
-    IterableDataset is wrapped in a plain loader.
+    Map-style data read through worker processes keeps one DataLoader for the whole fit, with persistent
+    workers: they start once, not at every epoch (a restart forks ``num_workers`` processes and waits for
+    their first batches). No batch changes: the order is the sampler's, set for each epoch in this
+    process, and a batch's random streams are seeded in the worker from its (seed, epoch, rank, position)
+    key. One consequence: a dataset object changed in place between epochs (by a callback, say) is not
+    seen by workers that already hold their copy. :meth:`close` stops the workers.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> spec = LoaderSpec(batch_size=2, eval_batch_size=2, num_workers=0, seed=0, pin_memory=False)
+        >>> batches = TrainBatches(TensorDataset(torch.arange(6.0), torch.arange(6)), spec)
+        >>> [len(batch[0]) for batch in batches.epoch(0, start_batch=1)]
+        [2, 2]
     """
-    if isinstance(data, DataLoader):
-        set_loader_epoch(data, epoch)
-        return _skip(data, start_batch)
-    if isinstance(data, IterableDataset):
-        loader = DataLoader(
-            data,
-            batch_size=spec.batch_size,
-            num_workers=spec.num_workers,
-            collate_fn=spec.collate_fn,
-            pin_memory=spec.pin_memory,
+
+    def __init__(self, data: Any, spec: LoaderSpec) -> None:
+        self.data = data
+        self.spec = spec
+        self._positioned: _PositionedBatches | None = None
+        self._loader: DataLoader | None = None
+
+    def epoch(self, epoch: int, start_batch: int) -> Iterable[Any]:
+        """The micro-batches of ``epoch``, from micro-batch ``start_batch`` on.
+
+        A user DataLoader is passed through (its order is the user's, told the epoch through
+        ``set_loader_epoch``; we skip consumed batches by iterating, since we do not own its sampler). An
+        IterableDataset is wrapped in a plain loader.
+        """
+        data, spec = self.data, self.spec
+        if isinstance(data, DataLoader):
+            set_loader_epoch(data, epoch)
+            return _skip(data, start_batch)
+        if isinstance(data, IterableDataset):
+            loader = DataLoader(
+                data,
+                batch_size=spec.batch_size,
+                num_workers=spec.num_workers,
+                collate_fn=spec.collate_fn,
+                pin_memory=spec.pin_memory,
+            )
+            return _skip(loader, start_batch)
+        sampler = ResumableBatchSampler(
+            len(data),
+            spec.batch_size,
+            seed=spec.seed,
+            epoch=epoch,
+            shuffle=spec.shuffle,
+            start_batch=start_batch,
+            rank=spec.rank,
+            world_size=spec.world_size,
         )
-        return _skip(loader, start_batch)
-    sampler = ResumableBatchSampler(
-        len(data),
-        spec.batch_size,
-        seed=spec.seed,
-        epoch=epoch,
-        shuffle=spec.shuffle,
-        start_batch=start_batch,
-        rank=spec.rank,
-        world_size=spec.world_size,
-    )
-    return _map_style_loader(data, sampler, spec, epoch)
+        if not spec.num_workers:
+            return _map_style_loader(data, sampler, spec, epoch)
+        if self._loader is None or self._positioned is None:
+            self._positioned = _PositionedBatches(sampler)
+            self._loader = _worker_loader(data, self._positioned, spec, epoch, persistent=True)
+        self._positioned.sampler = sampler
+        return self._loader
+
+    def close(self) -> None:
+        """Stop the worker processes (they would otherwise live until the loader is garbage)."""
+        self._loader = None
+        self._positioned = None
 
 
 def eval_batches(data: Any, spec: LoaderSpec) -> Iterable[Any]:
@@ -436,27 +479,44 @@ def eval_batches(data: Any, spec: LoaderSpec) -> Iterable[Any]:
 def _map_style_loader(
     data: Any, sampler: ResumableBatchSampler, spec: LoaderSpec, epoch: int
 ) -> Iterable[Any]:
-    if isinstance(data, TensorDataset) and spec.num_workers == 0 and spec.collate_fn is None:
-        return TensorBatches(data.tensors, sampler)
-    # Worker seeds come from this generator: a function of (seed, epoch, rank), never of the clock.
-    generator = torch.Generator()
-    generator.manual_seed((spec.seed * 1_000_003 + epoch * 1009 + spec.rank + 2 * _ORDER_SALT) % (2**63))
-    batches: Any = sampler
     if spec.num_workers:
-        # In worker processes the data-side random streams restart with each batch (see _PositionSeeded).
-        # Without workers they are the main process's streams, saved and restored with every checkpoint.
-        data = _PositionSeeded(data, spec.seed, epoch, spec.rank)
-        batches = _PositionedBatches(sampler)
+        return _worker_loader(data, _PositionedBatches(sampler), spec, epoch, persistent=False)
+    if isinstance(data, TensorDataset) and spec.collate_fn is None:
+        return TensorBatches(data.tensors, sampler)
+    # Without workers the data-side random streams are the main process's, saved and restored with every
+    # checkpoint. The loader's own generator keeps its base seed draw off torch's global stream.
     return DataLoader(
         data,
+        batch_sampler=sampler,
+        collate_fn=spec.collate_fn,
+        pin_memory=spec.pin_memory,
+        generator=_loader_generator(spec, epoch),
+    )
+
+
+def _worker_loader(
+    data: Any, batches: _PositionedBatches, spec: LoaderSpec, epoch: int, *, persistent: bool
+) -> DataLoader:
+    """A DataLoader whose workers seed each batch's random streams from its key (see _PositionSeeded)."""
+    return DataLoader(
+        _PositionSeeded(data, spec.seed, spec.rank),
         batch_sampler=batches,
         num_workers=spec.num_workers,
         collate_fn=spec.collate_fn,
         pin_memory=spec.pin_memory,
-        worker_init_fn=_seed_worker if spec.num_workers else None,
-        generator=generator,
-        persistent_workers=False,
+        worker_init_fn=_seed_worker,
+        generator=_loader_generator(spec, epoch),
+        persistent_workers=persistent,
     )
+
+
+def _loader_generator(spec: LoaderSpec, epoch: int) -> torch.Generator:
+    """Worker seeds come from this generator: a function of (seed, epoch the loader started, rank), never of
+    the clock. Batches do not depend on them (each is seeded from its key); python's and numpy's streams in
+    a worker outside a batch do (see _seed_worker)."""
+    generator = torch.Generator()
+    generator.manual_seed((spec.seed * 1_000_003 + epoch * 1009 + spec.rank + 2 * _ORDER_SALT) % (2**63))
+    return generator
 
 
 def _skip(loader: Iterable[Any], count: int) -> Iterator[Any]:
@@ -518,7 +578,8 @@ def _is_batched(value: Any) -> bool:
 def move_to(batch: Any, device: torch.device, non_blocking: bool) -> Any:
     """Move every tensor of a (nested) batch to ``device``."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=non_blocking)
+        # Already there (data on the CPU for a CPU run): no dispatch at all, it is on every step.
+        return batch if batch.device == device else batch.to(device, non_blocking=non_blocking)
     if isinstance(batch, dict):
         return {key: move_to(value, device, non_blocking) for key, value in batch.items()}
     if isinstance(batch, (tuple, list)):

@@ -9,7 +9,6 @@ import atexit
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -139,16 +138,15 @@ class Distributed:
             return model
         return model
 
-    @contextlib.contextmanager
-    def gradient_sync(self, train_model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    def gradient_sync(
+        self, train_model: torch.nn.Module, enabled: bool
+    ) -> contextlib.AbstractContextManager[Any]:
         """Synchronise gradients only on the last micro-batch of a window (DDP ``no_sync`` before it)."""
         if self.strategy == "ddp" and not enabled:
-            with train_model.no_sync():  # type: ignore[operator]
-                yield
-            return
+            return train_model.no_sync()  # type: ignore[operator]
         if self.strategy == "fsdp":
             train_model.set_requires_gradient_sync(enabled)  # type: ignore[operator]
-        yield
+        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------------------------ reductions
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:

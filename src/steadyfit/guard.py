@@ -39,11 +39,14 @@ class NonFiniteGuard:
     def finite_flag(loss_sum: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
         """A device flag, True exactly when the loss and the gradient norm are both finite.
 
-        A sum is finite only if both terms are (inf - inf is NaN, caught too): two ops instead of two
-        checks and an ``&``.
+        A sum is finite only if both terms are (inf - inf is NaN, caught too), and a number is finite
+        exactly when ``x - x`` is 0 (for inf and NaN it is NaN): three ops on every step, where
+        ``torch.isfinite`` alone dispatches four.
         """
-        checked = loss_sum.detach() if grad_norm is None else loss_sum.detach() + grad_norm
-        return torch.isfinite(checked)
+        checked = loss_sum if grad_norm is None else loss_sum + grad_norm
+        if checked.requires_grad:
+            checked = checked.detach()
+        return (checked - checked) == 0
 
     @staticmethod
     def is_finite(flag: torch.Tensor) -> bool:

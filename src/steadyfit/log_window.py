@@ -30,7 +30,8 @@ class LogWindow:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        self.loss_count = torch.zeros((), dtype=torch.float64, device=device)
+        self.loss_count = torch.zeros((), dtype=torch.float64, device=device)  # counts on the device
+        self.host_count = 0  # counts the host knows (samples): adding them costs no device op
         self.run_loss_sum = 0.0
         self.run_loss_count = 0.0
         self.samples = 0
@@ -63,7 +64,10 @@ class LogWindow:
             self.saw_first_step = True
             self.first_step_loss = loss_sum.detach().to(torch.float64) / count  # on the device: no read
         self.loss_sum += loss_sum
-        self.loss_count += count
+        if isinstance(count, torch.Tensor):
+            self.loss_count += count
+        else:
+            self.host_count += count
         self.samples += samples
         self.pending_steps += 1
         self.grad_norm = grad_norm
@@ -81,6 +85,7 @@ class LogWindow:
         if self.first_step_loss is not None:
             numbers.append(self.first_step_loss.to(device=self.device, dtype=torch.float64))
         loss_sum, loss_count, grad_norm_value, *first_step = torch.stack(numbers).tolist()
+        loss_count += self.host_count
         self.run_loss_sum += loss_sum
         self.run_loss_count += loss_count
         if self.counts_tokens:
@@ -102,6 +107,7 @@ class LogWindow:
         self.first_step_loss = None
         self.loss_sum.zero_()
         self.loss_count.zero_()
+        self.host_count = 0
         self.samples = 0
         self.pending_steps = 0
         self.started = now
@@ -111,7 +117,7 @@ class LogWindow:
         """The open window and the run totals, so a resumed run logs the same numbers. Reads the host."""
         return {
             "loss_sum": float(self.loss_sum),
-            "loss_count": float(self.loss_count),
+            "loss_count": float(self.loss_count) + self.host_count,
             "run_loss_sum": self.run_loss_sum,
             "run_loss_count": self.run_loss_count,
             "samples": self.samples,
@@ -134,6 +140,7 @@ class LogWindow:
                 raise ValueError(f"logging window: {key!r} must be a number, got {state.get(key)!r}")
         self.loss_sum.fill_(state["loss_sum"])
         self.loss_count.fill_(state["loss_count"])
+        self.host_count = 0
         self.run_loss_sum = float(state["run_loss_sum"])
         self.run_loss_count = float(state["run_loss_count"])
         self.samples = int(state["samples"])
@@ -156,7 +163,7 @@ class LogWindow:
     def run_mean(self) -> float | None:
         """Mean train loss over the whole run (logged windows and the open one)."""
         total = self.run_loss_sum + float(self.loss_sum)
-        count = self.run_loss_count + float(self.loss_count)
+        count = self.run_loss_count + float(self.loss_count) + self.host_count
         return total / count if count else None
 
 

@@ -194,6 +194,7 @@ class Trainer:
         seed_everything(config.seed)
         set_deterministic(config.deterministic)
         self._prepare()
+        self._train_batches = data_mod.TrainBatches(self.train_data, self.spec)
         if self.eval_data is not None:
             self._eval_max_batches(self.eval_data)  # a limit that cannot apply fails now, not steps later
         run_dir = self._fast_dev_run_dir() if config.fast_dev_run else config.run_dir
@@ -214,9 +215,11 @@ class Trainer:
                 self.log_window.start()  # time_s and the first throughput leave set-up and loggers out
                 while not self._is_done():
                     self._train_epoch(preemption)
+                self._train_batches.close()
                 self._finish()
                 self.callbacks.fire("on_fit_end", self, self.state)
             except BaseException as exc:
+                self._train_batches.close()
                 if self.device_skip is not None:
                     self.device_skip.release()  # float lrs back, found_inf gone: the optimizer is reusable
                 self.progress.close()
@@ -293,9 +296,7 @@ class Trainer:
     def _train_epoch(self, preemption: PreemptionFlag) -> None:
         state, accumulation = self.state, self.config.grad_accum_steps
         self.callbacks.fire("on_epoch_start", self, state)
-        micro_batches = iter(
-            data_mod.train_batches(self.train_data, self.spec, state.epoch, state.batch_in_epoch)
-        )
+        micro_batches = iter(self._train_batches.epoch(state.epoch, state.batch_in_epoch))
         if self.horizons.batches_per_epoch is not None:
             # limit_train_batches / overfit_batches end the epoch early; a window never crosses the limit.
             remaining = self.horizons.batches_per_epoch - state.batch_in_epoch

@@ -10,7 +10,18 @@ from pathlib import Path
 
 import torch
 
-from overhead import CORE_RUNNERS, JOBS, Measurements, StepClock, make_job, markdown_table, summarise
+from overhead import (
+    CORE_RUNNERS,
+    JOBS,
+    SLOW_TO_START_JOBS,
+    Measurements,
+    StepClock,
+    make_job,
+    markdown_table,
+    summarise,
+    token_mean,
+)
+from steadyfit.recipes.tinylm import lm_loss
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,7 +42,11 @@ def test_overhead_smoke_trains_every_job_with_every_core_runner(tmp_path: Path) 
     assert proc.returncode == 0, proc.stderr
     assert "| job | runner | wall ms/step (median) |" in proc.stdout
     rows = {(row["job"], row["runner"]): row for row in json.loads(report_path.read_text())["rows"]}
-    for job in JOBS:
+    smoke_jobs = [job for job in JOBS if job not in SLOW_TO_START_JOBS]
+    # lm_compiled stays out of CI (a cold torch.compile of the LM takes ~35 s); lm itself is in.
+    assert "lm" in smoke_jobs and not any(job in SLOW_TO_START_JOBS for job, _ in rows)
+    for job in smoke_jobs:
+        spec = make_job(job, smoke=True)
         for runner in CORE_RUNNERS:
             row = rows[(job, runner)]
             if job == "workers" and runner == "raw":
@@ -39,9 +54,12 @@ def test_overhead_smoke_trains_every_job_with_every_core_runner(tmp_path: Path) 
                 continue
             assert f"| {job} | {runner} |" in proc.stdout
             # The step clock saw every optimizer step of the job, no more: the timing covers the whole loop.
-            assert row["steps"] == make_job(job, smoke=True).max_steps
+            assert row["steps"] == spec.max_steps
             assert math.isfinite(row["final_loss"])
             assert row["loss_agrees"], (job, runner, row["final_loss"])
+            # Tokens per second for the language model only: a step trains batch_size windows of 128 tokens.
+            expected_tokens = spec.batch_size * 128 / row["median_s"] if job == "lm" else None
+            assert row["tokens_per_s"] == expected_tokens
 
 
 def test_checkpoint_smoke_prints_every_operation(tmp_path: Path) -> None:
@@ -76,6 +94,34 @@ def test_step_clock_counts_each_optimizer_step_once() -> None:
     assert seconds >= 0
 
 
+def test_lm_job_trains_the_tinylm_recipe_on_learnable_tokens() -> None:
+    job = make_job("lm", smoke=True)
+    inputs, targets = job.train_data.tensors
+    # Next-token windows: each target window is its input window shifted by one.
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])
+    assert job.loss_fn is lm_loss and job.tokens_per_sample == inputs.shape[1] == 128
+    # Whole batches only, so a compiled model sees one shape.
+    assert len(targets) % job.batch_size == 0 and not job.compile and make_job("lm_compiled").compile
+    # Every token has at most 4 successors: the chain has far less than ln 256 nats of entropy to learn.
+    pairs = torch.stack([inputs.flatten(), targets.flatten()], dim=1).unique(dim=0)
+    assert torch.bincount(pairs[:, 0]).max() <= 4
+
+
+def test_hand_written_loops_backpropagate_the_token_mean_of_the_recipe_loss() -> None:
+    logits = torch.randn(2, 5, 256)
+    targets = torch.randint(0, 256, (2, 5))
+    targets[1, 3:] = -100  # padding the loss leaves out: the mean is over the 8 counted tokens
+    total, count = lm_loss(logits, targets)
+    assert int(count) == 8
+    assert torch.equal(token_mean(lm_loss)(logits, targets), total / count)
+    # A scalar-mean loss passes through unchanged.
+    labels = torch.tensor([1, 2])
+    assert torch.equal(
+        token_mean(torch.nn.functional.cross_entropy)(logits[:, 0], labels),
+        torch.nn.functional.cross_entropy(logits[:, 0], labels),
+    )
+
+
 def test_summary_flags_a_runner_whose_final_loss_disagrees() -> None:
     results = Measurements()
     for runner, seconds, loss in (("raw", 1e-3, 1.0), ("steadyfit", 2e-3, 1.05), ("hf", 4e-3, 2.0)):
@@ -90,4 +136,31 @@ def test_summary_flags_a_runner_whose_final_loss_disagrees() -> None:
     assert rows["steadyfit"]["loss_agrees"] and rows["steadyfit"]["vs_raw"] == 2.0
     assert not rows["hf"]["loss_agrees"] and rows["hf"]["cpu_vs_raw"] == 4.0
     table = markdown_table(list(rows.values()))
-    assert "| tiny | hf | 4.000 | 4.000–4.000 | 4.00× | – | 2.000 | 4.00× | – | 2.0000 ⚠ |" in table
+    assert "| tiny | hf | 4.000 | 4.000–4.000 | 4.00× | – | 2.000 | 4.00× | – | 2.0000 ⚠ | – |" in table
+
+
+def test_summary_reports_tokens_per_second_for_a_language_model_job() -> None:
+    results = Measurements()
+    for runner, seconds in (("raw", 0.2), ("steadyfit", 0.25)):
+        row = {
+            "seconds_per_step": seconds,
+            "cpu_seconds_per_step": seconds,
+            "steps": 100,
+            "final_loss": 3.0,
+            "tokens_per_step": 4096,
+        }
+        results.add("lm", runner, row)
+    rows = {row["runner"]: row for row in summarise(results, ["lm"], ["raw", "steadyfit"])}
+    # Tokens of a step over the median wall time of a step: 4096 / 0.25 s.
+    assert rows["steadyfit"]["tokens_per_s"] == 16384.0 and rows["raw"]["tokens_per_s"] == 20480.0
+    assert "| 3.0000 | 16,384 |" in markdown_table(list(rows.values()))
+
+
+def test_ops_smoke_counts_operators_of_both_loops(tmp_path: Path) -> None:
+    report_path = tmp_path / "ops.json"
+    proc = run_bench("ops.py", "--smoke", "--json", str(report_path))
+    assert proc.returncode == 0, proc.stderr
+    per_step = json.loads(report_path.read_text())["per_step"]
+    # Both loops run a forward, a backward and an optimizer step on every step: dozens of operators each.
+    assert per_step["raw"]["top_level"] > 20 and per_step["steadyfit"]["top_level"] > 20
+    assert "| top-level operator | steadyfit − raw |" in proc.stdout
