@@ -149,7 +149,8 @@ def test_an_old_sha256_manifest_loads_and_still_catches_a_flipped_byte(tmp_path:
 def test_a_manifest_entry_must_name_exactly_one_known_checksum(tmp_path: Path, entry: dict) -> None:
     (path,) = save_steps(CheckpointStore(tmp_path), 1)
     rewrite_manifest(path, lambda m: m["files"].update({"trainer.json": entry}))
-    assert CheckpointStore(tmp_path).verify(path) == ["malformed manifest entry for 'trainer.json'"]
+    (fault,) = CheckpointStore(tmp_path).verify(path)
+    assert fault.startswith(f"malformed manifest entry for 'trainer.json': {sorted(entry)}")
 
 
 def test_tied_weights_are_saved_as_separate_equal_tensors(tmp_path: Path) -> None:
@@ -595,3 +596,46 @@ def test_large_files_are_hashed_beside_the_io_in_a_thread_that_never_outlives_th
     assert set(threading.enumerate()) == before
     # One thread for the save, one for the load, one for the verification: each joined before returning.
     assert hashed_in == ["steadyfit-hash"] * 3
+
+
+def test_every_safetensors_dtype_round_trips_and_others_are_refused_before_writing(tmp_path: Path) -> None:
+    from steadyfit.checkpoint import AsyncCheckpointWriter
+    from steadyfit.checkpoint.payload import SAFETENSORS_DTYPES
+
+    store = CheckpointStore(tmp_path / "run")
+    weights = {f"t.{name}": torch.ones(3, 2).to(dtype) for name, dtype in SAFETENSORS_DTYPES.items()}
+    model, _, _ = store.load(store.save(1, weights, components(1)))
+    for name, tensor in weights.items():
+        assert model[name].dtype == tensor.dtype and torch.equal(
+            model[name].view(torch.uint8), tensor.view(torch.uint8)
+        )
+    # complex128 has no safetensors name: refused in the caller's thread, naming it, with nothing written.
+    bad = {"w": torch.ones(2, dtype=torch.complex128)}
+    with pytest.raises(CheckpointError, match=r"cannot store .*w.*complex128"):
+        store.save(2, bad, components(2))
+    with AsyncCheckpointWriter(store) as writer, pytest.raises(CheckpointError, match="complex128"):
+        writer.submit(3, bad, components(3))
+    assert sorted(p.name for p in store.checkpoints_dir.iterdir()) == ["step-00000001"]
+
+
+def test_a_header_of_the_wrong_types_is_a_checkpoint_error(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "run")
+    path = store.save(1, model_state(), components(1))
+    header = json.dumps({"w": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}).encode()
+    (path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    relist(path, "model.safetensors")
+    with pytest.raises(CheckpointError, match="not a valid safetensors file: bad header entry for 'w'"):
+        store.load(path)
+
+
+def test_a_manifest_entry_with_a_key_of_another_version_is_named(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "run")
+    path = store.save(1, model_state(), components(1))
+
+    def add_key(manifest: dict) -> None:
+        manifest["files"]["trainer.json"]["blake3"] = "ab" * 32
+
+    rewrite_manifest(path, add_key)
+    faults = store.verify(path)
+    assert len(faults) == 1 and "malformed manifest entry for 'trainer.json'" in faults[0]
+    assert "blake3" in faults[0] and "xxh3_128" in faults[0]

@@ -46,7 +46,8 @@ class AsyncCheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: tuple[int, BaseException] | None = None
         self._closed = False
-        # The host copies of the last save, refilled by the next one once it is written (see snapshot).
+        # The host copies of the last save, refilled by the next one once it is written (see snapshot): the
+        # cost is one host copy of the state held between saves, released by close().
         self._staging: dict[str, torch.Tensor] = {}
 
     def submit(
@@ -72,8 +73,10 @@ class AsyncCheckpointWriter:
         if self._closed:
             raise RuntimeError("AsyncCheckpointWriter is closed; create a new one to save again")
         self._join()
-        model_copy = snapshot(dict(model_state), where="model", staging=self._staging)
-        components_copy = snapshot(dict(components), where="components", staging=self._staging)
+        staging: dict[str, torch.Tensor] = {}
+        model_copy = snapshot(dict(model_state), where="model", reuse=self._staging, kept=staging)
+        components_copy = snapshot(dict(components), where="components", reuse=self._staging, kept=staging)
+        self._staging = staging  # positions gone from the state are dropped
         extra_copy = {name: bytes(data) for name, data in (extra_files or {}).items()}
         self._thread = threading.Thread(
             target=self._run,
@@ -95,7 +98,10 @@ class AsyncCheckpointWriter:
     def close(self) -> Path | None:
         """Wait for the save in flight, then refuse further submits; return the last committed path."""
         self._closed = True
-        return self.wait()
+        try:
+            return self.wait()
+        finally:
+            self._staging = {}
 
     def is_busy(self) -> bool:
         """Whether a save is in flight."""

@@ -76,7 +76,7 @@ class HashThread:
     caller's I/O on another core. The thread is a plain (non-daemon) one that never outlives the ``with``
     block, even when the block raises: no hashing thread can be inside native code when the interpreter
     finalizes, and a background save still in flight at exit (its thread is joined before finalization)
-    can start one. Below ``threaded`` the buffers are hashed in the caller's thread, at no thread cost.
+    can start one. With ``threaded=False`` (small files) the buffers are hashed in the caller's thread.
 
     Args:
         algorithm: one of :data:`CHECKSUMS`.

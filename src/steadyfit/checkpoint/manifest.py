@@ -194,7 +194,12 @@ def manifest_faults(manifest: Any, dir_name: str) -> list[str]:
             or entry["size"] < 0
             or checksum_of(entry) is None
         ):
-            faults.append(f"malformed manifest entry for {name!r}")
+            keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            faults.append(
+                f"malformed manifest entry for {name!r}: {keys} (expected a size and one checksum: "
+                f"{' or '.join(CHECKSUMS)} with a lowercase hex digest; a checkpoint of another steadyfit "
+                "version?)"
+            )
     if faults:
         return faults
     dir_step = layout.step_of(dir_name)
@@ -237,14 +242,15 @@ def _is_int(value: Any) -> bool:
 
 
 def checksum_of(entry: Mapping[str, Any]) -> tuple[str, str] | None:
-    """``(algorithm, hex digest)`` of a manifest file entry, or None unless it names exactly one known one.
+    """``(algorithm, hex digest)`` of a manifest file entry, or None unless it holds its size and exactly one
+    known checksum, and nothing else.
 
     Example:
         >>> checksum_of({"size": 3, "sha256": "ab" * 32})[0], checksum_of({"size": 3})
         ('sha256', None)
     """
     named = [(algorithm, entry[algorithm]) for algorithm in CHECKSUMS if algorithm in entry]
-    if len(named) != 1 or not _is_digest(*named[0]):
+    if len(named) != 1 or set(entry) != {"size", named[0][0]} or not _is_digest(*named[0]):
         return None
     return named[0]
 

@@ -22,12 +22,36 @@ from __future__ import annotations
 import base64
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
 from steadyfit.checkpoint.errors import CheckpointError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    "C64": torch.complex64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+"""The dtypes a safetensors file can hold, by their header name (those of safetensors' own torch API)."""
+_STORABLE_DTYPES = frozenset(SAFETENSORS_DTYPES.values())
 
 _TENSOR = "__tensor__"
 _NDARRAY = "__ndarray__"
@@ -215,16 +239,22 @@ def tensor_keys(structure: Any) -> set[str]:
     return keys
 
 
-def snapshot(state: Any, *, where: str = "state", staging: dict[str, torch.Tensor] | None = None) -> Any:
+def snapshot(
+    state: Any,
+    *,
+    where: str = "state",
+    reuse: Mapping[str, torch.Tensor] | None = None,
+    kept: dict[str, torch.Tensor] | None = None,
+) -> Any:
     """Deep copy of ``state`` with every tensor copied to CPU memory, so the caller may keep mutating it.
 
     Accepts exactly the types :func:`flatten` accepts and raises the same errors, so a bad value fails in
     the caller's thread rather than later in a background writer.
 
-    ``staging``: host tensors of an earlier snapshot that nothing uses any more, by position in the state;
-    a tensor of the same shape, dtype and strides is copied into the buffer at its position instead of a
-    new one (fresh memory is zeroed page by page by the kernel on first touch: for a large state that costs
-    as much as the copy itself). The dict is updated to this snapshot's buffers.
+    ``reuse``: host tensors of an earlier snapshot that nothing uses any more, by position in the state; a
+    tensor of the same shape, dtype and strides is copied into the buffer at its position instead of a new
+    one (fresh memory is zeroed page by page by the kernel on first touch: for a large state that costs as
+    much as the copy itself). ``kept`` receives this snapshot's buffers by position, for the next one.
 
     Example:
         >>> weights = torch.ones(2)
@@ -236,10 +266,9 @@ def snapshot(state: Any, *, where: str = "state", staging: dict[str, torch.Tenso
 
     def copy(value: Any, path: str) -> Any:
         if isinstance(value, torch.Tensor):
-            if value.layout != torch.strided or value.device.type == "meta":
-                raise CheckpointError(f"cannot store {path}: only dense tensors with data can be saved")
+            _check_storable(value, path)
             # One copy, straight to host memory: training may modify the original right after this.
-            buffer = staging.get(path) if staging is not None else None
+            buffer = reuse.get(path) if reuse is not None else None
             if buffer is None or (buffer.shape, buffer.dtype, buffer.stride()) != (
                 value.shape,
                 value.dtype,
@@ -248,8 +277,8 @@ def snapshot(state: Any, *, where: str = "state", staging: dict[str, torch.Tenso
                 buffer = value.detach().to("cpu", copy=True)
             else:
                 buffer.copy_(value.detach())
-            if staging is not None:
-                staging[path] = buffer
+            if kept is not None:
+                kept[path] = buffer
             return buffer
         if isinstance(value, np.ndarray):
             if value.dtype.hasobject:
@@ -314,8 +343,7 @@ def _encode_float(value: float) -> Any:
 
 def _prepare_tensor(tensor: torch.Tensor, path: str, seen_storages: set[tuple[str, int]]) -> torch.Tensor:
     tensor = tensor.detach()
-    if tensor.layout != torch.strided or tensor.device.type == "meta":
-        raise CheckpointError(f"cannot store {path}: only dense tensors with data can be saved")
+    _check_storable(tensor, path)
     tensor = tensor.to("cpu").contiguous()
     storage = tensor.untyped_storage()
     storage_key = (str(tensor.device), storage.data_ptr())
@@ -324,6 +352,16 @@ def _prepare_tensor(tensor: torch.Tensor, path: str, seen_storages: set[tuple[st
         return tensor.clone()
     seen_storages.add(storage_key)
     return tensor
+
+
+def _check_storable(tensor: torch.Tensor, path: str) -> None:
+    """Refuse, before anything is written, a tensor no checkpoint file can hold."""
+    if tensor.layout != torch.strided or tensor.device.type == "meta":
+        raise CheckpointError(f"cannot store {path}: only dense tensors with data can be saved")
+    if tensor.dtype not in _STORABLE_DTYPES:
+        raise CheckpointError(
+            f"cannot store {path}: dtype {tensor.dtype} has no safetensors name (convert it, e.g. .float())"
+        )
 
 
 def _is_pair(item: Any) -> bool:

@@ -17,6 +17,7 @@ import contextlib
 import math
 import os
 import secrets
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,14 @@ from steadyfit.checkpoint.atomic import (
 )
 from steadyfit.checkpoint.errors import CheckpointError
 from steadyfit.checkpoint.manifest import build_manifest, describe_os_error, inspect_checkpoint
-from steadyfit.checkpoint.payload import dumps_json, flatten, loads_json, prepare_tensors, unflatten
+from steadyfit.checkpoint.payload import (
+    SAFETENSORS_DTYPES,
+    dumps_json,
+    flatten,
+    loads_json,
+    prepare_tensors,
+    unflatten,
+)
 from steadyfit.console import warn
 
 
@@ -589,43 +597,21 @@ def _check_shards(tmp: Path, records: dict[str, FileRecord]) -> dict[str, FileRe
     return records
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U64": torch.uint64,
-    "U32": torch.uint32,
-    "U16": torch.uint16,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> FileRecord:
     """Write contiguous CPU ``tensors`` as a safetensors file straight from their memory, hashing as it goes.
 
     The same layout as ``safetensors.torch.save_file``: a little-endian u64 header length, a JSON header
     padded with spaces to 8 bytes, then the tensors' bytes, largest element size first so every tensor
     stays aligned. Unlike save_file, no tensor is copied to a Python ``bytes`` and the file is not read
-    back to be hashed.
+    back to be hashed. The tensors were checked storable before the save touched the disk.
     """
-    dtype_names = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+    _require_little_endian(path)
+    dtype_names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
     order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
     header: dict[str, Any] = {}
     offset = 0
     for name in order:
         tensor = tensors[name]
-        if tensor.dtype not in dtype_names:
-            raise CheckpointError(
-                f"cannot save {path}: dtype {tensor.dtype} of {name!r} has no safetensors name"
-            )
         nbytes = tensor.numel() * tensor.element_size()
         header[name] = {
             "dtype": dtype_names[tensor.dtype],
@@ -647,10 +633,11 @@ def _parse_tensors(data: torch.Tensor, where: Path) -> dict[str, torch.Tensor]:
     Checked as strictly as safetensors checks: a JSON header of known dtypes and shapes whose byte ranges
     tile the payload exactly, with no gap, overlap or excess. Each tensor gets a storage of its own, as
     from ``torch.load`` (offset 0, its own size: ``torch.set_rng_state`` and others rely on it), that is a
-    slice of ``data``'s storage and keeps it alive from C++: freeing one needs no GIL, so a tensor let go by
-    a native thread (a collective's) at interpreter exit is safe. A tensor whose bytes are not aligned to
-    its element size (a file from another writer) is copied out instead.
+    slice of ``data``'s storage and keeps it alive. A tensor whose bytes are not aligned to its element
+    size (a file from another writer) is copied out instead.
     """
+
+    _require_little_endian(where)
 
     def malformed(why: str) -> CheckpointError:
         return CheckpointError(f"{where} is not a valid safetensors file: {why}")
@@ -670,7 +657,8 @@ def _parse_tensors(data: torch.Tensor, where: Path) -> dict[str, torch.Tensor]:
     origin = data.storage_offset() + body_start
     spans = []
     for name, info in header.items():
-        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+        dtype_name = info.get("dtype") if isinstance(info, dict) else None
+        dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
         shape = info.get("shape") if isinstance(info, dict) else None
         offsets = info.get("data_offsets") if isinstance(info, dict) else None
         if (
@@ -701,6 +689,12 @@ def _parse_tensors(data: torch.Tensor, where: Path) -> dict[str, torch.Tensor]:
     if position != body_len:
         raise malformed("bytes after the last tensor")
     return tensors
+
+
+def _require_little_endian(path: Path) -> None:
+    # safetensors stores little-endian bytes; these tensors are written and read in the host's own order.
+    if sys.byteorder != "little":
+        raise CheckpointError(f"{path}: steadyfit reads and writes checkpoints on little-endian hosts only")
 
 
 @contextlib.contextmanager
