@@ -8,7 +8,12 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import gc
 import os
+import threading
+import time
+import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,7 +75,7 @@ class Distributed:
             )
             # One group per process, torn down at exit: a second Trainer in the same process joins it
             # (re-creating a group under torchrun can pick up the old group's addresses and hang).
-            atexit.register(_destroy_group)
+            atexit.register(destroy_group)
         if strategy != "none":
             rank, world_size = dist.get_rank(), dist.get_world_size()
         return cls(strategy, rank, local_rank, world_size)
@@ -265,9 +270,59 @@ class Distributed:
             )
 
 
-def _destroy_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def destroy_group() -> None:
+    """End the default process group while the interpreter is whole (steadyfit's exit handler for a group it
+    created; call it yourself, instead of ``destroy_process_group``, to end a group your script created).
+
+    gloo runs each collective on a worker thread, which drops the collective's tensors after the caller's
+    wait has returned; dropping a tensor whose Python object is gone takes the GIL, and a thread that asks
+    for the GIL once the interpreter finalizes aborts the process ("terminate called without an active
+    exception", exit -6: a finished torchrun job reported failed). ``destroy_process_group`` only
+    unregisters the group: its threads end with the last reference to it, and torch joins them without
+    holding the GIL. So the garbage that may hold the group (a finished run's DDP wrapper) is collected
+    here; a group still held (torch's DTensor caches keep an FSDP model's mesh and group) gets its threads
+    settled instead (:func:`settle_threads`).
+
+    Example:
+        >>> destroy_group()  # no group: nothing to do
+    """
+    if not dist.is_initialized():
+        return
+    group = weakref.ref(dist.group.WORLD)
+    dist.destroy_process_group()
+    gc.collect()
+    if group() is not None:
+        settle_threads()
+
+
+def settle_threads(timeout_s: float = 2.0) -> None:
+    """Sleep, without the GIL, until no other thread of this process has been runnable for three polls
+    in a row (at most ``timeout_s``): a worker thread with tensors still to drop gets the GIL and drops
+    them before the interpreter finalizes. Linux reads thread states from /proc; elsewhere it sleeps
+    50 ms. Costs a few milliseconds when the threads are idle.
+
+    Example:
+        >>> settle_threads(timeout_s=0.5)
+    """
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        time.sleep(0.05)
+        return
+    own = str(threading.get_native_id())
+    deadline = time.monotonic() + timeout_s
+    quiet = 0
+    while quiet < 3 and time.monotonic() < deadline:
+        time.sleep(0.001)
+        quiet = 0 if any(_is_runnable(task) for task in tasks.iterdir() if task.name != own) else quiet + 1
+
+
+def _is_runnable(task: Path) -> bool:
+    try:
+        stat = (task / "stat").read_text()
+    except OSError:  # the thread ended between the listing and the read
+        return False
+    # "tid (name) state ...": the name may hold spaces and parentheses, the state follows the last ")".
+    return stat[stat.rindex(")") + 2] == "R"
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:

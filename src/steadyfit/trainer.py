@@ -225,9 +225,11 @@ class Trainer:
                 self.progress.close()
                 self.checkpoints.close(quietly=True)  # the save in flight finishes; this error is the news
                 self.callbacks.fire("on_exception", self, self.state, exc)
+                self._leave_wrapper()
                 raise
             self.progress.close()
             self.checkpoints.close()
+        self._leave_wrapper()
         return self._result()
 
     def evaluate(self, data: Any = None) -> dict[str, float]:
@@ -592,6 +594,12 @@ class Trainer:
             ema_weights=self.ema.state_dict_of_module() if self.ema is not None else None,
         )
         self._log(state.summary_row())
+
+    def _leave_wrapper(self) -> None:
+        # A DDP wrapper holds the process group. Once fit() ends nothing of ours keeps it, so the group
+        # really ends when destroyed (its gloo threads joined while Python is whole; see
+        # distributed.destroy_group). A later fit() wraps the model again.
+        self.backward.model = self.model
 
     # ------------------------------------------------------------------------------------- set-up
     def _prepare(self) -> None:

@@ -12,15 +12,18 @@ in optimizer step `nan_at`), `mode` (fit, or evaluate: score the untrained model
 checkpoint, so a load that unpickles anything fails the run) and `unused_branch` (1: the model holds a
 linear layer it never calls, whose parameters get no gradient and so no optimizer state).
 `fail_write_on_rank` (a rank: its sharded checkpoint writes raise ENOSPC) makes a run end with
-`result RANK {"error": ...}` when the save fails.
+`result RANK {"error": ...}` when the save fails. `keep_trainer` (1: the run's Trainer stays referenced until
+the process exits, as a user script's global `trainer` does).
 
 Prints, flushed, for the tests to synchronise on (never sleeps): `pid RANK PID` at start, `step RANK N`
 after each optimizer step, `saved PATH` after each committed checkpoint (rank 0), `exit RANK STATUS` when a
-preemption ends the run and `result RANK {json}` at the end of each run.
+preemption ends the run, `result RANK {json}` at the end of each run and `threads RANK AT_START AT_EXIT` last
+(the threads of the process when main() began and when the interpreter is about to finalize).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import json
@@ -37,6 +40,7 @@ import torch.distributed.checkpoint as dcp
 from steadyfit import Callback, Preempted, Trainer, seed_everything
 from steadyfit.checkpoint import CheckpointError
 from steadyfit.config import make_config, parse_overrides
+from steadyfit.distributed import destroy_group
 
 FEATURES = 6
 CLASSES = 3
@@ -64,6 +68,10 @@ DEFAULTS = {
     "momentum": 0.9,
     "max_grad_norm": 1.0,
 }
+
+
+# Trainers kept alive until the process exits (`keep_trainer=1`), as a user script's global `trainer` is.
+KEPT: list[Trainer] = []
 
 
 def rank() -> int:
@@ -256,7 +264,10 @@ def run(run_dir: str, overrides: dict[str, Any]) -> dict[str, Any]:
     """One run; returns what the tests compare."""
     overrides = dict(overrides)
     failing_rank = int(overrides.pop("fail_write_on_rank", -1))
+    keep_trainer = bool(int(overrides.pop("keep_trainer", 0)))
     trainer, mode = build_trainer(run_dir, overrides)
+    if keep_trainer:
+        KEPT.append(trainer)
     if mode == "evaluate":
         return {"metrics": trainer.evaluate()}
     try:
@@ -288,7 +299,15 @@ def split_runs(arguments: list[str]) -> list[tuple[str, dict[str, Any]]]:
     return runs
 
 
+def threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
 def main() -> None:
+    # Registered first, so it runs last, after steadyfit's own exit handler: the threads left when the
+    # interpreter is about to finalize, against those at the start.
+    at_start = threads()
+    atexit.register(lambda: say(f"threads {rank()} {at_start} {threads()}"))
     torch.set_num_threads(1)
     arguments = sys.argv[1:]
     # --trainer-owns-group: each run's Trainer creates and destroys the process group, as in a user script
@@ -306,7 +325,9 @@ def main() -> None:
         if owns_group:
             # Tear down together: a rank leaving while its peer still talks to it aborts the process.
             dist.barrier()
-            dist.destroy_process_group()
+            # Not dist.destroy_process_group() alone: the runs' garbage still holds the group, whose
+            # gloo threads would then outlive the interpreter and can abort the process at exit.
+            destroy_group()
 
 
 if __name__ == "__main__":

@@ -89,3 +89,33 @@ def test_two_fits_in_one_torchrun_process(tmp_path):
     runs = script((tmp_path / "first", {"max_epochs": 1}), (tmp_path / "second", {"max_epochs": 1}))
     output = run_to_end(torchrun(runs[0], "--trainer-owns-group", *runs[1:]))
     assert [result["global_step"] for result in results(output)[0]] == [5, 5]
+
+
+def threads_at_exit(output: str) -> dict[int, tuple[int, int]]:
+    """Each rank's `threads RANK AT_START AT_EXIT` line."""
+    lines = (line.split() for line in output.splitlines() if line.startswith("threads "))
+    return {int(words[1]): (int(words[2]), int(words[3])) for words in lines}
+
+
+@pytest.mark.parametrize(
+    "runs",
+    [
+        # A user script: the Trainer creates the group and the trainer (its DDP model) lives until exit.
+        ({"keep_trainer": 1},),
+        # A script that creates the group for several runs and ends it with destroy_group().
+        ({}, {"grad_accum_steps": 2}),
+    ],
+    ids=["trainer_owns_the_group", "script_owns_the_group"],
+)
+def test_the_group_and_its_threads_end_before_the_interpreter_finalizes(tmp_path, runs):
+    """gloo's worker threads drop each collective's tensors after the caller's wait returned; a thread that
+    needs the GIL for that once the interpreter finalizes aborts the process ("terminate called without
+    an active exception", exit -6: a finished job reported failed). So the group must really end at exit,
+    its threads joined, whoever still holds a reference to a finished run."""
+    launch = script(*((tmp_path / f"run{i}", {"max_epochs": 1, **more}) for i, more in enumerate(runs)))
+    output = run_to_end(torchrun(*launch))
+    assert len(results(output)[0]) == len(runs)
+    counts = threads_at_exit(output)
+    assert sorted(counts) == [0, 1], output
+    for at_start, at_exit in counts.values():
+        assert at_exit == at_start, f"{at_exit - at_start} threads outlive the group:\n{output}"
