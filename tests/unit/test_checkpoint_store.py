@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 import steadyfit.checkpoint
 import steadyfit.checkpoint.atomic
+import steadyfit.checkpoint.manifest
 import steadyfit.checkpoint.store
 from helpers import base_config, make_mlp, make_regression
 from steadyfit import Trainer
@@ -192,6 +193,36 @@ def test_verify_reports_each_kind_of_damage(tmp_path: Path, damage, fault: str) 
     assert any(fault in f for f in faults), faults
     with pytest.raises(CheckpointError, match=str(path)):
         store.load(path)
+
+
+def test_a_file_swapped_after_its_size_check_is_neither_read_nor_allocated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Between the listing's size check and the open, the weights file becomes a much larger one: the load
+    # must report it without reading it into a buffer of its new size.
+    store = CheckpointStore(tmp_path)
+    path = store.save(3, model_state(), components(3))
+    target = path / "model.safetensors"
+    large = 64 << 20
+    hash_file = steadyfit.checkpoint.manifest.hash_file
+    hash_stream = steadyfit.checkpoint.atomic._hash_stream
+    sizes_read: list[int] = []
+
+    def swap_then_hash(file: Path, **kwargs: object) -> object:
+        if file == target:
+            target.unlink()
+            target.write_bytes(bytes(large))
+        return hash_file(file, **kwargs)
+
+    def recording(stream: object, algorithm: str, *, keep: bool) -> object:
+        sizes_read.append(os.fstat(stream.fileno()).st_size)  # type: ignore[attr-defined]
+        return hash_stream(stream, algorithm, keep=keep)
+
+    monkeypatch.setattr(steadyfit.checkpoint.manifest, "hash_file", swap_then_hash)
+    monkeypatch.setattr(steadyfit.checkpoint.atomic, "_hash_stream", recording)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: changed while reading"):
+        store.load(path)
+    assert sizes_read and large not in sizes_read
 
 
 @pytest.mark.parametrize("bad_name", ["../x", "sub/x", ".hidden", "..", "/etc/passwd"])

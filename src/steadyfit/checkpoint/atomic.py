@@ -248,13 +248,15 @@ def sync_and_hash(path: Path) -> FileRecord:
 
 
 def hash_file(
-    path: Path, *, algorithm: str = CHECKSUM, keep: bool = False
+    path: Path, *, algorithm: str = CHECKSUM, keep: bool = False, size: int | None = None
 ) -> tuple[FileRecord, torch.Tensor | None]:
     """Hash a file without following a symlink; with ``keep`` also return its bytes (read exactly once).
 
     The file is hashed chunk by chunk in a :class:`HashThread` while the next chunk is read. The kept bytes
     are one uint8 tensor, read straight into its memory, so tensors can be built as views of the verified
-    bytes without a second copy.
+    bytes without a second copy. With ``size`` (what the manifest says), a file of any other size once
+    opened is neither read nor kept: its record has the size found and an empty digest, so a file swapped
+    for a larger one after the caller's size check never costs an allocation of its size.
 
     Example:
         >>> import tempfile
@@ -265,6 +267,9 @@ def hash_file(
     """
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     with open(fd, "rb", buffering=0) as stream:
+        found = os.fstat(fd).st_size
+        if size is not None and found != size:
+            return FileRecord(size=found, digest="", algorithm=algorithm), None
         return _hash_stream(stream, algorithm, keep=keep)
 
 

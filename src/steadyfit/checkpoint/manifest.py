@@ -144,7 +144,9 @@ def inspect_checkpoint(
         assert checksum is not None  # manifest_faults checked every entry
         algorithm = checksum[0]
         try:
-            record, data = hash_file(path / name, algorithm=algorithm, keep=keep and not is_shard)
+            record, data = hash_file(
+                path / name, algorithm=algorithm, keep=keep and not is_shard, size=expected["size"]
+            )
         except OSError as exc:
             faults.append(f"unreadable file {name}: {describe_os_error(exc)}")
             continue
