@@ -49,13 +49,16 @@ def interrupt_on_cue(
     Synchronises on what the child prints, never on sleeps. Returns (exit status, everything printed,
     stdout and stderr together); a child that ends without the cue fails the test.
     """
+    # Unbuffered bytes, read a line at a time: a buffered reader reads ahead of the cue, and communicate()
+    # then reads the pipe itself, so lines printed right after the cue (a later "step N") would be lost.
     process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0, cwd=cwd
     )
     seen: list[str] = []
     try:
         assert process.stdout is not None
-        for line in process.stdout:
+        for raw in iter(process.stdout.readline, b""):
+            line = raw.decode(errors="replace")
             seen.append(line)
             if is_cue(line.strip()):
                 act(process, seen)
@@ -63,7 +66,7 @@ def interrupt_on_cue(
         else:
             raise AssertionError(f"the child ended before the cue:\n{''.join(seen)}")
         rest, _ = process.communicate(timeout=timeout_s)
-        seen.append(rest)
+        seen.append(rest.decode(errors="replace"))
     finally:
         if process.poll() is None:
             process.kill()
