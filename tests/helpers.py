@@ -40,9 +40,10 @@ def interrupt_on_cue(
     command: list[str],
     env: dict[str, str],
     is_cue: Callable[[str], bool],
-    act: Callable[[subprocess.Popen[str], list[str]], None],
+    act: Callable[[subprocess.Popen[bytes], list[str]], None],
     timeout_s: float,
     cwd: Path | None = None,
+    stdin: int | None = None,
 ) -> tuple[int, str]:
     """Start ``command``; when a printed line satisfies ``is_cue``, call ``act(process, lines so far)``.
 
@@ -52,7 +53,7 @@ def interrupt_on_cue(
     # Unbuffered bytes, read a line at a time: a buffered reader reads ahead of the cue, and communicate()
     # then reads the pipe itself, so lines printed right after the cue (a later "step N") would be lost.
     process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0, cwd=cwd
+        command, env=env, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0, cwd=cwd
     )
     seen: list[str] = []
     try:

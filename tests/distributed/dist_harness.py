@@ -101,7 +101,7 @@ def run_until(
     killed group makes torchrun fail, which is the point of these tests).
     """
 
-    def act_on_pids(process: subprocess.Popen[str], seen: list[str]) -> None:
+    def act_on_pids(process: subprocess.Popen[bytes], seen: list[str]) -> None:
         pids = {
             int(words[1]): int(words[2])
             for words in map(str.split, seen)

@@ -31,14 +31,27 @@ def run_to_end(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess[st
     return completed
 
 
-def run_until(run_dir: Path, line: str, sig: int, *overrides: str) -> tuple[int, str]:
-    """Start a run, send ``sig`` once it prints ``line``; returns (exit status, everything it printed)."""
+def run_until(run_dir: Path, line: str, sig: int, *overrides: str, release: bool = False) -> tuple[int, str]:
+    """Start a run, send ``sig`` once it prints ``line``; returns (exit status, everything it printed).
+
+    ``release``: the run holds after ``line`` (``hold=N``) until a line on its stdin, written once the
+    signal is sent.
+    """
+
+    def signal_then_release(process: subprocess.Popen[bytes], _: list[str]) -> None:
+        process.send_signal(sig)
+        if release:
+            assert process.stdin is not None
+            process.stdin.write(b"\n")
+            process.stdin.flush()
+
     return interrupt_on_cue(
         command(run_dir, *overrides),
         environment(),
         lambda printed: printed == line,
-        lambda process, _: process.send_signal(sig),
+        signal_then_release,
         TIMEOUT_S,
+        stdin=subprocess.PIPE if release else None,
     )
 
 

@@ -238,7 +238,11 @@ def quiet_reference(tmp_path_factory):
 def test_a_signal_between_save_points_resumes_bitwise(tmp_path, quiet_reference, sig, forward):
     # Save points are steps 3, 6, 9...; forward 13 is the first micro-batch of step 7, 27 of step 14.
     weights, rows = quiet_reference
-    status, output = run_until(tmp_path, f"forward {forward}", sig, "announce=forward")
+    # A SIGTERM must land before the next save point: the run holds in that forward until it is sent.
+    hold = (f"hold={forward}",) if sig == TERM else ()
+    status, output = run_until(
+        tmp_path, f"forward {forward}", sig, "announce=forward", *hold, release=sig == TERM
+    )
     if sig == TERM:
         assert status == 143, output
         preempted = [line for line in output.splitlines() if "preempted by signal" in line]

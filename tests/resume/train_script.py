@@ -6,8 +6,10 @@ every process starts from the same weights.
 
 Keys beyond TrainConfig's fields: `width` (hidden units); `announce=forward` prints `forward N` before each
 training forward instead of `step N` (a step callback would make every step a read point, hiding what the
-device-side check defers); `augment=1` trains on a dataset whose `__getitem__` draws from the torch, numpy
-and python RNGs (an augmentation), through the DataLoader.
+device-side check defers); `hold=N` (with `announce=forward`) waits after printing `forward N` until a line
+arrives on stdin, so a test's signal lands in that micro-batch however slowly the test reacts; `augment=1`
+trains on a dataset whose `__getitem__` draws from the torch, numpy and python RNGs (an augmentation),
+through the DataLoader.
 """
 
 from __future__ import annotations
@@ -33,13 +35,16 @@ class AnnounceCheckpoints(Callback):
 
 
 class AnnounceForwards:
-    def __init__(self):
+    def __init__(self, hold: int):
         self.count = 0
+        self.hold = hold
 
     def __call__(self, module, args):
         if module.training:
             self.count += 1
             print(f"forward {self.count}", flush=True)
+            if self.count == self.hold:
+                sys.stdin.readline()  # the test's signal arrives meanwhile; then it lets the run go on
 
 
 def build(width: int):
@@ -96,6 +101,7 @@ def main() -> None:
     width = int(values.pop("width", 32))
     announce = values.pop("announce", "step")
     augment = bool(values.pop("augment", 0))
+    hold = int(values.pop("hold", 0))
     config = make_config(values)
     seed_everything(config.seed)
     torch.set_num_threads(1)
@@ -103,7 +109,7 @@ def main() -> None:
     train = AugmentedData(data) if augment else ListData(data) if config.num_workers else data
     callbacks = [AnnounceCheckpoints()]
     if announce == "forward":
-        model.register_forward_pre_hook(AnnounceForwards())
+        model.register_forward_pre_hook(AnnounceForwards(hold))
     else:
         callbacks.append(AnnounceSteps())
     trainer = Trainer(
