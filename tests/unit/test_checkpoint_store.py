@@ -214,9 +214,9 @@ def test_a_file_swapped_after_its_size_check_is_neither_read_nor_allocated(
             target.write_bytes(bytes(large))
         return hash_file(file, **kwargs)
 
-    def recording(stream: object, algorithm: str, *, keep: bool) -> object:
-        sizes_read.append(os.fstat(stream.fileno()).st_size)  # type: ignore[attr-defined]
-        return hash_stream(stream, algorithm, keep=keep)
+    def recording(stream: object, algorithm: str, *, keep: bool, expected: int) -> object:
+        sizes_read.append(expected)
+        return hash_stream(stream, algorithm, keep=keep, expected=expected)
 
     monkeypatch.setattr(steadyfit.checkpoint.manifest, "hash_file", swap_then_hash)
     monkeypatch.setattr(steadyfit.checkpoint.atomic, "_hash_stream", recording)

@@ -243,7 +243,7 @@ def sync_and_hash(path: Path) -> FileRecord:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     with open(fd, "rb", buffering=0) as stream:
         os.fsync(fd)
-        record, _ = _hash_stream(stream, CHECKSUM, keep=False)
+        record, _ = _hash_stream(stream, CHECKSUM, keep=False, expected=os.fstat(fd).st_size)
     return record
 
 
@@ -270,11 +270,13 @@ def hash_file(
         found = os.fstat(fd).st_size
         if size is not None and found != size:
             return FileRecord(size=found, digest="", algorithm=algorithm), None
-        return _hash_stream(stream, algorithm, keep=keep)
+        return _hash_stream(stream, algorithm, keep=keep, expected=found)
 
 
-def _hash_stream(stream: Any, algorithm: str, *, keep: bool) -> tuple[FileRecord, torch.Tensor | None]:
-    expected = os.fstat(stream.fileno()).st_size
+def _hash_stream(
+    stream: Any, algorithm: str, *, keep: bool, expected: int
+) -> tuple[FileRecord, torch.Tensor | None]:
+    """``expected``: the open file's size (fstat), which sizes the buffers."""
     threaded = expected >= _THREADED_HASH_BYTES
     if keep:
         # The whole file in one buffer (not zero-filled: every byte kept is read into it), hashed a chunk
