@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from steadyfit.config import ConfigError
+from steadyfit.worker_transfer import WorkerCollate
 
 # Mixed into the seed so the data order stream differs from the model-init stream seeded by `seed`.
 _ORDER_SALT = 0x5EED_DA7A
@@ -423,7 +424,7 @@ class TrainBatches:
                 data,
                 batch_size=spec.batch_size,
                 num_workers=spec.num_workers,
-                collate_fn=spec.collate_fn,
+                collate_fn=_collate_fn(spec),
                 pin_memory=spec.pin_memory,
             )
             return _skip(loader, start_batch)
@@ -461,7 +462,7 @@ def eval_batches(data: Any, spec: LoaderSpec) -> Iterable[Any]:
             data,
             batch_size=spec.eval_batch_size,
             num_workers=spec.num_workers,
-            collate_fn=spec.collate_fn,
+            collate_fn=_collate_fn(spec),
             pin_memory=spec.pin_memory,
         )
     sampler = ResumableBatchSampler(
@@ -502,7 +503,7 @@ def _worker_loader(
         _PositionSeeded(data, spec.seed, spec.rank),
         batch_sampler=batches,
         num_workers=spec.num_workers,
-        collate_fn=spec.collate_fn,
+        collate_fn=_collate_fn(spec),
         pin_memory=spec.pin_memory,
         worker_init_fn=_seed_worker,
         generator=_loader_generator(spec, epoch),
@@ -511,6 +512,12 @@ def _worker_loader(
         # one slower batch then stalls the loop less. Four batches per worker in flight, in host memory.
         prefetch_factor=4,
     )
+
+
+def _collate_fn(spec: LoaderSpec) -> Callable[..., Any] | None:
+    """The collate of a loader steadyfit builds: with workers, small tensors reach this process by value (see
+    :mod:`steadyfit.worker_transfer`)."""
+    return WorkerCollate(spec.collate_fn) if spec.num_workers else spec.collate_fn
 
 
 def _loader_generator(spec: LoaderSpec, epoch: int) -> torch.Generator:
