@@ -81,6 +81,17 @@ def test_checkpoint_smoke_prints_every_operation(tmp_path: Path) -> None:
     assert "Targets:" in proc.stdout
 
 
+def test_optimizer_step_smoke_times_every_setting(tmp_path: Path) -> None:
+    report_path = tmp_path / "steps.json"
+    proc = run_bench("optimizer_step.py", "--smoke", "--json", str(report_path))
+    assert proc.returncode == 0, proc.stderr
+    settings = json.loads(report_path.read_text())["settings"]
+    assert len(settings) == 4 and "tensor lr + found_inf (steadyfit's device-side skip)" in settings
+    for name, numbers in settings.items():
+        assert f"| {name} |" in proc.stdout
+        assert 0 < numbers["min_us"] <= numbers["median_us"]
+
+
 def test_step_clock_counts_each_optimizer_step_once() -> None:
     parameter = torch.nn.Parameter(torch.ones(2))
     optimizer = torch.optim.SGD([parameter], lr=0.1)
