@@ -73,9 +73,12 @@ def by_value(batch: Any) -> Any:
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a named tuple
         return type(batch)(*(by_value(item) for item in batch))
     if isinstance(batch, MutableMapping):
-        converted = copy.copy(batch)  # a dict, or a BatchEncoding with its own copy of the data
-        for key, value in batch.items():
-            converted[key] = by_value(value)
+        try:
+            converted = copy.copy(batch)  # a dict, or a BatchEncoding with its own copy of the data
+            for key, value in batch.items():
+                converted[key] = by_value(value)
+        except (TypeError, ValueError, AttributeError):
+            return batch  # a mapping that will not hold the stand-ins: torch's shared memory, as before
         return converted
     return batch
 

@@ -93,6 +93,23 @@ def test_a_transformers_batch_encoding_stays_one():
     assert torch.equal(received["input_ids"], encoding["input_ids"])
 
 
+class TensorsOnly(dict):
+    """A batch type that refuses anything but tensors (a user's own validation)."""
+
+    def __setitem__(self, key, value):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{key} must be a tensor")
+        super().__setitem__(key, value)
+
+
+def test_a_mapping_that_refuses_the_stand_ins_is_sent_as_torch_sends_it():
+    batch = TensorsOnly()
+    batch["x"] = torch.ones(3)
+    assert by_value(batch) is batch
+    received = _sent(batch)
+    assert type(received) is TensorsOnly and torch.equal(received["x"], torch.ones(3))
+
+
 def test_the_collate_is_torchs_default_collate_or_the_users():
     samples = [(torch.full((3,), float(i)), i, {"w": torch.tensor(i / 2)}) for i in range(4)]
     expected = default_collate(samples)
