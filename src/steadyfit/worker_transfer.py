@@ -3,9 +3,9 @@
 torch hands every tensor of a worker's batch over through shared memory: the worker creates a segment per
 tensor (``default_collate`` stacks straight into one), and the training process receives its file
 descriptor over a socket after an authenticated handshake, then maps it. For a large tensor that beats
-copying it; for a small one the fixed cost is all there is: about 0.5 ms of CPU in the worker and 0.5 ms
-in the training process per tensor, measured on the 2-core bench machine (bench/README.md), which is more
-than a training step of a small model. Here a tensor of at most :data:`BY_VALUE_MAX_BYTES` is stacked in
+copying it; for a small one the fixed cost is all there is: 0.6-1 ms of CPU in the worker and as much in
+the training process per tensor on the 2-core bench machine (bench/worker_transfer.py), which is more than
+a training step of a small model. Here a tensor of at most :data:`BY_VALUE_MAX_BYTES` is stacked in
 ordinary memory and pickled with its bytes; larger ones keep torch's shared memory. The training process
 gets the same values, dtypes and shapes either way.
 """
@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch.utils.data._utils.collate import collate, collate_tensor_fn, default_collate_fn_map
 
-# Above this size a tensor goes through shared memory: measured on the bench machine, pickling by value
-# costs as much as a shared-memory segment at about 512 KiB and more above it.
-BY_VALUE_MAX_BYTES = 256 * 1024
+# Above this size a tensor goes through shared memory. Measured with bench/worker_transfer.py on the 2-core
+# bench machine: by value is 3x cheaper at 64 KiB, about even at 256 KiB, dearer from 512 KiB on.
+BY_VALUE_MAX_BYTES = 128 * 1024
 
 
 class _TensorBytes:

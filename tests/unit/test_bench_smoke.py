@@ -92,6 +92,17 @@ def test_optimizer_step_smoke_times_every_setting(tmp_path: Path) -> None:
         assert 0 < numbers["min_us"] <= numbers["median_us"]
 
 
+def test_worker_transfer_smoke_measures_both_paths(tmp_path: Path) -> None:
+    report_path = tmp_path / "transfer.json"
+    proc = run_bench("worker_transfer.py", "--smoke", "--json", str(report_path))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(report_path.read_text())["rows"]
+    assert [(row["bytes"], row["path"]) for row in rows] == [
+        (size, path) for size in (8 << 10, 4 << 20) for path in ("shared memory", "by value")
+    ]
+    assert all(row["wall_us"] > 0 for row in rows) and "| 4096 KiB | by value |" in proc.stdout
+
+
 def test_step_clock_counts_each_optimizer_step_once() -> None:
     parameter = torch.nn.Parameter(torch.ones(2))
     optimizer = torch.optim.SGD([parameter], lr=0.1)

@@ -142,7 +142,7 @@ def test_batches_from_real_workers_equal_the_main_process_ones(tmp_path, feature
     assert len(received) == len(expected) == 2
     for (inputs, targets), (want_inputs, want_targets) in zip(received, expected, strict=True):
         assert torch.equal(inputs, want_inputs) and torch.equal(targets, want_targets)
-        # Small batches came by value; a batch of 4 x 256 KiB inputs came through shared memory.
+        # Small batches came by value; a batch of 4 samples of the limit's size came through shared memory.
         assert inputs.is_shared() == (inputs.nbytes > BY_VALUE_MAX_BYTES)
         assert not targets.is_shared()
 
