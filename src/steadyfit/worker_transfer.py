@@ -109,7 +109,9 @@ class WorkerCollate:
     A class, not a closure: under the ``spawn`` start method the workers receive it pickled.
 
     Example:
-        >>> WorkerCollate(None)([(torch.ones(2), 0), (torch.zeros(2), 1)])[1].tensor
+        >>> import pickle
+        >>> batch = WorkerCollate(None)([(torch.ones(2), 0), (torch.zeros(2), 1)])
+        >>> pickle.loads(pickle.dumps(batch))[1]  # what the training process receives
         tensor([0, 1])
     """
 
