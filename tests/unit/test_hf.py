@@ -140,6 +140,20 @@ def _train_ragged(tmp_path, name: str, loss_fn, batch_size: int, grad_accum_step
     return {key: value.clone() for key, value in model.state_dict().items()}
 
 
+def test_workers_hand_the_collated_rows_over_unchanged(tmp_path):
+    # The path of a transformers user: a datasets.Dataset, a padding collate run in the workers, dict batches
+    # sent back by value (steadyfit.worker_transfer); the weights equal those of a run without workers.
+    weights = []
+    for workers in (0, 2):
+        model = tiny_gpt2()
+        config = make_config(tmp_path, f"workers{workers}", max_steps=4, batch_size=3, num_workers=workers)
+        lengths = [30, 5, 9, 28, 6, 31, 12, 4, 25, 8, 17, 3]
+        Trainer(model, config, train_data=byte_dataset(lengths), collate_fn=PadToLongest()).fit()
+        weights.append(model.state_dict())
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+
+
 def test_token_level_accumulation_is_exact_with_ragged_padding(tmp_path):
     large = _train_ragged(tmp_path, "large", causal_lm_loss, batch_size=4, grad_accum_steps=1)
     accumulated = _train_ragged(tmp_path, "accumulated", causal_lm_loss, batch_size=2, grad_accum_steps=2)
