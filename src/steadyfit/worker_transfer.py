@@ -87,11 +87,11 @@ def _stack(batch: list[torch.Tensor], *, collate_fn_map: dict[Any, Callable[...,
     """``default_collate``'s stack of tensors, in ordinary memory when the result is small enough to be sent
     by value (torch's own stacks straight into a shared-memory segment in a worker)."""
     first = batch[0]
-    if first.layout != torch.strided or first.is_nested:
-        return collate_tensor_fn(batch, collate_fn_map=collate_fn_map)  # raises torch's own message
-    if sum(tensor.numel() for tensor in batch) * first.element_size() > BY_VALUE_MAX_BYTES:
-        return collate_tensor_fn(batch, collate_fn_map=collate_fn_map)
-    return torch.stack(batch, 0)
+    small = sum(tensor.numel() for tensor in batch) * first.element_size() <= BY_VALUE_MAX_BYTES
+    # Sparse and nested tensors go to torch's own, which refuses them with its message.
+    if small and first.layout == torch.strided and not first.is_nested:
+        return torch.stack(batch, 0)
+    return collate_tensor_fn(batch, collate_fn_map=collate_fn_map)
 
 
 _COLLATE_MAP = {**default_collate_fn_map, torch.Tensor: _stack}
