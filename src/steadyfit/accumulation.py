@@ -20,23 +20,35 @@ import torch
 from steadyfit import data as data_mod
 from steadyfit.config import ConfigError
 from steadyfit.distributed import Distributed, full_tensor, local_tensor
-from steadyfit.loss import LossContractError, as_sum_and_count, forward_batch
+from steadyfit.loss import LossContractError, as_weighted_loss, forward_batch
 from steadyfit.precision import Precision
 
 
 @dataclass
 class WindowLoss:
-    """The loss of one window on this rank: ``total / count`` is its mean.
+    """The loss of one window on this rank: ``value * weight`` is its sum, that over ``count`` its mean.
 
     Attributes:
-        total: the sum over the window's samples (or tokens), detached, float32 on the device.
+        value: detached, float32 on the device (float64 once summed over ranks): the mean of a window of one
+            mean-loss micro-batch (``weight`` its samples), otherwise the sum (``weight`` 1).
+        weight: what ``value`` is multiplied by to make the sum; the multiplication is left to the host.
         count: samples, or tokens for a ``(sum, count)`` loss (a device tensor when the loss returned one).
         counts_tokens: whether the loss returned ``(sum, count)``.
     """
 
-    total: torch.Tensor
+    value: torch.Tensor
+    weight: int
     count: Any
     counts_tokens: bool
+
+    @property
+    def total(self) -> torch.Tensor:
+        """The sum over the window's samples (or tokens), on the device: one op when ``weight`` is not 1."""
+        return _as_sum(self.value, self.weight)
+
+
+def _as_sum(value: torch.Tensor, weight: int) -> torch.Tensor:
+    return value if weight == 1 else value * weight
 
 
 class WindowBackward:
@@ -99,13 +111,11 @@ class WindowBackward:
     def _run(self, window: list[Any], sample_counts: list[int], window_samples: int) -> WindowLoss:
         for param in self.params:
             param.grad = None
-        loss_sum: torch.Tensor | None = None
-        loss_count: Any = None
-        counts_tokens = False
+        window_loss: WindowLoss | None = None
         pieces = self._pieces(window, sample_counts)
         for position, (index_in_window, micro_batch, num_samples) in enumerate(pieces):
             try:
-                total, count, counts_tokens = self._forward_backward(
+                loss, weight, count, counts_tokens = self._forward_backward(
                     micro_batch, num_samples, window_samples, last=position == len(pieces) - 1
                 )
             except (torch.OutOfMemoryError, LossContractError, ConfigError):
@@ -116,37 +126,42 @@ class WindowBackward:
                     f"{data_mod.describe_batch(micro_batch)}",
                     index_in_window,
                 ) from exc
-            total = total.detach()
-            if total.dtype != torch.float32:
-                total = total.float()
+            loss = loss.detach()
+            if loss.dtype != torch.float32:
+                loss = loss.float()
             # The first piece is the window's loss as it is: no op for the common one-piece window.
-            loss_sum = total if loss_sum is None else loss_sum + total
-            loss_count = count if loss_count is None else loss_count + count
-        assert loss_sum is not None  # a window holds at least one micro-batch
-        return WindowLoss(loss_sum, loss_count, counts_tokens)
+            if window_loss is None:
+                window_loss = WindowLoss(loss, weight, count, counts_tokens)
+            else:
+                total = window_loss.total + _as_sum(loss, weight)
+                window_loss = WindowLoss(total, 1, window_loss.count + count, counts_tokens)
+        assert window_loss is not None  # a window holds at least one micro-batch
+        return window_loss
 
     def _forward_backward(
         self, micro_batch: Any, num_samples: int, window_samples: int, *, last: bool
-    ) -> tuple[torch.Tensor, Any, bool]:
-        """One micro-batch's forward and backward; returns its loss as (sum, count, counts_tokens)."""
+    ) -> tuple[torch.Tensor, int, Any, bool]:
+        """One micro-batch's forward and backward; returns its loss as ``(loss, weight, count,
+        counts_tokens)``, ``loss * weight`` its sum (see :func:`~steadyfit.loss.as_weighted_loss`)."""
         micro_batch = data_mod.move_to(micro_batch, self.device, self.non_blocking)
         with self.dist.gradient_sync(self.model, last):
             with self.precision.autocast():
                 _, value, _ = forward_batch(self.model, micro_batch, self.loss_fn)
-            total, count, counts_tokens = as_sum_and_count(value, num_samples)
-            if num_samples == 0:
-                # A stand-in for this rank's empty share of a short last batch: it takes part in the
-                # gradient sync with weight zero.
-                total, count = total * 0.0, count * 0
+            loss, weight, count, counts_tokens = as_weighted_loss(value, num_samples)
             if counts_tokens or self.dist.is_distributed:
-                backward_loss = total  # a sum; the grads are divided by the window's count afterwards
+                loss, weight = _as_sum(loss, weight), 1
+                if num_samples == 0:
+                    # A stand-in for this rank's empty share of a short last batch: it takes part in the
+                    # gradient sync with weight zero.
+                    loss, count = loss * 0.0, count * 0
+                backward_loss = loss  # a sum; the grads are divided by the window's count afterwards
             elif num_samples == window_samples:
                 backward_loss = value  # one micro-batch: exactly the plain loop's backward
             else:
                 # The micro-batch's share of the window's samples (the last one may be short).
                 backward_loss = value * (num_samples / window_samples)
             self.precision.scale(backward_loss).backward()
-        return total, count, counts_tokens
+        return loss, weight, count, counts_tokens
 
     def _pieces(self, window: list[Any], sample_counts: list[int]) -> list[tuple[int, Any, int]]:
         """(position in the window, piece, samples): micro-batches, cut to ``micro_limit`` when set."""
@@ -183,7 +198,7 @@ class WindowBackward:
         self.divide_grads(totals[0] / self.dist.world_size)
         if global_samples is None:
             global_samples = int(totals[3])
-        return WindowLoss(totals[1], totals[0], loss.counts_tokens), global_samples, totals[2]
+        return WindowLoss(totals[1], 1, totals[0], loss.counts_tokens), global_samples, totals[2]
 
     def divide_grads(self, divisor: Any) -> None:
         """Turn summed gradients into means: divide every gradient by the window's (global) count."""

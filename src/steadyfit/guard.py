@@ -22,12 +22,12 @@ class NonFiniteError(RuntimeError):
 class NonFiniteGuard:
     """Decides, on the host, whether an optimizer step may go ahead, and books skips.
 
-    :meth:`is_finite` reads one flag on the host (``bool`` of a device tensor): one synchronisation on
+    :meth:`is_finite` reads one check on the host (``bool`` of a device tensor): one synchronisation on
     CUDA. The Trainer uses it only where the check cannot stay on the device (see :class:`DeviceSkip`).
 
     Example:
         >>> guard = NonFiniteGuard("skip", max_consecutive=3)
-        >>> guard.is_finite(guard.finite_flag(torch.tensor(1.0), torch.tensor(float("inf"))))
+        >>> guard.is_finite(guard.finite_check(torch.tensor(1.0), torch.tensor(float("inf"))))
         False
     """
 
@@ -36,22 +36,24 @@ class NonFiniteGuard:
         self.max_consecutive = max_consecutive
 
     @staticmethod
-    def finite_flag(loss_sum: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
-        """A device flag, True exactly when the loss and the gradient norm are both finite.
+    def finite_check(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
+        """A device value that is 0 exactly when the loss and the gradient norm are both finite, NaN
+        otherwise.
 
         A sum is finite only if both terms are (inf - inf is NaN, caught too), and a number is finite
-        exactly when ``x - x`` is 0 (for inf and NaN it is NaN): three ops on every step, where
-        ``torch.isfinite`` alone dispatches four.
+        exactly when ``x - x`` is 0 (for inf and NaN it is NaN): two ops on every step, where
+        ``torch.isfinite`` alone dispatches four. Left as a number, not a bool: the device-side skip
+        compares it once into each dtype it needs.
         """
-        checked = loss_sum if grad_norm is None else loss_sum + grad_norm
+        checked = loss if grad_norm is None else loss + grad_norm
         if checked.requires_grad:
             checked = checked.detach()
-        return (checked - checked) == 0
+        return checked - checked
 
     @staticmethod
-    def is_finite(flag: torch.Tensor) -> bool:
-        """Read the flag on the host: one synchronisation on CUDA."""
-        return bool(flag)
+    def is_finite(check: torch.Tensor) -> bool:
+        """Read a :meth:`finite_check` on the host: one synchronisation on CUDA."""
+        return bool(check == 0)
 
     def record_skip(
         self,
@@ -112,13 +114,15 @@ class ReadCadence:
 class StepRecord:
     """One optimizer step as the loop books it: what it consumed and measured, and whether it was applied.
 
-    ``applied`` is a bool when the host checked the step, or the device flag of a step checked on the
-    device (read at the next read point). ``scaler_skip``: fp16's own skip of an overflowing step whose loss
+    ``applied`` is a bool when the host checked the step, or the :meth:`NonFiniteGuard.finite_check` of a
+    step checked on the device (read at the next read point). ``loss * loss_weight`` is the step's loss
+    summed over its samples (or tokens). ``scaler_skip``: fp16's own skip of an overflowing step whose loss
     was finite (counted apart, not a fault).
     """
 
     applied: bool | torch.Tensor
-    loss_sum: torch.Tensor
+    loss: torch.Tensor
+    loss_weight: int
     loss_count: Any
     samples: int
     grad_norm: torch.Tensor
@@ -139,7 +143,8 @@ class DeviceSkip:
     max_steps, a callback's ``on_step_end``, a preemption) :meth:`read` reads all the flags at once and the
     Trainer books steps, skips and scheduler steps exactly as if it had checked each step on the host.
 
-    Cost per step: three tiny device ops (flag, table lookup, counter) instead of one synchronisation.
+    Cost per step: four tiny device ops (``found_inf``, this step's count, the counter, the table lookup),
+    each on tensors of one element and one dtype, instead of one synchronisation.
 
     Example:
         >>> model = torch.nn.Linear(2, 1)
@@ -147,9 +152,9 @@ class DeviceSkip:
         >>> skip = DeviceSkip(optimizer, LambdaLR(optimizer, lambda step: 1.0), torch.device("cpu"))
         >>> skip.plan(horizon=4)
         >>> model(torch.ones(1, 2)).sum().backward()
-        >>> finite = torch.isfinite(torch.tensor(float("nan")))
-        >>> skip.arm(finite); optimizer.step()
-        >>> skip.read([finite])
+        >>> check = NonFiniteGuard.finite_check(torch.tensor(float("nan")), None)
+        >>> skip.arm(check); optimizer.step()
+        >>> skip.read([check])
         [False]
     """
 
@@ -165,9 +170,11 @@ class DeviceSkip:
         self._applied = torch.zeros(1, dtype=torch.long, device=device)
         self._table = torch.zeros((1, 1), dtype=self._lr_dtype, device=device)
         self._lrs = torch.zeros((1, 1), dtype=self._lr_dtype, device=device)
-        # found_inf must be float32 whatever the default dtype; two constants make it one op per step.
-        self._go = torch.zeros((), dtype=torch.float32, device=device)
-        self._skip = torch.ones((), dtype=torch.float32, device=device)
+        # Written in place at every step: found_inf (float32, 1.0 skips the step inside torch's kernel) and
+        # the step's count (1 if applied), each compared straight into its own dtype.
+        self._found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        self._applied_now = torch.zeros((), dtype=torch.long, device=device)
+        self._zero = torch.zeros((), dtype=torch.float32, device=device)
 
     @classmethod
     def for_run(
@@ -213,24 +220,27 @@ class DeviceSkip:
         # The groups' lrs become views of one device buffer until the next read point.
         for group, lr in zip(self.optimizer.param_groups, self._lrs[:, 0], strict=True):
             group["lr"] = lr
+        self.optimizer.found_inf = self._found_inf  # type: ignore[attr-defined]
 
     @property
     def is_planned(self) -> bool:
         """Whether the groups hold this read interval's device lrs (:meth:`plan` since the last release)."""
         return self._planned
 
-    def arm(self, finite: torch.Tensor) -> None:
+    def arm(self, check: torch.Tensor) -> None:
         """Prepare the next ``optimizer.step()``: this step's lr from the table, and ``found_inf`` from the
-        step's finite flag, so the step applies only if it is finite. Three device ops, no host read."""
+        step's :meth:`NonFiniteGuard.finite_check`, so the step applies only if it is finite. Four device
+        ops, no host read."""
         torch.index_select(self._table, 1, self._applied, out=self._lrs)
-        self.optimizer.found_inf = torch.where(finite, self._go, self._skip)  # type: ignore[attr-defined]
+        torch.ne(check, self._zero, out=self._found_inf)
         # The lr of this step is already in _lrs: counting it now moves only the next step's lookup.
-        self._applied.add_(finite)
+        torch.eq(check, self._zero, out=self._applied_now)
+        self._applied.add_(self._applied_now)
 
-    def read(self, flags: list[torch.Tensor]) -> list[bool]:
-        """Whether each step of ``flags`` was applied: one host read. The optimizer is handed back as the
+    def read(self, checks: list[torch.Tensor]) -> list[bool]:
+        """Whether each step of ``checks`` was applied: one host read. The optimizer is handed back as the
         host knows it (see :meth:`release`); the caller then books each step."""
-        outcomes = torch.stack(flags).tolist()
+        outcomes = [value == 0 for value in torch.stack(checks).tolist()]
         self.release()
         return outcomes
 

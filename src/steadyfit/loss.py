@@ -29,6 +29,23 @@ def as_sum_and_count(value: Any, num_samples: int, name: str = "loss_fn") -> tup
         >>> float(total), count, is_pair
         (8.0, 4, False)
     """
+    loss, weight, count, is_pair = as_weighted_loss(value, num_samples, name)
+    return (loss if is_pair else loss * weight), count, is_pair
+
+
+def as_weighted_loss(
+    value: Any, num_samples: int, name: str = "loss_fn"
+) -> tuple[torch.Tensor, int, Any, bool]:
+    """Split a loss value into ``(loss, weight, count, is_pair)``, where ``loss * weight`` is its sum.
+
+    A scalar mean is ``(mean, num_samples, num_samples, False)``, a ``(sum, count)`` pair ``(sum, 1,
+    count, True)``: the sum of a mean is left to whoever needs it, which saves the training step a device
+    op (the log window multiplies on the host).
+
+    Example:
+        >>> as_weighted_loss(torch.tensor(2.0), 4)
+        (tensor(2.), 4, 4, False)
+    """
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
             raise LossContractError(
@@ -37,14 +54,14 @@ def as_sum_and_count(value: Any, num_samples: int, name: str = "loss_fn") -> tup
         total, count = value
         if not isinstance(total, torch.Tensor) or total.dim() != 0:
             raise LossContractError(f"{name} returned (sum, count) whose sum is not a 0-dim tensor")
-        return total, count, True
+        return total, 1, count, True
     if isinstance(value, torch.Tensor):
         if value.dim() != 0:
             raise LossContractError(
                 f"{name} returned a tensor of shape {tuple(value.shape)}; expected a scalar mean or a "
                 "(sum, count) pair (did you forget reduction='mean'?)"
             )
-        return value * num_samples, num_samples, False
+        return value, num_samples, num_samples, False
     raise LossContractError(
         f"{name} returned {type(value).__name__}; expected a scalar tensor or (sum, count)"
     )

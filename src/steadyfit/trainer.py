@@ -354,9 +354,17 @@ class Trainer:
         elif loss.counts_tokens:
             self.backward.divide_grads(loss.count)
         grad_norm = self.backward.clip(self.config.max_grad_norm, self.config.clip_value)
-        finite = self.guard.finite_flag(loss.total, grad_norm)
+        finite = self.guard.finite_check(loss.value, grad_norm)
         record = StepRecord(
-            finite, loss.total, loss.count, samples, grad_norm, loss.counts_tokens, state.epoch, first_index
+            finite,
+            loss.value,
+            loss.weight,
+            loss.count,
+            samples,
+            grad_norm,
+            loss.counts_tokens,
+            state.epoch,
+            first_index,
         )
         # The first step of a run is checked on the host, so its optimizer state is never created by a
         # skipped step; from then on fused Adam/AdamW decide on the device, with no host read.
@@ -382,7 +390,7 @@ class Trainer:
         if self.precision.uses_scaler:
             self.precision.update()  # records the overflow: the scale goes down
             # fp16 overflow with a finite loss is the scaler's normal skip, not a fault.
-            record.scaler_skip = bool(torch.isfinite(record.loss_sum))
+            record.scaler_skip = bool(torch.isfinite(record.loss))
         self._unbooked.append(record)
 
     def _at_boundary(self, preemption: PreemptionFlag, epoch_ended: bool) -> None:
@@ -443,7 +451,12 @@ class Trainer:
                 state.step += 1
                 state.samples_seen += record.samples
                 self.log_window.add(
-                    record.loss_sum, record.loss_count, record.samples, record.grad_norm, record.counts_tokens
+                    record.loss,
+                    record.loss_count,
+                    record.samples,
+                    record.grad_norm,
+                    weight=record.loss_weight,
+                    counts_tokens=record.counts_tokens,
                 )
                 self.progress.step()
             elif record.scaler_skip:

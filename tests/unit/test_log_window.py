@@ -64,6 +64,61 @@ def test_time_s_counts_from_start_not_from_construction():
     assert row["step_time_s"] < 0.2  # the first window's throughput leaves the set-up out too
 
 
+def _train_rows(tmp_path, **overrides):
+    losses = []
+
+    def recording(outputs, targets):
+        value = F.cross_entropy(outputs, targets)
+        losses.append(value.item())
+        return value
+
+    # 40 samples in batches of 6: six steps of 6 samples and a last one of 4.
+    config = base_config(tmp_path, batch_size=6, max_epochs=1, lr=0.01, **overrides)
+    Trainer(make_mlp(), config, train_data=make_regression(40), loss_fn=recording).fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    return losses, [row for row in rows if row["kind"] == "train"]
+
+
+def test_each_logged_loss_is_exactly_its_steps_own_mean(tmp_path):
+    losses, rows = _train_rows(tmp_path, log_every=1)
+    assert [row["loss"] for row in rows] == losses  # the short last step too
+    assert rows[0]["first_step_loss"] == losses[0]
+
+
+def test_a_window_logs_its_exact_sample_weighted_mean(tmp_path):
+    losses, rows = _train_rows(tmp_path, log_every=3)
+    samples = [6] * 6 + [4]
+    weighted = [loss * n for loss, n in zip(losses, samples, strict=True)]
+    # Summed in step order, as the window adds.
+    expected = [sum(weighted[start : start + 3]) / sum(samples[start : start + 3]) for start in (0, 3, 6)]
+    assert [row["loss"] for row in rows] == expected
+
+
+def test_a_window_reads_its_steps_when_rows_are_rare(monkeypatch):
+    monkeypatch.setattr("steadyfit.log_window.UNREAD_STEPS", 2)
+    values = [(1.5, 3), (0.25, 5), (2.0, 3), (0.75, 1), (3.0, 7)]
+    window, unbounded = LogWindow(CPU), LogWindow(CPU)
+    for mean, count in values:
+        window.add(torch.tensor(mean), count, count, torch.tensor(1.0), weight=count, counts_tokens=False)
+        assert len(window._unread) < 2
+    monkeypatch.setattr("steadyfit.log_window.UNREAD_STEPS", 1024)
+    for mean, count in values:
+        unbounded.add(torch.tensor(mean), count, count, torch.tensor(1.0), weight=count, counts_tokens=False)
+    rows = [w.row(TrainState(step=5), lr=0.1) for w in (window, unbounded)]
+    assert rows[0]["loss"] == rows[1]["loss"] == sum(m * c for m, c in values) / sum(c for _, c in values)
+    assert rows[0]["first_step_loss"] == rows[1]["first_step_loss"] == 1.5
+
+
+def test_token_counts_beyond_float32_precision_stay_exact():
+    window = LogWindow(CPU)
+    tokens = 2**25 + 1  # float32 holds no odd integer above 2**24
+    window.add(torch.tensor(3.0), torch.tensor(tokens), 8, torch.tensor(1.0), counts_tokens=True)
+    state = TrainState(step=1)
+    row = window.row(state, lr=0.1)
+    assert state.tokens_seen == tokens
+    assert row["loss"] == 3.0 / tokens
+
+
 def test_peak_memory_is_never_below_current_memory():
     kept = []
     for _ in range(5):
