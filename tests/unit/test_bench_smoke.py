@@ -92,6 +92,21 @@ def test_optimizer_step_smoke_times_every_setting(tmp_path: Path) -> None:
         assert 0 < numbers["min_us"] <= numbers["median_us"]
 
 
+def test_instructions_smoke_runs_both_counted_loops(tmp_path: Path) -> None:
+    report_path = tmp_path / "instructions.json"
+    proc = run_bench("instructions.py", "--smoke", "--json", str(report_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "| runner | instructions per step | vs raw |" in proc.stdout
+    assert set(json.loads(report_path.read_text())["runs"]) == {"raw", "steadyfit"}
+
+
+def test_instructions_reads_callgrinds_count() -> None:
+    from instructions import collected_instructions
+
+    output = "==41== Events    : Ir\n==41== Collected : 10621826711\n==41==\n==41== I   refs:      10,621"
+    assert collected_instructions(output) == 10_621_826_711
+
+
 def test_worker_transfer_smoke_measures_both_paths(tmp_path: Path) -> None:
     report_path = tmp_path / "transfer.json"
     proc = run_bench("worker_transfer.py", "--smoke", "--json", str(report_path))
