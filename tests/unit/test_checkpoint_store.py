@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import pickle
@@ -214,9 +215,9 @@ def test_a_file_swapped_after_its_size_check_is_neither_read_nor_allocated(
             target.write_bytes(bytes(large))
         return hash_file(file, **kwargs)
 
-    def recording(stream: object, algorithm: str, *, keep: bool, expected: int) -> object:
+    def recording(stream: object, algorithm: str, *, expected: int, read: object) -> object:
         sizes_read.append(expected)
-        return hash_stream(stream, algorithm, keep=keep, expected=expected)
+        return hash_stream(stream, algorithm, expected=expected, read=read)
 
     monkeypatch.setattr(steadyfit.checkpoint.manifest, "hash_file", swap_then_hash)
     monkeypatch.setattr(steadyfit.checkpoint.atomic, "_hash_stream", recording)
@@ -592,7 +593,7 @@ def test_malformed_safetensors_behind_a_matching_manifest_is_refused(
         store.load(path)
 
 
-def test_loaded_tensors_each_own_a_storage_over_the_verified_bytes(tmp_path: Path) -> None:
+def test_loaded_tensors_each_own_an_allocation_as_from_torch_load(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path)
     rng_state = torch.get_rng_state()
     path = store.save(1, model_state(), {"trainer": {"rng": rng_state, "half": torch.ones(3).half()}})
@@ -604,6 +605,29 @@ def test_loaded_tensors_each_own_a_storage_over_the_verified_bytes(tmp_path: Pat
         assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
     torch.set_rng_state(loaded["trainer"]["rng"])
     assert torch.equal(torch.get_rng_state(), rng_state)
+    # Each its own allocation, as from torch.load (freed on its own), not carved out of one file buffer
+    # where one tensor's bytes end where the next one's begin.
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.untyped_storage().nbytes()) for t in model.values())
+    assert all(end != next_start for (_, end), (next_start, _) in itertools.pairwise(spans))
+
+
+@pytest.mark.parametrize("file", ["model.safetensors", "optimizer.safetensors"])
+@pytest.mark.parametrize("where", ["header-length", "header", "body"])
+def test_damage_to_a_tensor_file_is_named_as_damage_wherever_it_lands(
+    tmp_path: Path, file: str, where: str
+) -> None:
+    # A load reads a tensor file's header before the file is verified (it says where the tensors go): a
+    # damaged header must still be reported as damage, by its checksum, never as a malformed file, and
+    # must not size an allocation.
+    store = CheckpointStore(tmp_path)
+    path = store.save(1, model_state(), components(1))
+    target = path / file
+    data = bytearray(target.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    data[{"header-length": 7, "header": 8 + header_len // 2, "body": len(data) - 1}[where]] ^= 0x40
+    target.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"xxh3_128 mismatch for file {file} \(content changed"):
+        store.load(path)
 
 
 def test_large_files_are_hashed_beside_the_io_in_a_thread_that_never_outlives_the_call(

@@ -12,7 +12,7 @@ import os
 import queue
 import shutil
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -243,20 +243,29 @@ def sync_and_hash(path: Path) -> FileRecord:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     with open(fd, "rb", buffering=0) as stream:
         os.fsync(fd)
-        record, _ = _hash_stream(stream, CHECKSUM, keep=False, expected=os.fstat(fd).st_size)
+        record, _ = _hash_stream(stream, CHECKSUM, expected=os.fstat(fd).st_size, read=None)
     return record
 
 
 def hash_file(
-    path: Path, *, algorithm: str = CHECKSUM, keep: bool = False, size: int | None = None
-) -> tuple[FileRecord, torch.Tensor | None]:
+    path: Path,
+    *,
+    algorithm: str = CHECKSUM,
+    keep: bool = False,
+    size: int | None = None,
+    read: Callable[[HashedReader], Any] | None = None,
+) -> tuple[FileRecord, Any]:
     """Hash a file without following a symlink; with ``keep`` also return its bytes (read exactly once).
 
     The file is hashed chunk by chunk in a :class:`HashThread` while the next chunk is read. The kept bytes
-    are one uint8 tensor, read straight into its memory, so tensors can be built as views of the verified
-    bytes without a second copy. With ``size`` (what the manifest says), a file of any other size once
-    opened is neither read nor kept: its record has the size found and an empty digest, so a file swapped
-    for a larger one after the caller's size check never costs an allocation of its size.
+    are one uint8 tensor, read straight into its memory. With ``read`` the bytes go where it puts them
+    instead (the checkpoint's tensor files: straight into their tensors): it reads them
+    through the :class:`HashedReader` it is given and what it returns is returned (the bytes it leaves
+    are hashed, not kept). With ``size`` (what the manifest says), a file of any other size once opened is
+    neither read nor kept: its record has the size found and an empty digest, so a file swapped for a
+    larger one after the caller's size check never costs an allocation of its size.
+
+    Nothing kept is checked: the caller compares the record with what it expects before using it.
 
     Example:
         >>> import tempfile
@@ -264,46 +273,94 @@ def hash_file(
         >>> _ = target.write_bytes(b"abc")
         >>> hash_file(target, keep=True)[1].numpy().tobytes()
         b'abc'
+        >>> hash_file(target, read=lambda reader: reader.read_bytes(2))[1]
+        b'ab'
     """
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     with open(fd, "rb", buffering=0) as stream:
         found = os.fstat(fd).st_size
         if size is not None and found != size:
             return FileRecord(size=found, digest="", algorithm=algorithm), None
-        return _hash_stream(stream, algorithm, keep=keep, expected=found)
+        if keep and read is None:
+            read = _read_whole(found)
+        return _hash_stream(stream, algorithm, expected=found, read=read)
+
+
+class HashedReader:
+    """Reads an open file's bytes into buffers the caller chooses, in file order, handing every byte read
+    to a :class:`HashThread`; what :func:`hash_file`'s ``read`` is given.
+
+    ``count`` is how many bytes have been read so far.
+
+    Example:
+        >>> import io
+        >>> with HashThread("xxh3_128", threaded=False) as hashing:
+        ...     reader = HashedReader(io.BytesIO(b"abcd"), hashing)
+        ...     head = reader.read_bytes(1)
+        ...     rest = bytearray(3)
+        ...     filled = reader.readinto(memoryview(rest))
+        >>> head, bytes(rest), reader.count
+        (b'a', b'bcd', 4)
+    """
+
+    def __init__(self, stream: Any, hashing: HashThread) -> None:
+        self._stream = stream
+        self._hashing = hashing
+        self.count = 0
+
+    def readinto(self, view: memoryview) -> int:
+        """Fill ``view`` (short only at the end of the file); the number of bytes read. The caller must not
+        change them until the digest is taken."""
+        filled = 0
+        while filled < len(view) and (count := self._stream.readinto(view[filled : filled + _CHUNK_BYTES])):
+            self._hashing.update(view[filled : filled + count])
+            filled += count
+        self.count += filled
+        return filled
+
+    def read_bytes(self, n: int) -> bytes:
+        """The next ``n`` bytes (fewer only at the end of the file)."""
+        buffer = bytearray(n)
+        return bytes(buffer[: self.readinto(memoryview(buffer))])
+
+    def skip(self, limit: int, free: queue.SimpleQueue[memoryview]) -> None:
+        """Hash up to ``limit`` further bytes without keeping them, reading into the buffers of ``free``,
+        each handed back once hashed."""
+        while self.count < limit:
+            buffer = free.get()
+            if not (count := self._stream.readinto(buffer[: limit - self.count])):
+                return
+            self._hashing.update(buffer[:count], recycle=buffer)
+            self.count += count
+
+
+def _read_whole(size: int) -> Callable[[HashedReader], torch.Tensor]:
+    def read(reader: HashedReader) -> torch.Tensor:
+        # One buffer for the file, not zero-filled: every byte kept is read into it.
+        kept = torch.empty(size, dtype=torch.uint8)
+        return kept[: reader.readinto(memoryview(kept.numpy()))]
+
+    return read
 
 
 def _hash_stream(
-    stream: Any, algorithm: str, *, keep: bool, expected: int
-) -> tuple[FileRecord, torch.Tensor | None]:
-    """``expected``: the open file's size (fstat), which sizes the buffers."""
+    stream: Any, algorithm: str, *, expected: int, read: Callable[[HashedReader], Any] | None
+) -> tuple[FileRecord, Any]:
+    """``expected``: the open file's size (fstat), which sizes the buffers. At most ``expected`` + 1 bytes
+    are read: a file that grew while being read shows as a size mismatch and is never verified."""
     threaded = expected >= _THREADED_HASH_BYTES
-    if keep:
-        # The whole file in one buffer (not zero-filled: every byte kept is read into it), hashed a chunk
-        # at a time behind the read. A file that changed size since the fstat shows as a size mismatch.
-        kept = torch.empty(expected, dtype=torch.uint8)
-        view = memoryview(kept.numpy())
-        size = 0
-        with HashThread(algorithm, threaded=threaded) as hashing:
-            while size < expected and (count := stream.readinto(view[size : size + _CHUNK_BYTES])):
-                hashing.update(view[size : size + count])
-                size += count
-            if size == expected and stream.read(1):
-                size += 1  # grew while being read: reported as a size mismatch, never verified
-            digest = hashing.hexdigest()
-        return FileRecord(size=size, digest=digest, algorithm=algorithm), kept[:size]
-    # Only the digest is wanted: a few chunk buffers go round between this thread (reading into one) and
-    # the hash thread (handing each back once hashed).
+    # What ``read`` leaves (all of the file without it) is hashed through a few chunk buffers that go round
+    # between this thread (reading into one) and the hash thread (handing each back once hashed).
     free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
-    for _ in range(_READ_BUFFERS if threaded else 1):
-        free.put(memoryview(bytearray(min(_CHUNK_BYTES, max(expected, 1)))))
-    size = 0
     with HashThread(algorithm, threaded=threaded, free=free) as hashing:
-        while count := stream.readinto(buffer := free.get()):
-            hashing.update(buffer[:count], recycle=buffer)
-            size += count
+        reader = HashedReader(stream, hashing)
+        kept = read(reader) if read is not None else None
+        left = expected + 1 - reader.count
+        for _ in range(min(_READ_BUFFERS if threaded else 1, -(-left // _CHUNK_BYTES))):
+            free.put(memoryview(bytearray(min(_CHUNK_BYTES, left))))
+        reader.skip(expected + 1, free)
         digest = hashing.hexdigest()
-    return FileRecord(size=size, digest=digest, algorithm=algorithm), None
+    return FileRecord(size=reader.count, digest=digest, algorithm=algorithm), kept
 
 
 def commit_dir(tmp_dir: Path, final_dir: Path) -> None:

@@ -1,21 +1,20 @@
-"""The manifest: building it, and verifying a checkpoint directory against it before anything is parsed."""
+"""The manifest: building it, and verifying a checkpoint directory against it before anything read is used."""
 
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from steadyfit import layout
 from steadyfit.checkpoint.atomic import CHECKSUMS, DIGEST_HEX_DIGITS, FileRecord, hash_file
 from steadyfit.checkpoint.errors import CheckpointError
 from steadyfit.checkpoint.payload import loads_json
-
-if TYPE_CHECKING:
-    import torch
+from steadyfit.checkpoint.tensor_file import read_tensor_file
 
 _MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 
@@ -51,24 +50,30 @@ def build_manifest(
 
 def inspect_checkpoint(
     path: Path, *, keep: bool, shard_share: tuple[int, int] = (0, 1)
-) -> tuple[list[str], dict[str, Any] | None, dict[str, torch.Tensor]]:
-    """Verify a checkpoint directory against its manifest; with ``keep`` also return the verified bytes.
+) -> tuple[list[str], dict[str, Any] | None, dict[str, Any]]:
+    """Verify a checkpoint directory against its manifest; with ``keep`` also return what the verified
+    files hold.
 
-    Nothing but the manifest (JSON) is parsed. Files are opened with ``O_NOFOLLOW`` and each one's size is
+    Only the manifest (JSON) is parsed before its files are verified, and, with ``keep``, the headers of
+    the tensor files, which say where their tensors' bytes go (strict JSON; nothing read from a file is
+    returned unless its digest matches). Files are opened with ``O_NOFOLLOW`` and each one's size is
     checked before it is read, so a planted huge or linked file is never read. A sharded checkpoint's
     ``shards/`` directory is checked like the top level (no symlinks, no deeper entries, nothing unlisted).
 
     Args:
         path: the checkpoint directory.
-        keep: also return the bytes (one uint8 tensor each) of the top-level files (shard files are hashed,
-            never kept: they are read later, slice by slice, by torch.distributed.checkpoint).
+        keep: also return the top-level files: the tensor files (the weights, each component's tensors)
+            as :func:`~steadyfit.checkpoint.tensor_file.read_tensor_file` reads them (their tensors by name,
+            or the error that says why the verified bytes are not valid safetensors), every other file as
+            its bytes (one uint8 tensor). Shard files are hashed, never kept: they are read later, slice by
+            slice, by torch.distributed.checkpoint.
         shard_share: ``(index, count)``: hash only every ``count``-th shard file in name order from the
             ``index``-th (one rank's share: ``(rank, world_size)``); the others' presence and sizes are still
             checked. The default hashes them all.
 
     Returns:
         ``(faults, manifest, contents)``: ``manifest`` is None unless ``faults`` is empty; ``contents`` maps
-        each top-level file name to its bytes when ``keep``. Only this call's share of the shard files is
+        each top-level file name to what it holds when ``keep``. Only this call's share of the shard files is
         covered by ``faults``.
 
     Example:
@@ -120,7 +125,9 @@ def inspect_checkpoint(
             faults.append(f"unexpected non-file entry {name}")
         elif name not in listed:
             faults.append(f"unexpected file {name} (not in the manifest)")
-    contents: dict[str, torch.Tensor] = {}
+    contents: dict[str, Any] = {}
+    # Kept tensor files are read straight into their tensors (see read_tensor_file).
+    tensor_files = _tensor_files(manifest) if keep else set()
     index, count = shard_share
     shard_names = sorted(name for name in listed if layout.shard_file_of(name) is not None)
     shares = {name: position % count == index for position, name in enumerate(shard_names)}
@@ -143,9 +150,16 @@ def inspect_checkpoint(
         checksum = checksum_of(expected)
         assert checksum is not None  # manifest_faults checked every entry
         algorithm = checksum[0]
+        read = None
+        if name in tensor_files:
+            read = functools.partial(read_tensor_file, size=expected["size"], where=path / name)
         try:
             record, data = hash_file(
-                path / name, algorithm=algorithm, keep=keep and not is_shard, size=expected["size"]
+                path / name,
+                algorithm=algorithm,
+                keep=keep and not is_shard,
+                size=expected["size"],
+                read=read,
             )
         except OSError as exc:
             faults.append(f"unreadable file {name}: {describe_os_error(exc)}")
@@ -237,6 +251,15 @@ def describe_os_error(exc: BaseException) -> str:
         where = f" ({exc.filename})" if exc.filename else ""
         return f"{name}: {exc.strerror}{where}"
     return str(exc)
+
+
+def _tensor_files(manifest: Mapping[str, Any]) -> set[str]:
+    """The safetensors files a verified manifest's loader parses: the weights (unless sharded) and each
+    component's tensors (listed only when the component has any)."""
+    names = {layout.component_files(name)[1] for name in manifest["components"]}
+    if manifest["model"] != layout.SHARDS_DIR:
+        names.add(layout.MODEL_FILE)
+    return names & manifest["files"].keys()
 
 
 def _is_int(value: Any) -> bool:

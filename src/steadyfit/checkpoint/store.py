@@ -14,10 +14,8 @@ rank with its slices of the model and optimizer tensors (see :mod:`.sharded`), l
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import secrets
-import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,18 +31,17 @@ from steadyfit.checkpoint.atomic import (
     remove_tree,
     sync_and_hash,
     write_bytes_durable,
-    write_chunks_durable,
 )
 from steadyfit.checkpoint.errors import CheckpointError
 from steadyfit.checkpoint.manifest import build_manifest, describe_os_error, inspect_checkpoint
 from steadyfit.checkpoint.payload import (
-    SAFETENSORS_DTYPES,
     dumps_json,
     flatten,
     loads_json,
     prepare_tensors,
     unflatten,
 )
+from steadyfit.checkpoint.tensor_file import write_tensor_file
 from steadyfit.console import warn
 
 
@@ -248,7 +245,7 @@ class CheckpointStore:
             document = {"format_version": layout.FORMAT_VERSION, "state": structure}
             records[json_name] = write_bytes_durable(tmp / json_name, dumps_json(document))
         for file_name, tensors in tensor_files:
-            records[file_name] = _write_safetensors(tmp / file_name, tensors)
+            records[file_name] = write_tensor_file(tmp / file_name, tensors)
         for name, data in extra_files.items():
             records[name] = write_bytes_durable(tmp / name, bytes(data))
         manifest = build_manifest(step, list(encoded), list(extra_files), records, model=model)
@@ -326,7 +323,7 @@ class CheckpointStore:
             raise CheckpointError(f"checkpoint {path} failed verification: " + "; ".join(faults))
         assert manifest is not None
         sharded = manifest["model"] == layout.SHARDS_DIR
-        model_state = {} if sharded else _parse_tensors(contents[layout.MODEL_FILE], path / layout.MODEL_FILE)
+        model_state = {} if sharded else _tensors(contents[layout.MODEL_FILE])
         components = {}
         for name in manifest["components"]:
             json_name, tensors_name = layout.component_files(name)
@@ -334,11 +331,7 @@ class CheckpointStore:
             document = loads_json(contents[json_name].numpy().tobytes(), where=str(where))
             if not isinstance(document, dict) or document.get("format_version") != layout.FORMAT_VERSION:
                 raise CheckpointError(f"{where}: unsupported component format (expected format_version 1)")
-            tensors = (
-                _parse_tensors(contents[tensors_name], path / tensors_name)
-                if tensors_name in contents
-                else {}
-            )
+            tensors = _tensors(contents[tensors_name]) if tensors_name in contents else {}
             components[name] = unflatten(document.get("state"), tensors, where=str(where))
         extra_files = {name: contents[name].numpy().tobytes() for name in manifest["extra_files"]}
         shards_dir = path / layout.SHARDS_DIR if sharded else None
@@ -597,104 +590,11 @@ def _check_shards(tmp: Path, records: dict[str, FileRecord]) -> dict[str, FileRe
     return records
 
 
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> FileRecord:
-    """Write contiguous CPU ``tensors`` as a safetensors file straight from their memory, hashing as it goes.
-
-    The same layout as ``safetensors.torch.save_file``: a little-endian u64 header length, a JSON header
-    padded with spaces to 8 bytes, then the tensors' bytes, largest element size first so every tensor
-    stays aligned. Unlike save_file, no tensor is copied to a Python ``bytes`` and the file is not read
-    back to be hashed. The tensors were checked storable before the save touched the disk.
-    """
-    _require_little_endian(path)
-    dtype_names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
-    header: dict[str, Any] = {}
-    offset = 0
-    for name in order:
-        tensor = tensors[name]
-        nbytes = tensor.numel() * tensor.element_size()
-        header[name] = {
-            "dtype": dtype_names[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    header_bytes = dumps_json(header)
-    header_bytes += b" " * (-len(header_bytes) % 8)
-    chunks: list[Any] = [len(header_bytes).to_bytes(8, "little"), header_bytes]
-    # A uint8 view of each tensor's own memory (flattened first: a 0-dim tensor has no byte view).
-    chunks += [tensors[name].reshape(-1).view(torch.uint8).numpy() for name in order if tensors[name].numel()]
-    return write_chunks_durable(path, chunks, size=8 + len(header_bytes) + offset)
-
-
-def _parse_tensors(data: torch.Tensor, where: Path) -> dict[str, torch.Tensor]:
-    """The tensors of verified safetensors bytes (one uint8 tensor), built over ``data``'s memory (no copy).
-
-    Checked as strictly as safetensors checks: a JSON header of known dtypes and shapes whose byte ranges
-    tile the payload exactly, with no gap, overlap or excess. Each tensor gets a storage of its own, as
-    from ``torch.load`` (offset 0, its own size: ``torch.set_rng_state`` and others rely on it), that is a
-    slice of ``data``'s storage and keeps it alive. A tensor whose bytes are not aligned to its element
-    size (a file from another writer) is copied out instead.
-    """
-
-    _require_little_endian(where)
-
-    def malformed(why: str) -> CheckpointError:
-        return CheckpointError(f"{where} is not a valid safetensors file: {why}")
-
-    if len(data) < 8:
-        raise malformed("shorter than its header length")
-    header_len = int.from_bytes(data[:8].numpy().tobytes(), "little")
-    if header_len > len(data) - 8:
-        raise malformed(f"header length {header_len} exceeds the file")
-    header = loads_json(data[8 : 8 + header_len].numpy().tobytes(), where=f"{where} header")
-    if not isinstance(header, dict):
-        raise malformed("header is not a JSON object")
-    header.pop("__metadata__", None)
-    body_start = 8 + header_len
-    body_len = len(data) - body_start
-    storage = data.untyped_storage()
-    origin = data.storage_offset() + body_start
-    spans = []
-    for name, info in header.items():
-        dtype_name = info.get("dtype") if isinstance(info, dict) else None
-        dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
-        shape = info.get("shape") if isinstance(info, dict) else None
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if (
-            dtype is None
-            or not isinstance(shape, list)
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
-            or not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(n, int) and not isinstance(n, bool) for n in offsets)
-        ):
-            raise malformed(f"bad header entry for {name!r}")
-        start, end = offsets
-        if not 0 <= start <= end <= body_len or end - start != math.prod(shape) * dtype.itemsize:
-            raise malformed(f"byte range of {name!r} does not fit its shape or the file")
-        spans.append((start, end, name, dtype, shape))
-    position = 0
-    tensors = {}
-    for start, end, name, dtype, shape in sorted(spans, key=lambda span: span[:2]):
-        if start != position:
-            raise malformed(f"tensor {name!r} does not start where the previous one ends")
-        position = end
-        # The storage is allocator-aligned, so the offset alone says whether the tensor's bytes are aligned.
-        if start == end or (origin + start) % dtype.itemsize:
-            tensors[name] = data[body_start + start : body_start + end].clone().view(dtype).reshape(shape)
-        else:
-            own = storage[origin + start : origin + end]
-            tensors[name] = torch.empty(0, dtype=dtype).set_(own, 0, shape)
-    if position != body_len:
-        raise malformed("bytes after the last tensor")
-    return tensors
-
-
-def _require_little_endian(path: Path) -> None:
-    # safetensors stores little-endian bytes; these tensors are written and read in the host's own order.
-    if sys.byteorder != "little":
-        raise CheckpointError(f"{path}: steadyfit reads and writes checkpoints on little-endian hosts only")
+def _tensors(read: dict[str, torch.Tensor] | CheckpointError) -> dict[str, torch.Tensor]:
+    """A verified tensors file's tensors, or the error that says why its verified bytes are not valid."""
+    if isinstance(read, CheckpointError):
+        raise read
+    return read
 
 
 @contextlib.contextmanager
