@@ -71,8 +71,10 @@ def test_checkpoint_smoke_prints_every_operation(tmp_path: Path) -> None:
         "torch.save",
         "torch.save + fsync",
         "torch.load",
+        "torch.load, fresh process",
         "steadyfit save",
         "steadyfit load",
+        "steadyfit load, fresh process",
         "steadyfit async, blocked",
         "steadyfit async, total",
     ):
