@@ -129,6 +129,10 @@ class WindowBackward:
             loss = loss.detach()
             if loss.dtype != torch.float32:
                 loss = loss.float()
+            elif loss.untyped_storage().nbytes() > loss.element_size():
+                # A view into a larger tensor (a loss_fn returning ``losses[0]``) would keep all of it
+                # alive in the log window until the window reads its steps: keep the one number.
+                loss = loss.clone()
             # The first piece is the window's loss as it is: no op for the common one-piece window.
             if window_loss is None:
                 window_loss = WindowLoss(loss, weight, count, counts_tokens)

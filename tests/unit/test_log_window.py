@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import base_config, make_mlp, make_regression
-from steadyfit import Trainer
+from steadyfit import Callback, Trainer
 from steadyfit.log_window import LogWindow, memory_mb
 from steadyfit.loggers.base import Logger
 from steadyfit.state import TrainState
@@ -92,6 +92,24 @@ def test_a_window_logs_its_exact_sample_weighted_mean(tmp_path):
     # Summed in step order, as the window adds.
     expected = [sum(weighted[start : start + 3]) / sum(samples[start : start + 3]) for start in (0, 3, 6)]
     assert [row["loss"] for row in rows] == expected
+
+
+def test_a_loss_that_is_a_view_does_not_keep_its_base_alive_until_the_row(tmp_path):
+    # The window keeps its steps' loss tensors until the logging row reads them: a loss_fn that returns
+    # one element of a large tensor must not keep the large tensor's memory alive that long.
+    def first_of_many(outputs, targets):
+        return F.cross_entropy(outputs, targets).expand(1 << 16).clone()[0]  # a view into 256 KiB
+
+    held: list[int] = []
+
+    class HeldAtStepEnd(Callback):
+        def on_step_end(self, trainer, state):
+            held.append(sum(loss.untyped_storage().nbytes() for loss, _, _ in trainer.log_window._unread))
+
+    config = base_config(tmp_path, batch_size=6, max_epochs=1, lr=0.01, log_every=100)
+    data = make_regression(40)
+    Trainer(make_mlp(), config, train_data=data, loss_fn=first_of_many, callbacks=[HeldAtStepEnd()]).fit()
+    assert held == [4 * step for step in range(1, 8)]  # one float32 per step waiting to be read
 
 
 def test_a_window_reads_its_steps_when_rows_are_rare(monkeypatch):
