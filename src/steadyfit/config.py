@@ -125,6 +125,7 @@ class TrainConfig(BaseModel):
     early_stopping_threshold: float = Field(default=0.0, ge=0)
     resume: str = "auto"
     num_workers: int = Field(default=0, ge=0)
+    persistent_workers: bool = False
     deterministic: bool = False
     compile: bool = False
     loggers: list[LoggerSpec] = Field(default_factory=list)

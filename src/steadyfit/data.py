@@ -318,7 +318,8 @@ def loader_settings(
     fields_set: set[str], values: dict[str, Any], train_data: Any, eval_data: Any
 ) -> dict[str, Any]:
     """What a user's own DataLoader decides of the config: ``batch_size`` and ``num_workers`` (the train
-    loader's), ``eval_batch_size`` (the eval loader's). Returns the fields to record as what really happens.
+    loader's), ``eval_batch_size`` and ``persistent_workers`` (the eval loader's). Returns the fields to
+    record as what really happens.
 
     Args:
         fields_set: the config fields the user set (``TrainConfig.model_fields_set``).
@@ -333,15 +334,23 @@ def loader_settings(
         {'batch_size': 5}
     """
     wanted: dict[str, Any] = {}
-    for data, fields in ((train_data, ("batch_size", "num_workers")), (eval_data, ("eval_batch_size",))):
+    loaders = (
+        ("train_data", train_data, ("batch_size", "num_workers")),
+        ("eval_data", eval_data, ("eval_batch_size", "persistent_workers")),
+    )
+    for which, data, fields in loaders:
         if not isinstance(data, DataLoader):
             continue
         batch_size = data.batch_size or getattr(data.batch_sampler, "batch_size", None)
-        actual = {"batch_size": batch_size, "eval_batch_size": batch_size, "num_workers": data.num_workers}
+        actual = {
+            "batch_size": batch_size,
+            "eval_batch_size": batch_size,
+            "num_workers": data.num_workers,
+            "persistent_workers": data.persistent_workers,
+        }
         for name in fields:
             if actual[name] is None or actual[name] == values.get(name):
                 continue
-            which = "train_data" if name != "eval_batch_size" else "eval_data"
             if name in fields_set:
                 raise ConfigError(
                     f"{name}: {values.get(name)!r}, but the DataLoader passed as {which} has {name} "
@@ -370,6 +379,30 @@ def check_overfit_loader(config: Any, train_data: Any) -> None:
             "overfit_batches: the DataLoader passed as train_data shuffles, so its first batches change "
             "every epoch; pass the dataset itself (steadyfit then keeps its order) or a DataLoader with "
             "shuffle=False"
+        )
+
+
+def check_persistent_workers(config: Any, eval_data: Any) -> None:
+    """``persistent_workers`` keeps the workers of the eval loader steadyfit builds; refuse it where there are
+    none to keep, or where keeping them would change what a resumed run evaluates.
+
+    Raises:
+        ConfigError: naming the field and the ways out.
+    """
+    if not config.persistent_workers or isinstance(eval_data, DataLoader):
+        return  # off, or the user's own eval DataLoader decided it (loader_settings recorded its choice)
+    if isinstance(eval_data, IterableDataset):
+        # Its batches have no position to seed from: kept workers would carry their random streams from one
+        # evaluation into the next, which a run resumed in between could not replay.
+        raise ConfigError(
+            "persistent_workers: eval_data is an IterableDataset, whose worker processes cannot be kept "
+            "between evaluations without changing what a resumed run evaluates; pass a map-style dataset "
+            "or leave persistent_workers out"
+        )
+    if not config.num_workers:
+        raise ConfigError(
+            "persistent_workers: true keeps the eval loader's worker processes, but num_workers is 0 (no "
+            "workers); set num_workers >= 1 or leave persistent_workers out"
         )
 
 
@@ -452,6 +485,45 @@ class TrainBatches:
         self._positioned = None
 
 
+class EvalBatches:
+    """The eval batches of the evaluations of one ``fit()``.
+
+    With ``persistent`` (``persistent_workers``) and worker processes, the fit's map-style eval data keeps
+    one DataLoader whose workers live from one evaluation to the next, as the train loader's do, instead of
+    starting ``num_workers`` processes at every evaluation. No batch changes: the order is the dataset's,
+    and each batch's random streams are seeded in the worker from its position. The cost: the eval workers
+    stay alive, idle, while training runs, each holding its copy of the dataset. Any other data (a
+    DataLoader, an IterableDataset, data passed to ``evaluate(data)``) gets its loader of
+    :func:`eval_batches` at every evaluation. :meth:`close` stops the workers.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> spec = LoaderSpec(batch_size=2, eval_batch_size=4, num_workers=0, seed=0, pin_memory=False)
+        >>> data = TensorDataset(torch.arange(6.0))
+        >>> [len(batch[0]) for batch in EvalBatches(data, spec, persistent=False).of(data)]
+        [4, 2]
+    """
+
+    def __init__(self, data: Any, spec: LoaderSpec, *, persistent: bool) -> None:
+        self.data = data
+        self.spec = spec
+        self.persistent = persistent and bool(spec.num_workers) and is_map_style(data)
+        self._loader: DataLoader | None = None
+
+    def of(self, data: Any) -> Iterable[Any]:
+        """The eval batches of ``data``: through the kept loader when ``data`` is the fit's eval data."""
+        if not self.persistent or data is not self.data:
+            return eval_batches(data, self.spec)
+        if self._loader is None:
+            sampler = _eval_sampler(data, self.spec)
+            self._loader = _worker_loader(data, _PositionedBatches(sampler), self.spec, 0, persistent=True)
+        return self._loader
+
+    def close(self) -> None:
+        """Stop the kept worker processes (they would otherwise live until the loader is garbage)."""
+        self._loader = None
+
+
 def eval_batches(data: Any, spec: LoaderSpec) -> Iterable[Any]:
     """Eval micro-batches in dataset order; under several ranks each rank takes a strided share with no
     padding duplicates, so sums over ranks count every sample exactly once."""
@@ -465,7 +537,11 @@ def eval_batches(data: Any, spec: LoaderSpec) -> Iterable[Any]:
             collate_fn=_collate_fn(spec),
             pin_memory=spec.pin_memory,
         )
-    sampler = ResumableBatchSampler(
+    return _map_style_loader(data, _eval_sampler(data, spec), spec, epoch=0)
+
+
+def _eval_sampler(data: Any, spec: LoaderSpec) -> ResumableBatchSampler:
+    return ResumableBatchSampler(
         len(data),
         spec.eval_batch_size,
         seed=spec.seed,
@@ -474,7 +550,6 @@ def eval_batches(data: Any, spec: LoaderSpec) -> Iterable[Any]:
         rank=spec.rank,
         world_size=spec.world_size,
     )
-    return _map_style_loader(data, sampler, spec, epoch=0)
 
 
 def _map_style_loader(

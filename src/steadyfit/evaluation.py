@@ -50,9 +50,11 @@ def evaluate_model(
     precision: Precision,
     dist: Distributed,
     max_batches: int | None = None,
+    loader: data_mod.EvalBatches | None = None,
 ) -> dict[str, float]:
     """``eval_loss`` and ``eval_<metric>`` as exact per-sample (per-token) means over all of ``data`` (its
-    first ``max_batches`` batches when set: ``limit_eval_batches``).
+    first ``max_batches`` batches when set: ``limit_eval_batches``), read through ``loader`` when given (a
+    fit's loader, whose workers may live from one evaluation to the next), else a loader of its own.
 
     ``loss_fn`` follows the Trainer's contract (a :class:`~steadyfit.loss.ModelLoss`: the model's own
     ``outputs.loss``, summed over tokens where the model averaged over tokens). Metrics receive the logits
@@ -66,7 +68,8 @@ def evaluate_model(
     model.eval()
     try:
         with torch.no_grad():
-            batches = data_mod.loading_errors_named(data_mod.eval_batches(data, spec), "eval_data")
+            read = loader.of(data) if loader is not None else data_mod.eval_batches(data, spec)
+            batches = data_mod.loading_errors_named(read, "eval_data")
             # Batch i of every rank is its share of global batch i: a limit keeps the same samples on each.
             batches = itertools.islice(batches, max_batches)
             for index, batch in enumerate(batches):

@@ -82,6 +82,7 @@ FOREIGN_NAMES: dict[str, ForeignName] = {
     "load_best_model_at_end": ForeignName(HF, ("load_best_at_end",)),
     "resume_from_checkpoint": ForeignName(HF, ("resume",), "auto (the default), never, or a checkpoint path"),
     "dataloader_num_workers": ForeignName(HF, ("num_workers",)),
+    "dataloader_persistent_workers": ForeignName(HF, ("persistent_workers",)),
     "full_determinism": ForeignName(HF, ("deterministic",)),
     "torch_compile": ForeignName(HF, ("compile",)),
     "report_to": ForeignName(HF, ("loggers",), "tensorboard, mlflow, wandb; metrics.jsonl is always written"),

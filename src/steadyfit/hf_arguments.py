@@ -26,6 +26,7 @@ _RENAMED = {
     "weight_decay": "weight_decay",
     "adam_epsilon": "eps",
     "dataloader_num_workers": "num_workers",
+    "dataloader_persistent_workers": "persistent_workers",
     "full_determinism": "deterministic",
     "torch_compile": "compile",
     "load_best_model_at_end": "load_best_at_end",

@@ -67,6 +67,7 @@ MAY_CHANGE_ON_RESUME = (
     "early_stopping_threshold",
     "resume",
     "num_workers",
+    "persistent_workers",
     "deterministic",
     "compile",
     "loggers",

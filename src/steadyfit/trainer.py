@@ -135,6 +135,7 @@ class Trainer:
         recorded.update(fast_dev_run_settings(config))  # recorded too: config.yaml says what ran
         self.config = config.model_copy(update=recorded) if recorded else config
         data_mod.check_overfit_loader(self.config, train_data)
+        data_mod.check_persistent_workers(self.config, eval_data)
         self.dist = Distributed.setup(self.config)
         self.device = self.dist.device(self.config.device)
         self.model = model.to(self.device)
@@ -154,6 +155,7 @@ class Trainer:
         # Lightning's meaning: overfit_batches also limits evaluation to that many batches.
         self._eval_batch_limit = self.config.limit_eval_batches or self.config.overfit_batches or None
         self._scratch_dir: Path | None = None
+        self._eval_batches: data_mod.EvalBatches | None = None
         self._user_optimizer = optimizer
         self._user_scheduler = scheduler
         self.optimizer: torch.optim.Optimizer | None = None
@@ -195,6 +197,9 @@ class Trainer:
         set_deterministic(config.deterministic)
         self._prepare()
         self._train_batches = data_mod.TrainBatches(self.train_data, self.spec)
+        self._eval_batches = data_mod.EvalBatches(
+            self.eval_data, self.spec, persistent=config.persistent_workers
+        )
         if self.eval_data is not None:
             self._eval_max_batches(self.eval_data)  # a limit that cannot apply fails now, not steps later
         run_dir = self._fast_dev_run_dir() if config.fast_dev_run else config.run_dir
@@ -217,9 +222,10 @@ class Trainer:
                     self._train_epoch(preemption)
                 self._train_batches.close()
                 self._finish()
+                self._close_loaders()
                 self.callbacks.fire("on_fit_end", self, self.state)
             except BaseException as exc:
-                self._train_batches.close()
+                self._close_loaders()
                 if self.device_skip is not None:
                     self.device_skip.release()  # float lrs back, found_inf gone: the optimizer is reusable
                 self.progress.close()
@@ -258,6 +264,7 @@ class Trainer:
                 self.precision,
                 self.dist,
                 max_batches=max_batches,
+                loader=self._eval_batches,
             )
             scores.update({prefix + key: value for key, value in found.items()})
         return scores
@@ -607,6 +614,13 @@ class Trainer:
             ema_weights=self.ema.state_dict_of_module() if self.ema is not None else None,
         )
         self._log(state.summary_row())
+
+    def _close_loaders(self) -> None:
+        """Stop the fit's worker processes; an evaluate() after the fit starts its own."""
+        self._train_batches.close()
+        if self._eval_batches is not None:
+            self._eval_batches.close()
+            self._eval_batches = None
 
     def _leave_wrapper(self) -> None:
         # A DDP wrapper holds the process group. Once fit() ends nothing of ours keeps it, so the group

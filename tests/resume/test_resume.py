@@ -288,3 +288,17 @@ def test_an_augmenting_dataset_resumes_bitwise(tmp_path, workers):
     assert status == -KILL
     run_to_end(tmp_path / "killed", *options)
     assert_bitwise_equal(final_weights(tmp_path / "killed"), final_weights(tmp_path / "a"))
+
+
+def test_kept_eval_workers_resume_bitwise(tmp_path):
+    # Augmenting eval data read by eval workers kept from one evaluation to the next: the resumed run's
+    # workers are fresh, and every evaluation still draws the same noise (each batch is seeded by position).
+    options = ("augment=2", "num_workers=2", "persistent_workers=true", "eval_every=2", "announce=forward")
+    run_to_end(tmp_path / "reference", *options)
+    status, _ = run_until(tmp_path / "killed", "forward 23", KILL, *options)
+    assert status == -KILL
+    run_to_end(tmp_path / "killed", *options)
+    assert_bitwise_equal(final_weights(tmp_path / "killed"), final_weights(tmp_path / "reference"))
+    evaluated = [row for row in metric_rows(tmp_path / "reference") if "eval_loss" in row]
+    assert len(evaluated) > 3
+    assert _timeless(metric_rows(tmp_path / "killed")) == _timeless(metric_rows(tmp_path / "reference"))

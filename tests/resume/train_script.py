@@ -100,7 +100,7 @@ def main() -> None:
     values.update(parse_overrides(overrides))
     width = int(values.pop("width", 32))
     announce = values.pop("announce", "step")
-    augment = bool(values.pop("augment", 0))
+    augment = int(values.pop("augment", 0))  # 1: the training data draws noise; 2: the eval data too
     hold = int(values.pop("hold", 0))
     config = make_config(values)
     seed_everything(config.seed)
@@ -116,7 +116,7 @@ def main() -> None:
         model,
         config,
         train_data=train,
-        eval_data=data,
+        eval_data=AugmentedData(data) if augment == 2 else data,
         loss_fn=torch.nn.functional.cross_entropy,
         callbacks=callbacks,
     )

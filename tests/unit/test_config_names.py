@@ -29,6 +29,7 @@ PROMISED = {
     "report_to", "output_dir", "logging_steps", "eval_steps", "eval_strategy", "evaluation_strategy",
     "save_steps", "save_strategy", "lr_scheduler_type", "optim", "adam_beta1", "adam_beta2", "adam_epsilon",
     "bf16", "fp16", "load_best_model_at_end", "metric_for_best_model", "dataloader_num_workers",
+    "dataloader_persistent_workers",
     "torch_compile", "full_determinism", "eval_on_start", "gradient_checkpointing",
     "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm", "val_check_interval",
     "check_val_every_n_epoch", "log_every_n_steps", "save_top_k", "default_root_dir", "devices",
@@ -272,6 +273,7 @@ def test_from_hf_translates_a_real_training_arguments(training_arguments, tmp_pa
         activation_checkpointing=True,
         eval_on_start=True,
         dataloader_num_workers=2,
+        dataloader_persistent_workers=True,
         full_determinism=True,
         run_name="bookkeeping-is-ignored",
     )
@@ -306,6 +308,7 @@ def test_from_hf_translates_a_real_training_arguments(training_arguments, tmp_pa
         "gradient_checkpointing": True,
         "eval_on_start": True,
         "num_workers": 2,
+        "persistent_workers": True,
         "deterministic": True,
     }
     assert TrainConfig.from_hf(args).model_dump(include=set(expected)) == expected

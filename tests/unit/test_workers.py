@@ -4,17 +4,21 @@ from its (seed, epoch, rank, position) key."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import random
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from helpers import base_config
 from steadyfit import Trainer
 from steadyfit import data as data_mod
+from steadyfit.config import ConfigError
 
 SAMPLES, BATCH, EPOCHS, WORKERS = 24, 4, 3, 2
 
@@ -91,3 +95,120 @@ def test_persistent_workers_fetch_what_fresh_workers_of_each_epoch_fetch(tmp_pat
     assert len(seen) == len(expected)
     for got, want in zip(seen, expected, strict=True):
         assert torch.equal(got[:, :2], want[:, :2])  # same samples, same augmentation draws
+
+
+class SeesModes(SeesInputs):
+    """Records whether each batch came to a training step or to an evaluation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.modes: list[bool] = []
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        self.modes.append(self.training)
+        return super().forward(features)
+
+
+EVAL_EVERY = 2  # steps: 3 epochs of 6 steps give 9 evaluations
+
+
+def _fit_evaluating(tmp_path, persistent: bool) -> tuple[SeesModes, Trainer]:
+    model = SeesModes()
+    config = base_config(
+        tmp_path / ("kept" if persistent else "fresh"),
+        batch_size=BATCH,
+        num_workers=WORKERS,
+        persistent_workers=persistent,
+        max_epochs=EPOCHS,
+        max_steps=None,
+        eval_every=EVAL_EVERY,
+    )
+    trainer = Trainer(
+        model, config, train_data=AugmentingData(), eval_data=AugmentingData(), loss_fn=F.cross_entropy
+    )
+    trainer.fit()
+    return model, trainer
+
+
+def _eval_batches(model: SeesModes) -> list[torch.Tensor]:
+    return [batch for batch, training in zip(model.seen, model.modes, strict=True) if not training]
+
+
+def _eval_rows(trainer: Trainer) -> list[dict]:
+    rows = [
+        json.loads(line) for line in (Path(trainer.config.run_dir) / "metrics.jsonl").read_text().splitlines()
+    ]
+    return [
+        {k: v for k, v in row.items() if k.startswith("eval_") or k == "step"}
+        for row in rows
+        if "eval_loss" in row
+    ]
+
+
+def test_persistent_workers_keep_the_eval_workers_from_one_evaluation_to_the_next(tmp_path):
+    before = set(multiprocessing.active_children())
+    kept, _trainer = _fit_evaluating(tmp_path, persistent=True)
+    evaluations = EPOCHS * (SAMPLES // BATCH) // EVAL_EVERY
+    eval_batches = _eval_batches(kept)
+    assert len(eval_batches) == evaluations * (SAMPLES // BATCH)
+    pids = {int(pid) for batch in eval_batches for pid in batch[:, 2].tolist()}
+    assert len(pids) == WORKERS, f"{len(pids)} eval worker processes over {evaluations} evaluations"
+    assert set(multiprocessing.active_children()) <= before, "the eval workers outlived fit()"
+    assert not any(_is_running(pid) for pid in pids), "an eval worker process is still there (or unreaped)"
+    # Without the field, every evaluation starts workers of its own: what the count above would catch.
+    fresh, _trainer = _fit_evaluating(tmp_path, persistent=False)
+    fresh_pids = {int(pid) for batch in _eval_batches(fresh) for pid in batch[:, 2].tolist()}
+    assert len(fresh_pids) == WORKERS * evaluations
+
+
+def test_kept_eval_workers_change_no_score_and_no_weight(tmp_path):
+    kept, kept_trainer = _fit_evaluating(tmp_path, persistent=True)
+    fresh, fresh_trainer = _fit_evaluating(tmp_path, persistent=False)
+    # The same samples with the same augmentation draws, evaluation after evaluation...
+    for got, want in zip(_eval_batches(kept), _eval_batches(fresh), strict=True):
+        assert torch.equal(got[:, :2], want[:, :2])
+    # ...so the same scores, and (the best checkpoint and early stopping read them) the same training.
+    assert _eval_rows(kept_trainer) == _eval_rows(fresh_trainer)
+    assert len(_eval_rows(kept_trainer)) == EPOCHS * (SAMPLES // BATCH) // EVAL_EVERY
+    for name, weight in kept.state_dict().items():
+        assert torch.equal(weight, fresh.state_dict()[name]), name
+
+
+def test_evaluate_after_fit_starts_and_stops_its_own_workers(tmp_path):
+    model, trainer = _fit_evaluating(tmp_path, persistent=True)
+    before = set(multiprocessing.active_children())
+    scores = trainer.evaluate()
+    assert scores["eval_loss"] == _eval_rows(trainer)[-1]["eval_loss"]
+    pids = {int(pid) for batch in _eval_batches(model)[-(SAMPLES // BATCH) :] for pid in batch[:, 2].tolist()}
+    assert not any(_is_running(pid) for pid in pids), "evaluate() outside fit() kept its workers"
+    assert set(multiprocessing.active_children()) <= before
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter([(torch.zeros(2, dtype=torch.float64), torch.tensor(0))] * 4)
+
+
+def test_persistent_workers_is_refused_where_it_cannot_keep_or_would_change_workers(tmp_path):
+    with pytest.raises(ConfigError, match=r"persistent_workers: .*num_workers is 0"):
+        Trainer(SeesInputs(), base_config(tmp_path, persistent_workers=True), train_data=AugmentingData())
+    config = base_config(tmp_path, persistent_workers=True, num_workers=WORKERS)
+    with pytest.raises(ConfigError, match="persistent_workers: eval_data is an IterableDataset"):
+        Trainer(SeesInputs(), config, train_data=AugmentingData(), eval_data=Stream())
+
+
+def test_a_users_eval_dataloader_decides_persistent_workers(tmp_path):
+    loader = torch.utils.data.DataLoader(
+        AugmentingData(), batch_size=BATCH, num_workers=1, persistent_workers=True
+    )
+    trainer = Trainer(SeesInputs(), base_config(tmp_path), train_data=AugmentingData(), eval_data=loader)
+    assert trainer.config.persistent_workers is True  # config.yaml records what happens
+    with pytest.raises(
+        ConfigError, match="persistent_workers: False, but the DataLoader passed as eval_data"
+    ):
+        Trainer(
+            SeesInputs(),
+            base_config(tmp_path, persistent_workers=False),
+            train_data=AugmentingData(),
+            eval_data=loader,
+        )
