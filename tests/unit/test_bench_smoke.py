@@ -83,6 +83,20 @@ def test_checkpoint_smoke_prints_every_operation(tmp_path: Path) -> None:
     assert "Targets:" in proc.stdout
 
 
+def test_eval_workers_smoke_times_both_eval_loaders(tmp_path: Path) -> None:
+    report_path = tmp_path / "eval_workers.json"
+    proc = run_bench("eval_workers.py", "--smoke", "--json", str(report_path))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(report_path.read_text())
+    for name in ("fresh workers at every evaluation", "kept workers (persistent_workers=true)"):
+        assert f"| {name} |" in proc.stdout
+        (fit,) = report["samples"][name]
+        assert fit["evaluations"] == len(fit["eval_losses"]) == 2  # every evaluation of the fit was timed
+    # The script itself refuses settings that evaluate differently; the losses it compared are these.
+    losses = [report["samples"][name][0]["eval_losses"] for name in report["samples"]]
+    assert losses[0] == losses[1]
+
+
 def test_optimizer_step_smoke_times_every_setting(tmp_path: Path) -> None:
     report_path = tmp_path / "steps.json"
     proc = run_bench("optimizer_step.py", "--smoke", "--json", str(report_path))
