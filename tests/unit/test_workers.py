@@ -112,7 +112,8 @@ class SeesModes(SeesInputs):
 EVAL_EVERY = 2  # steps: 3 epochs of 6 steps give 9 evaluations
 
 
-def _fit_evaluating(tmp_path, persistent: bool) -> tuple[SeesModes, Trainer]:
+def _fit_evaluating(tmp_path, persistent: bool, **overrides) -> tuple[SeesModes, Trainer]:
+    torch.manual_seed(0)  # the same initial weights in every fit
     model = SeesModes()
     config = base_config(
         tmp_path / ("kept" if persistent else "fresh"),
@@ -122,6 +123,7 @@ def _fit_evaluating(tmp_path, persistent: bool) -> tuple[SeesModes, Trainer]:
         max_epochs=EPOCHS,
         max_steps=None,
         eval_every=EVAL_EVERY,
+        **overrides,
     )
     trainer = Trainer(
         model, config, train_data=AugmentingData(), eval_data=AugmentingData(), loss_fn=F.cross_entropy
@@ -161,9 +163,12 @@ def test_persistent_workers_keep_the_eval_workers_from_one_evaluation_to_the_nex
     assert len(fresh_pids) == WORKERS * evaluations
 
 
-def test_kept_eval_workers_change_no_score_and_no_weight(tmp_path):
-    kept, kept_trainer = _fit_evaluating(tmp_path, persistent=True)
-    fresh, fresh_trainer = _fit_evaluating(tmp_path, persistent=False)
+@pytest.mark.parametrize("limit", [None, 2], ids=["whole", "limit_eval_batches"])
+def test_kept_eval_workers_change_no_score_and_no_weight(tmp_path, limit):
+    # With a limit, each evaluation leaves the kept loader part-way: the next one must start afresh.
+    kept, kept_trainer = _fit_evaluating(tmp_path, persistent=True, limit_eval_batches=limit)
+    fresh, fresh_trainer = _fit_evaluating(tmp_path, persistent=False, limit_eval_batches=limit)
+    assert len(_eval_batches(kept)) == len(_eval_rows(kept_trainer)) * (limit or SAMPLES // BATCH)
     # The same samples with the same augmentation draws, evaluation after evaluation...
     for got, want in zip(_eval_batches(kept), _eval_batches(fresh), strict=True):
         assert torch.equal(got[:, :2], want[:, :2])
