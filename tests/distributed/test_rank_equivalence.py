@@ -38,6 +38,9 @@ RUNS = {
     "nan_adamw": {"optimizer": "adamw", "lr": 0.01, "log_every": 4, "nan_at": 3},
     # A stop asked for by an on_log callback, which only rank 0 runs: every rank stops at the same step.
     "stop_on_log": {"stop_on_log_at": 3},
+    # Data through a worker per rank, the eval loader's kept from one evaluation to the next.
+    "ddp_kept_eval": {"num_workers": 1, "persistent_workers": True, "eval_every": 2},
+    "ddp_fresh_eval": {"num_workers": 1, "eval_every": 2},
     "eval_mean": {"mode": "evaluate", "eval_batch_size": 4},
     "eval_pair": {"mode": "evaluate", "loss": "pair", "eval_batch_size": 3},
 }
@@ -91,7 +94,7 @@ def reference_pair(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "ddp_kept_eval"])
 def test_two_ranks_equal_one_rank_with_the_doubled_batch(two_ranks, reference, name):
     base, _ = two_ranks
     assert_close(final_weights(base / name), final_weights(reference))
@@ -127,6 +130,18 @@ def test_eval_metrics_are_exact_over_the_whole_set_and_every_rank(two_ranks, tmp
         assert measured.keys() == expected.keys()
         for key, value in expected.items():
             assert measured[key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
+
+
+def test_kept_eval_workers_score_every_evaluation_as_fresh_ones_under_two_ranks(two_ranks):
+    base, _ = two_ranks
+    kept, fresh = (
+        [row for row in metric_rows(base / name) if "eval_loss" in row]
+        for name in ("ddp_kept_eval", "ddp_fresh_eval")
+    )
+    assert len(kept) > 2
+    assert [(row["step"], row["eval_loss"]) for row in kept] == [
+        (row["step"], row["eval_loss"]) for row in fresh
+    ]
 
 
 def test_the_logged_train_loss_is_the_mean_over_both_ranks(two_ranks, reference):
