@@ -42,11 +42,14 @@ class ResumableBatchSampler:
 
     The global micro-batch ``i`` is ``order[i*B*N : (i+1)*B*N]`` (B = per-rank batch, N = world size) and
     rank ``r`` takes every N-th element of it starting at ``r``. Skipping ``start_batch`` micro-batches is
-    a slice of the permutation: O(1), no sample is loaded.
+    a slice of the permutation: O(1), no sample is loaded. ``stop_batch`` ends the epoch before that
+    micro-batch (an evaluation limited to its first batches), so no loader fetches a batch past it.
 
     Example:
         >>> list(ResumableBatchSampler(5, 2, seed=0, epoch=0, shuffle=False))
         [[0, 1], [2, 3], [4]]
+        >>> list(ResumableBatchSampler(5, 2, seed=0, epoch=0, shuffle=False, start_batch=1, stop_batch=2))
+        [[2, 3]]
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class ResumableBatchSampler:
         epoch: int,
         shuffle: bool = True,
         start_batch: int = 0,
+        stop_batch: int | None = None,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -67,6 +71,7 @@ class ResumableBatchSampler:
         self.epoch = epoch
         self.shuffle = shuffle
         self.start_batch = start_batch
+        self.stop_batch = stop_batch
         self.rank = rank
         self.world_size = world_size
 
@@ -79,7 +84,8 @@ class ResumableBatchSampler:
         return -(-self.length // self.global_batch_size)
 
     def __len__(self) -> int:
-        return max(self.num_batches() - self.start_batch, 0)
+        stop = self.num_batches() if self.stop_batch is None else min(self.stop_batch, self.num_batches())
+        return max(stop - self.start_batch, 0)
 
     def __iter__(self) -> Iterator[list[int]]:
         return (indices.tolist() for indices in self.index_tensors())
@@ -92,7 +98,8 @@ class ResumableBatchSampler:
             else torch.arange(self.length)
         )
         step = self.global_batch_size
-        for start in range(self.start_batch * step, self.length, step):
+        end = self.length if self.stop_batch is None else min(self.length, self.stop_batch * step)
+        for start in range(self.start_batch * step, end, step):
             share = order[start : start + step]
             if self.world_size > 1:
                 share = share[self.rank :: self.world_size]
@@ -509,14 +516,17 @@ class EvalBatches:
         self.spec = spec
         self.persistent = persistent and bool(spec.num_workers) and is_map_style(data)
         self._loader: DataLoader | None = None
+        self._max_batches: int | None = None
 
-    def of(self, data: Any) -> Iterable[Any]:
-        """The eval batches of ``data``: through the kept loader when ``data`` is the fit's eval data."""
+    def of(self, data: Any, max_batches: int | None = None) -> Iterable[Any]:
+        """The eval batches of ``data`` (its first ``max_batches``): through the kept loader when ``data`` is
+        the fit's eval data."""
         if not self.persistent or data is not self.data:
-            return eval_batches(data, self.spec)
-        if self._loader is None:
-            sampler = _eval_sampler(data, self.spec)
+            return eval_batches(data, self.spec, max_batches)
+        if self._loader is None or self._max_batches != max_batches:
+            sampler = _eval_sampler(data, self.spec, max_batches)
             self._loader = _worker_loader(data, _PositionedBatches(sampler), self.spec, 0, persistent=True)
+            self._max_batches = max_batches
         return self._loader
 
     def close(self) -> None:
@@ -524,9 +534,11 @@ class EvalBatches:
         self._loader = None
 
 
-def eval_batches(data: Any, spec: LoaderSpec) -> Iterable[Any]:
+def eval_batches(data: Any, spec: LoaderSpec, max_batches: int | None = None) -> Iterable[Any]:
     """Eval micro-batches in dataset order; under several ranks each rank takes a strided share with no
-    padding duplicates, so sums over ranks count every sample exactly once."""
+    padding duplicates, so sums over ranks count every sample exactly once. ``max_batches`` ends a
+    map-style dataset's batches there, so its workers prefetch none past them (other data is cut by the
+    caller)."""
     if isinstance(data, DataLoader):
         return data
     if isinstance(data, IterableDataset):
@@ -537,16 +549,17 @@ def eval_batches(data: Any, spec: LoaderSpec) -> Iterable[Any]:
             collate_fn=_collate_fn(spec),
             pin_memory=spec.pin_memory,
         )
-    return _map_style_loader(data, _eval_sampler(data, spec), spec, epoch=0)
+    return _map_style_loader(data, _eval_sampler(data, spec, max_batches), spec, epoch=0)
 
 
-def _eval_sampler(data: Any, spec: LoaderSpec) -> ResumableBatchSampler:
+def _eval_sampler(data: Any, spec: LoaderSpec, max_batches: int | None) -> ResumableBatchSampler:
     return ResumableBatchSampler(
         len(data),
         spec.eval_batch_size,
         seed=spec.seed,
         epoch=0,
         shuffle=False,
+        stop_batch=max_batches,
         rank=spec.rank,
         world_size=spec.world_size,
     )

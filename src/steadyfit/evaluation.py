@@ -68,9 +68,13 @@ def evaluate_model(
     model.eval()
     try:
         with torch.no_grad():
-            read = loader.of(data) if loader is not None else data_mod.eval_batches(data, spec)
+            if loader is not None:
+                read = loader.of(data, max_batches)
+            else:
+                read = data_mod.eval_batches(data, spec, max_batches)
             batches = data_mod.loading_errors_named(read, "eval_data")
-            # Batch i of every rank is its share of global batch i: a limit keeps the same samples on each.
+            # Batch i of every rank is its share of global batch i: a limit keeps the same samples on each
+            # (a DataLoader or an IterableDataset is cut here; a map-style dataset's loader ends there).
             batches = itertools.islice(batches, max_batches)
             for index, batch in enumerate(batches):
                 batch = data_mod.move_to(batch, device, non_blocking)

@@ -52,3 +52,24 @@ def test_ranks_together_see_what_one_rank_sees(length, batch_size, world_size, s
 def test_order_depends_only_on_seed_and_epoch(length, seed, epoch):
     assert epoch_permutation(length, seed, epoch).tolist() == epoch_permutation(length, seed, epoch).tolist()
     assert sorted(epoch_permutation(length, seed, epoch).tolist()) == list(range(length))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    length=st.integers(1, 300),
+    batch_size=st.integers(1, 40),
+    world_size=st.integers(1, 4),
+    rank_seed=st.integers(0, 3),
+    start=st.integers(0, 20),
+    stop=st.integers(0, 30),
+)
+def test_a_stopped_sampler_is_the_head_of_the_whole_one(
+    length, batch_size, world_size, rank_seed, start, stop
+):
+    """``stop_batch`` (a limited evaluation) yields the batches before it and nothing else, on every rank."""
+    rank = rank_seed % world_size
+    shape = {"seed": 3, "epoch": 0, "shuffle": False, "rank": rank, "world_size": world_size}
+    whole = list(ResumableBatchSampler(length, batch_size, **shape))
+    stopped = ResumableBatchSampler(length, batch_size, start_batch=start, stop_batch=stop, **shape)
+    assert list(stopped) == whole[start:stop]
+    assert len(stopped) == len(whole[start:stop])

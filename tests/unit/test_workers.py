@@ -217,3 +217,47 @@ def test_a_users_eval_dataloader_decides_persistent_workers(tmp_path):
             train_data=AugmentingData(),
             eval_data=loader,
         )
+
+
+class CountsFetches(torch.utils.data.Dataset):
+    """Appends every index it fetches to a file of the fetching process (workers are other processes)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def __len__(self) -> int:
+        return SAMPLES
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with open(self.directory / f"{os.getpid()}.txt", "a") as log:
+            log.write(f"{index}\n")
+        return torch.tensor([float(index), 0.0, 0.0], dtype=torch.float64), torch.tensor(index % 2)
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["fresh", "kept"])
+def test_a_limited_evaluation_fetches_no_batch_past_its_limit(tmp_path, persistent):
+    # Workers fetch ahead (4 batches each): without an end in the sampler they would load batches the
+    # evaluation never reads, and kept workers would go on loading them while training runs.
+    fetched = tmp_path / "fetched"
+    fetched.mkdir()
+    config = base_config(
+        tmp_path,
+        batch_size=BATCH,
+        num_workers=WORKERS,
+        persistent_workers=persistent,
+        max_epochs=1,
+        max_steps=None,
+        eval_every=EVAL_EVERY,
+        limit_eval_batches=2,
+    )
+    trainer = Trainer(
+        SeesInputs(),
+        config,
+        train_data=AugmentingData(),
+        eval_data=CountsFetches(fetched),
+        loss_fn=F.cross_entropy,
+    )
+    trainer.fit()
+    evaluations = (SAMPLES // BATCH) // EVAL_EVERY
+    indices = sorted(int(line) for log in fetched.iterdir() for line in log.read_text().split())
+    assert indices == sorted(list(range(2 * BATCH)) * evaluations)
