@@ -197,9 +197,6 @@ class Trainer:
         set_deterministic(config.deterministic)
         self._prepare()
         self._train_batches = data_mod.TrainBatches(self.train_data, self.spec)
-        self._eval_batches = data_mod.EvalBatches(
-            self.eval_data, self.spec, persistent=config.persistent_workers
-        )
         if self.eval_data is not None:
             self._eval_max_batches(self.eval_data)  # a limit that cannot apply fails now, not steps later
         run_dir = self._fast_dev_run_dir() if config.fast_dev_run else config.run_dir
@@ -210,6 +207,10 @@ class Trainer:
         self._checkpointed = self._components()
         with self._scratch_removed(), self.run_directory, PreemptionFlag() as preemption:
             try:
+                # Inside the try: whatever ends the fit stops its eval workers (_close_loaders).
+                self._eval_batches = data_mod.EvalBatches(
+                    self.eval_data, self.spec, persistent=config.persistent_workers
+                )
                 resumed_from = self._resume()
                 self.model.train()
                 self.callbacks.fire("on_fit_start", self, self.state)
