@@ -73,8 +73,8 @@ MUTANTS = (
         "skip-consumed",
         "2. exact resume: a resumed epoch starts over instead of skipping consumed batches",
         "src/steadyfit/data.py",
-        "for start in range(self.start_batch * step, self.length, step):",
-        "for start in range(0, self.length, step):",
+        "for start in range(self.start_batch * step, end, step):",
+        "for start in range(0, end, step):",
         ("tests/property/test_sampler_resume.py", "tests/resume/test_resume_inprocess.py"),
     ),
     Mutant(
