@@ -15,6 +15,7 @@ from steadyfit.distributed import Distributed
 from steadyfit.loss import LossContractError, as_sum_and_count, forward_batch
 from steadyfit.metrics import MetricAccumulator
 from steadyfit.precision import Precision
+from steadyfit.rng import preserved_rng
 
 
 def check_eval_settings(config: TrainConfig, eval_data: Any) -> None:
@@ -67,7 +68,8 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        # What the evaluation draws (a loader's base seed, an augmenting eval set) is not the training's.
+        with torch.no_grad(), preserved_rng():
             if loader is not None:
                 read = loader.of(data, max_batches)
             else:
@@ -108,7 +110,7 @@ def predict(model: torch.nn.Module, data: Any, spec: data_mod.LoaderSpec, precis
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), preserved_rng():
             for batch in data_mod.eval_batches(data, whole):
                 batch = data_mod.move_to(batch, device, device.type == "cuda")
                 inputs = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,6 +62,56 @@ def test_dropout_off_during_eval_and_back_on_after(tmp_path):
     # step 1: train, train? no: batch 8 -> 2 steps; each step: 1 train forward then 2 eval forwards
     assert seen_modes == [True, False, False, True, False, False]
     assert trainer.model.training
+
+
+class _AugmentingSamples(torch.utils.data.Dataset):
+    """Draws noise from torch, numpy and python for every sample, in this process (no workers)."""
+
+    def __init__(self, data: torch.utils.data.TensorDataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, target = self.data[index]
+        noise = torch.randn(inputs.shape) * 0.1 + float(np.random.normal(0, 0.1)) + random.gauss(0, 0.1)
+        return inputs + noise, target
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __init__(self, data: torch.utils.data.TensorDataset) -> None:
+        self.data = data
+
+    def __iter__(self):
+        return (self.data[i] for i in range(len(self.data)))
+
+
+EVAL_SETS = {
+    # A DataLoader draws a base seed from torch's global stream every time it is iterated.
+    "user_dataloader": lambda data: torch.utils.data.DataLoader(data, batch_size=5),
+    "iterable_dataset": _Stream,
+    "augmenting_dataset": _AugmentingSamples,
+}
+
+
+@pytest.mark.parametrize("eval_set", EVAL_SETS)
+def test_evaluating_changes_no_random_draw_of_the_training(tmp_path, eval_set):
+    # Dropout in training and shuffling draw from the global streams: an evaluation that drew from them
+    # too would give another trajectory for every eval_every.
+    data = make_regression(24)
+    weights = {}
+    for eval_every in (0, 1, 2):
+        config = base_config(
+            tmp_path / f"every{eval_every}", batch_size=4, eval_every=eval_every, max_epochs=2
+        )
+        model = make_mlp(dropout=0.5)
+        trainer = Trainer(model, config, train_data=data, eval_data=EVAL_SETS[eval_set](data), loss_fn=CE)
+        trainer.fit()
+        weights[eval_every] = {name: value.clone() for name, value in model.state_dict().items()}
+    for eval_every in (1, 2):
+        for name, value in weights[0].items():
+            assert torch.equal(weights[eval_every][name], value), (eval_every, name)
 
 
 def test_early_stopping_after_patience_evaluations(tmp_path):
