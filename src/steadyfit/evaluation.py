@@ -60,7 +60,8 @@ def evaluate_model(
     ``loss_fn`` follows the Trainer's contract (a :class:`~steadyfit.loss.ModelLoss`: the model's own
     ``outputs.loss``, summed over tokens where the model averaged over tokens). Metrics receive the logits
     of a model output that has them. Under several ranks each rank evaluates its strided share and the sums
-    and counts are reduced once.
+    and counts are reduced once. Every global random stream is left as it was found
+    (:func:`~steadyfit.rng.preserved_rng`), so the training does not depend on how often it evaluates.
     """
     device = precision.device
     non_blocking = device.type == "cuda"
