@@ -4,7 +4,6 @@ from its (seed, epoch, rank, position) key."""
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import random
@@ -15,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import base_config
+from helpers import base_config, metric_rows
 from steadyfit import Trainer
 from steadyfit import data as data_mod
 from steadyfit.config import ConfigError
@@ -137,12 +136,9 @@ def _eval_batches(model: SeesModes) -> list[torch.Tensor]:
 
 
 def _eval_rows(trainer: Trainer) -> list[dict]:
-    rows = [
-        json.loads(line) for line in (Path(trainer.config.run_dir) / "metrics.jsonl").read_text().splitlines()
-    ]
     return [
         {k: v for k, v in row.items() if k.startswith("eval_") or k == "step"}
-        for row in rows
+        for row in metric_rows(Path(trainer.config.run_dir))
         if "eval_loss" in row
     ]
 
