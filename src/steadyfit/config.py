@@ -167,7 +167,10 @@ class TrainConfig(BaseModel):
 
         Every setting steadyfit has is translated, Hugging Face defaults included (its lr 5e-5, batch 8,
         linear schedule, ``max_grad_norm`` 1.0, saving every 500 steps...), so the run trains as the Hugging
-        Face Trainer would. docs/migrating.md lists the translations.
+        Face Trainer would. docs/migrating.md lists the translations. A setting left at its Hugging Face
+        default does not count as set by you: a DataLoader passed as ``train_data`` or ``eval_data`` still
+        decides its own batch size and workers (an explicit contrary ``per_device_train_batch_size`` is
+        refused, as for any config).
 
         Args:
             args: a ``transformers.TrainingArguments``, or the dict of its ``to_dict()``.
@@ -191,9 +194,14 @@ class TrainConfig(BaseModel):
             (0.0003, 'bf16', 'out')
         """
         # Imported here: hf_arguments builds on this module.
-        from steadyfit.hf_arguments import config_values_from_hf
+        from steadyfit.hf_arguments import config_values_from_hf, fields_left_at_hf_default
 
-        return cls(**{**config_values_from_hf(args), **overrides})
+        config = cls(**{**config_values_from_hf(args), **overrides})
+        # A Hugging Face default the user never touched is not their choice: it must not overrule the
+        # batch size or workers of a DataLoader they pass (data.loader_settings reads model_fields_set).
+        # The values stay as validated above; only which fields count as set changes.
+        untouched = fields_left_at_hf_default(args) - overrides.keys()
+        return cls.model_construct(_fields_set=config.model_fields_set - untouched, **dict(config))
 
     @field_validator("run_dir")
     @classmethod

@@ -13,7 +13,7 @@ from steadyfit.foreign_names import HF_OPTIMIZERS, HF_SCHEDULERS, MIGRATING_DOC
 from steadyfit.horizons import steps_from_ratio
 from steadyfit.secrets import MASK, is_secret_key
 
-__all__ = ["config_values_from_hf"]
+__all__ = ["config_values_from_hf", "fields_left_at_hf_default"]
 
 # One setting for one field, same meaning and units: TrainingArguments name -> TrainConfig name.
 _RENAMED = {
@@ -95,6 +95,25 @@ def config_values_from_hf(args: Any) -> dict[str, Any]:
     translation = _Translation(given, _hf_defaults())
     translation.translate()
     return translation.finish()
+
+
+def fields_left_at_hf_default(args: Any) -> set[str]:
+    """The TrainConfig fields whose ``TrainingArguments`` setting (one to one, :data:`_RENAMED`) is absent
+    or equal to its Hugging Face default: :meth:`TrainConfig.from_hf` carries their values over but does not
+    count them as set by the user, so a DataLoader of the user's may still decide ``batch_size``,
+    ``num_workers``, ``eval_batch_size`` or ``persistent_workers``.
+
+    Example:
+        >>> sorted(fields_left_at_hf_default({"learning_rate": 3e-4}))[:3]  # doctest: +SKIP
+        ['batch_size', 'compile', 'deterministic']
+    """
+    given = dict(args) if isinstance(args, Mapping) else args.to_dict()
+    defaults = _hf_defaults()
+    return {
+        ours
+        for theirs, ours in _RENAMED.items()
+        if given.get(theirs, defaults.get(theirs)) == defaults.get(theirs)
+    }
 
 
 @functools.cache

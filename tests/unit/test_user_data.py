@@ -17,7 +17,7 @@ import yaml
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from helpers import assert_bitwise_equal, base_config, final_weights, make_mlp, make_regression
-from steadyfit import BatchError, Callback, ConfigError, Trainer
+from steadyfit import BatchError, Callback, ConfigError, TrainConfig, Trainer
 
 
 class SeenInputs:
@@ -109,6 +109,30 @@ def test_an_explicit_batch_size_that_the_loader_contradicts_is_refused(tmp_path)
         Trainer(make_mlp(), base_config(tmp_path, batch_size=64), train_data=loader, loss_fn=F.cross_entropy)
     with pytest.raises(ConfigError, match=r"num_workers: 2, but the DataLoader"):
         Trainer(make_mlp(), base_config(tmp_path, num_workers=2), train_data=loader, loss_fn=F.cross_entropy)
+
+
+def test_from_hf_leaves_a_user_loader_its_batch_size_unless_the_arguments_name_one(tmp_path):
+    # TrainConfig.from_hf carries Hugging Face's defaults over (batch 8, no workers); a default the user never
+    # touched must not refuse their own DataLoader, while a batch size they did choose still does.
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers 5 builds a TrainingArguments only with accelerate")
+    loader = DataLoader(make_regression(50), batch_size=5, num_workers=1, persistent_workers=True)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True)
+    config = TrainConfig.from_hf(args, max_steps=1, progress=False)
+    trainer = Trainer(make_mlp(), config, train_data=loader, eval_data=loader, loss_fn=F.cross_entropy)
+    assert (trainer.config.batch_size, trainer.config.num_workers) == (5, 1)
+    assert (trainer.config.eval_batch_size, trainer.config.persistent_workers) == (5, True)
+    for chosen, field in (
+        ({"per_device_train_batch_size": 16}, "batch_size: 16"),
+        ({"per_device_eval_batch_size": 16}, "eval_batch_size: 16"),
+        ({"dataloader_num_workers": 2}, "num_workers: 2"),
+    ):
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, **chosen)
+        with pytest.raises(ConfigError, match=f"{field}, but the DataLoader"):
+            Trainer(make_mlp(), TrainConfig.from_hf(args), train_data=loader, eval_data=loader)
+    # An override is the user's choice too.
+    with pytest.raises(ConfigError, match="batch_size: 8, but the DataLoader"):
+        Trainer(make_mlp(), TrainConfig.from_hf(args, batch_size=8, num_workers=1), train_data=loader)
 
 
 def test_eval_every_without_eval_data_is_refused(tmp_path):
