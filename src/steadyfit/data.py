@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -625,8 +625,9 @@ def _skip(loader: Iterable[Any], count: int) -> Iterator[Any]:
 
 
 def count_samples(batch: Any) -> int:
-    """Samples in a batch: the first dimension of its targets (pair) or of its first tensor (dict)."""
-    if isinstance(batch, dict):
+    """Samples in a batch: the first dimension of its targets (pair) or of its first tensor (a dict, or any
+    mapping such as a transformers ``BatchEncoding``)."""
+    if isinstance(batch, Mapping):
         for key in ("labels", "label", "input_ids"):
             value = batch.get(key)
             if isinstance(value, torch.Tensor) and value.dim() > 0:
@@ -634,7 +635,10 @@ def count_samples(batch: Any) -> int:
         for value in batch.values():
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 return int(value.shape[0])
-        raise ValueError("cannot count the samples of a dict batch: it holds no tensor")
+        raise ValueError(
+            "cannot count the samples of a dict batch: it holds no tensor (a Hugging Face dataset needs "
+            "dataset.with_format('torch'), or a collate_fn that makes tensors)"
+        )
     if isinstance(batch, (tuple, list)) and batch:
         for item in reversed(batch):
             if isinstance(item, torch.Tensor) and item.dim() > 0:
@@ -650,7 +654,7 @@ def split_batch(batch: Any, size: int) -> list[Any]:
     """Cut a batch into pieces of at most ``size`` samples along the first dimension (for micro-batching)."""
     if isinstance(batch, torch.Tensor):
         return list(batch.split(size))
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         keys = list(batch)
         parts = [split_batch(batch[key], size) if _is_batched(batch[key]) else None for key in keys]
         count = max(len(p) for p in parts if p is not None)
@@ -668,7 +672,7 @@ def split_batch(batch: Any, size: int) -> list[Any]:
 
 
 def _is_batched(value: Any) -> bool:
-    return isinstance(value, (torch.Tensor, tuple, list, dict)) and not (
+    return isinstance(value, (torch.Tensor, tuple, list, Mapping)) and not (
         isinstance(value, torch.Tensor) and value.dim() == 0
     )
 
@@ -678,12 +682,12 @@ def move_to(batch: Any, device: torch.device, non_blocking: bool) -> Any:
     if isinstance(batch, torch.Tensor):
         # Already there (data on the CPU for a CPU run): no dispatch at all, it is on every step.
         return batch if batch.device == device else batch.to(device, non_blocking=non_blocking)
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
+        # A plain dict from here on, also of a transformers BatchEncoding (a UserDict, not a dict): the
+        # step, the loss and evaluation then meet one kind of dict batch.
         return {key: move_to(value, device, non_blocking) for key, value in batch.items()}
     if isinstance(batch, (tuple, list)):
         return type(batch)(move_to(value, device, non_blocking) for value in batch)
-    if hasattr(batch, "to") and hasattr(batch, "keys"):  # transformers BatchEncoding
-        return batch.to(device)
     return batch
 
 

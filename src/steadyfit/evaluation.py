@@ -116,7 +116,7 @@ def predict(model: torch.nn.Module, data: Any, spec: data_mod.LoaderSpec, precis
                 batch = data_mod.move_to(batch, device, device.type == "cuda")
                 inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
                 with precision.autocast():
-                    outputs.append(model(**inputs) if isinstance(inputs, dict) else model(inputs))
+                    outputs.append(model(**inputs) if isinstance(inputs, Mapping) else model(inputs))
     finally:
         model.train(was_training)
     return concatenate_outputs(outputs)

@@ -4,7 +4,7 @@ count, so a window of micro-batches (and, later, of ranks) is normalised by its 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -70,7 +70,7 @@ def as_weighted_loss(
 def model_loss(outputs: Any) -> torch.Tensor:
     """The ``loss`` a model computed itself (Hugging Face style), for dict batches without ``loss_fn``."""
     loss = getattr(outputs, "loss", None)
-    if loss is None and isinstance(outputs, dict):
+    if loss is None and isinstance(outputs, Mapping):
         loss = outputs.get("loss")
     if loss is None:
         raise LossContractError(
@@ -166,7 +166,7 @@ def forward_batch(model: Callable[..., Any], batch: Any, loss_fn: Callable[..., 
         >>> loss.dim(), targets.shape[0]
         (0, 3)
     """
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         outputs = model(**batch)
         targets = batch.get("labels")
         if isinstance(loss_fn, ModelLoss):

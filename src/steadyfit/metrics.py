@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -16,15 +17,23 @@ def is_torchmetric(metric: Any) -> bool:
     return all(hasattr(metric, name) for name in ("update", "compute", "reset"))
 
 
-def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Top-1 accuracy as ``(correct, count)``, the metric contract's exact form.
+IGNORE_INDEX = -100
+"""The target that counts for nothing: padding, prompt tokens (torch's ``cross_entropy`` default, and what
+Hugging Face's collators write)."""
+
+
+def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-1 accuracy as ``(correct, count)``, the metric contract's exact form. Targets equal to -100
+    (:data:`IGNORE_INDEX`) count neither as right nor as wrong, so a token classifier's padded labels
+    give the same score at every ``eval_batch_size``. The count stays a tensor: no host read.
 
     Example:
-        >>> accuracy(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))
-        (tensor(1.), 2)
+        >>> accuracy(torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]]), torch.tensor([1, 1, -100]))
+        (tensor(1.), tensor(2))
     """
-    correct = (outputs.argmax(dim=-1) == targets).sum().to(torch.float32)
-    return correct, targets.numel()
+    counted = targets != IGNORE_INDEX
+    correct = ((outputs.argmax(dim=-1) == targets) & counted).sum().to(torch.float32)
+    return correct, counted.sum()
 
 
 class MetricAccumulator:
@@ -52,7 +61,8 @@ class MetricAccumulator:
     def add_batch(self, outputs: Any, targets: Any, num_samples: int) -> None:
         outputs = predictions_of(outputs)  # a ModelOutput's logits
         for position, (name, fn) in enumerate(self.functions.items(), start=1):
-            total, count, _ = as_sum_and_count(fn(outputs, targets), num_samples, name=f"metric {name!r}")
+            value = _host_numbers_as_tensors(fn(outputs, targets))
+            total, count, _ = as_sum_and_count(value, num_samples, name=f"metric {name!r}")
             self.sums[position] += total.detach().to(torch.float64)
             self.counts[position] += count
         for metric in self.torchmetrics.values():
@@ -74,3 +84,13 @@ class MetricAccumulator:
             value = metric.compute()
             results[f"eval_{name}"] = float(value) if isinstance(value, torch.Tensor) else value
         return results
+
+
+def _host_numbers_as_tensors(value: Any) -> Any:
+    """A metric's Python (or numpy) number, a mean or the sum of a ``(sum, count)`` pair, as a float64
+    tensor: a metric computed on the host (scikit-learn's, say) meets the same contract as a tensor one."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float64)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], numbers.Real):
+        return _host_numbers_as_tensors(value[0]), value[1]
+    return value

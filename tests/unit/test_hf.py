@@ -283,3 +283,69 @@ def test_pad_to_longest_pads_labels_with_ignore_index():
     assert batch["labels"].tolist() == [[1, 2, 3], [4, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["id"].tolist() == [0, 1]
+
+
+def word_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer built in memory (no download): [PAD] is 0, the words w0..w39 follow."""
+    tokenizers = pytest.importorskip("tokenizers")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(40)]
+    model = tokenizers.models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]")
+    tokenizer = tokenizers.Tokenizer(model)
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]"
+    )
+
+
+def word_rows(tokenizer, num_rows: int, seed: int) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 12, (num_rows,), generator=generator).tolist()
+    return [
+        dict(tokenizer(" ".join(f"w{int(i)}" for i in torch.randint(0, 40, (n,), generator=generator))))
+        for n in lengths
+    ]
+
+
+def test_a_transformers_collator_batches_fit_evaluate_and_predict(tmp_path):
+    # DataCollatorForLanguageModeling returns a BatchEncoding: a UserDict, not a dict. It must be the same
+    # batch to every part of the loop as the dict it holds.
+    tokenizer = word_tokenizer()
+    collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    rows = word_rows(tokenizer, 24, seed=0)
+    assert not isinstance(collator(rows[:2]), dict)
+    results = {}
+    for name, collate_fn in (("batch_encoding", collator), ("dict", lambda rows: dict(collator(rows)))):
+        model = tiny_gpt2()
+        config = make_config(tmp_path, name, max_steps=4, batch_size=4, grad_accum_steps=2, eval_batch_size=5)
+        trainer = Trainer(model, config, train_data=rows, eval_data=rows[:11], collate_fn=collate_fn)
+        trainer.fit()
+        results[name] = (model.state_dict(), trainer.evaluate(), trainer.predict(rows[:6]).logits)
+    (weights, scores, logits), (dict_weights, dict_scores, dict_logits) = results.values()
+    for key in weights:
+        assert torch.equal(weights[key], dict_weights[key]), key
+    assert scores == dict_scores
+    assert torch.equal(logits, dict_logits)
+
+
+def test_token_accuracy_over_padded_labels_is_independent_of_eval_batch_size(tmp_path):
+    # DataCollatorForTokenClassification pads labels with -100: padding must count neither as right nor as
+    # wrong, or the score moves with how much padding the batches hold.
+    tokenizer = word_tokenizer()
+    rows = [
+        {**row, "labels": [token % 3 for token in row["input_ids"]]}
+        for row in word_rows(tokenizer, 13, seed=1)
+    ]
+    model = tiny_bert(transformers.BertForTokenClassification, num_labels=3)
+    collator = transformers.DataCollatorForTokenClassification(tokenizer)
+    scores = []
+    for eval_batch_size in (1, 4, 13):
+        config = make_config(tmp_path, f"eval{eval_batch_size}", max_steps=1, eval_batch_size=eval_batch_size)
+        trainer = Trainer(model, config, eval_data=rows, collate_fn=collator, metrics={"accuracy": accuracy})
+        scores.append(trainer.evaluate()["eval_accuracy"])
+    correct = total = 0
+    with torch.no_grad():
+        for row in rows:
+            predicted = model(input_ids=torch.tensor([row["input_ids"]])).logits.argmax(-1)[0]
+            correct += int((predicted == torch.tensor(row["labels"])).sum())
+            total += len(row["labels"])
+    assert scores == [pytest.approx(correct / total, rel=1e-12)] * 3

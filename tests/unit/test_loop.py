@@ -41,6 +41,33 @@ def test_eval_metrics_are_exact_per_sample_means(tmp_path, eval_batch_size):
     assert scores["eval_accuracy"] == pytest.approx((outputs.argmax(1) == targets).float().mean().item())
 
 
+def test_a_metric_computed_on_the_host_counts_like_a_tensor_one(tmp_path):
+    # A metric may return a Python or numpy number, as a mean or as the sum of a (sum, count) pair.
+    data = make_regression(29)
+    model = make_mlp()
+    metrics = {
+        "tensor": accuracy,
+        "mean": lambda outputs, targets: float((outputs.argmax(1) == targets).float().mean()),
+        "pair": lambda outputs, targets: (
+            np.float32((outputs.argmax(1) == targets).sum()),
+            len(targets),
+        ),
+    }
+    config = base_config(tmp_path, eval_batch_size=7)
+    scores = Trainer(model, config, eval_data=data, loss_fn=CE, metrics=metrics).evaluate()
+    assert scores["eval_mean"] == pytest.approx(scores["eval_tensor"], rel=1e-6)
+    assert scores["eval_pair"] == scores["eval_tensor"]
+
+
+def test_accuracy_counts_no_ignored_target():
+    logits = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    correct, count = accuracy(logits, torch.tensor([1, 1, -100, -100]))
+    assert (float(correct), int(count)) == (1.0, 2)
+    tokens = torch.tensor([[[0.0, 1.0], [1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]]])
+    correct, count = accuracy(tokens, torch.tensor([[1, -100], [0, 0]]))
+    assert (float(correct), int(count)) == (2.0, 3)
+
+
 def test_dropout_off_during_eval_and_back_on_after(tmp_path):
     seen_modes: list[bool] = []
 
