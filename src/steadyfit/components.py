@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from steadyfit.checkpoint.sharded import load_shards, split_state
+from steadyfit.data import TrainBatches
 from steadyfit.distributed import Distributed
 from steadyfit.layout import CONFIG_FILE
 from steadyfit.rng import capture_rng, restore_rng
@@ -145,6 +146,34 @@ class RankRNG:
         # Same world size: each rank continues its own streams. A resharded FSDP resume (another world size)
         # continues correctly but not bitwise: there is no saved stream for a new rank.
         restore_rng(ranks[self.dist.rank] if self.dist.rank < len(ranks) else ranks[0])
+
+
+class RankDataStreams:
+    """Each rank's random streams of training data whose order steadyfit does not own (a user DataLoader,
+    an IterableDataset): as its current epoch's loader started, and its DataLoader's own generators (see
+    :meth:`steadyfit.data.TrainBatches.state_dict`). A checkpoint without them (written before) resumes with
+    the streams of the checkpoint, as it did then.
+
+    :meth:`state_dict` is a collective under several ranks.
+    """
+
+    optional_in_checkpoint = True
+
+    def __init__(self, dist: Distributed, batches: TrainBatches) -> None:
+        self.dist = dist
+        self.batches = batches
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ranks": self.dist.gather_objects(self.batches.state_dict())}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state is None:
+            self.batches.load_state_dict(None)
+            return
+        ranks = state.get("ranks") if isinstance(state, dict) else None
+        if not isinstance(ranks, list) or not ranks or not all(isinstance(rank, dict) for rank in ranks):
+            raise ValueError("data_streams: no per-rank data streams")
+        self.batches.load_state_dict(ranks[self.dist.rank] if self.dist.rank < len(ranks) else ranks[0])
 
 
 def check_same_tensors(

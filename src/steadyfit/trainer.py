@@ -55,6 +55,7 @@ from steadyfit.checkpoint.manager import CheckpointManager, Stateful
 from steadyfit.components import (
     ModelWeights,
     OptimizerState,
+    RankDataStreams,
     RankRNG,
     ShardedWeights,
     upgrade_legacy_states,
@@ -695,6 +696,8 @@ class Trainer:
             "window": self.log_window,
             "rng": RankRNG(self.dist),
         }
+        if not self._train_batches.order_is_ours:
+            components["data_streams"] = RankDataStreams(self.dist, self._train_batches)
         if self.ema is not None:
             components["ema"] = self.ema
         if self.diagnostics is not None:

@@ -90,6 +90,62 @@ def test_a_user_loader_with_a_distributed_sampler_resumes_mid_epoch_bitwise(tmp_
     assert_bitwise_equal(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "clean"))
 
 
+class _AugmentedStream(torch.utils.data.IterableDataset):
+    """An IterableDataset that adds noise drawn from torch's stream of the process that iterates it."""
+
+    def __init__(self, data: TensorDataset) -> None:
+        self.data = data
+
+    def __iter__(self):
+        for inputs, target in self.data:
+            yield inputs + 0.1 * torch.randn_like(inputs), target
+
+
+_ORDERS_NOT_OURS = {
+    "shuffling DataLoader": lambda data: DataLoader(data, batch_size=4, shuffle=True),
+    "shuffling DataLoader with a generator": lambda data: DataLoader(
+        data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(5)
+    ),
+    "DataLoader with a DistributedSampler": _loader,
+    "shuffling DataLoader with a worker": lambda data: DataLoader(
+        data, batch_size=4, shuffle=True, num_workers=1
+    ),
+    "augmenting IterableDataset": _AugmentedStream,
+}
+
+
+@pytest.mark.parametrize("save_every", [4, 5])
+@pytest.mark.parametrize("kind", list(_ORDERS_NOT_OURS))
+def test_data_whose_order_is_not_ours_resumes_mid_epoch_bitwise(tmp_path, kind, save_every):
+    # Iterating a DataLoader draws from torch's global stream (its base seed, a RandomSampler's seed, a
+    # generator's), as does an IterableDataset that augments; a resume in the middle of an epoch must start
+    # the epoch's loader from the streams the epoch started with, and leave the model's dropout where the
+    # checkpoint left it.
+    data = _indexed_data(24)
+    crash_step = 2 * save_every + 1  # after the checkpoint of step 2 * save_every, in the epoch's middle
+
+    def fit(run_dir, callbacks=()):
+        config = base_config(
+            tmp_path,
+            run_dir=str(run_dir),
+            max_epochs=None,
+            max_steps=18,
+            batch_size=4,
+            save_every=save_every,
+            optimizer="adamw",
+            lr=0.01,
+        )
+        train_data = _ORDERS_NOT_OURS[kind](data)
+        model = make_mlp(dropout=0.3)
+        Trainer(model, config, train_data=train_data, loss_fn=F.cross_entropy, callbacks=callbacks).fit()
+
+    fit(tmp_path / "clean")
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(tmp_path / "resumed", [CrashAt(crash_step)])
+    fit(tmp_path / "resumed")
+    assert_bitwise_equal(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "clean"))
+
+
 def test_the_config_records_the_batch_size_and_workers_of_a_user_loader(tmp_path):
     loader = DataLoader(make_regression(50), batch_size=5, shuffle=False)
     trainer = Trainer(make_mlp(), base_config(tmp_path), train_data=loader, loss_fn=F.cross_entropy)
