@@ -118,6 +118,42 @@ def test_csv_resumed_logger_appends_under_the_existing_header(tmp_path):
     assert [row["step"] for row in _read_csv(tmp_path / "metrics_train.csv")] == ["10", "20", "30"]
 
 
+def test_csv_of_a_resumed_run_holds_each_step_once(tmp_path):
+    # The interrupted run logged steps 5 and 6 after its step-4 checkpoint; metrics.jsonl is cut back to the
+    # checkpoint's rows on resume, and so must the CSV files be, or steps 5 and 6 appear twice.
+    import torch.nn.functional as F
+
+    from helpers import base_config, make_mlp, make_regression
+    from steadyfit import Callback, Trainer
+
+    class CrashAt(Callback):
+        def on_step_end(self, trainer, state):
+            if state.step == 6:
+                raise RuntimeError("crash")
+
+    def fit(name, callbacks=()):
+        config = base_config(
+            tmp_path, run_dir=str(tmp_path / name), batch_size=8, max_epochs=2, save_every=4, eval_every=2,
+            loggers=["csv"],
+        )  # fmt: skip
+        data = make_regression(48)
+        Trainer(
+            make_mlp(), config, train_data=data, eval_data=data, loss_fn=F.cross_entropy, callbacks=callbacks
+        ).fit()
+
+    fit("clean")
+    with pytest.raises(RuntimeError, match="crash"):
+        fit("resumed", [CrashAt()])
+    fit("resumed")
+    for kind in ("train", "eval"):
+        clean, resumed = (_read_csv(tmp_path / name / f"metrics_{kind}.csv") for name in ("clean", "resumed"))
+        steps = [row["step"] for row in resumed]
+        assert steps == [row["step"] for row in clean] and len(set(steps)) == len(steps), kind
+        assert [row["loss" if kind == "train" else "eval_loss"] for row in resumed] == [
+            row["loss" if kind == "train" else "eval_loss"] for row in clean
+        ]
+
+
 def test_tensorboard_scalars_and_hparams_read_back_with_tensorboards_reader(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     env_secret = "env-only-credential-9"

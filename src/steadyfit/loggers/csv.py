@@ -6,11 +6,12 @@ import csv
 import io
 import json
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from steadyfit.checkpoint.atomic import replace_file
-from steadyfit.layout import CSV_FILE_PATTERN
+from steadyfit.layout import CSV_FILE_PATTERN, METRICS_FILE
 from steadyfit.loggers.base import Logger
 from steadyfit.loggers.registry import row_kind
 
@@ -20,7 +21,9 @@ class CSVLogger(Logger):
 
     One file per kind keeps each file's columns meaningful (train rows and eval rows share almost no
     keys). Columns are the keys in order of first appearance; a row with a new key grows the header by
-    rewriting the file (rare: keys settle after the first rows). A resumed run appends to the same files.
+    rewriting the file (rare: keys settle after the first rows). A resumed run appends to the same files,
+    after cutting each back to the rows that metrics.jsonl kept (the rows of its checkpoint), so the steps
+    the interrupted run logged after its last checkpoint appear once, as in metrics.jsonl.
     Lists and dicts are written as JSON; a missing key is an empty cell. Every row is flushed, so the files
     can be read while the run is going.
 
@@ -35,6 +38,7 @@ class CSVLogger(Logger):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._columns: dict[str, list[str]] = {}
         self._files: dict[str, Any] = {}
+        self._keep_the_rows_of_metrics_jsonl()
 
     def path_for(self, kind: str) -> Path:
         """The CSV file of one row kind."""
@@ -59,6 +63,28 @@ class CSVLogger(Logger):
         for handle in self._files.values():
             handle.close()
         self._files.clear()
+
+    def _keep_the_rows_of_metrics_jsonl(self) -> None:
+        """Cut every existing CSV file back to as many rows of its kind as metrics.jsonl holds.
+
+        The run opens its loggers after cutting metrics.jsonl back to its checkpoint's rows (or to none, for
+        a fresh start). Each row of metrics.jsonl became one row of its kind's CSV file, in order, so the
+        first rows of each file are the ones to keep. Without a metrics.jsonl (a CSVLogger used on its own)
+        the files are left as they are.
+        """
+        if not (self.run_dir / METRICS_FILE).exists():
+            return
+        from steadyfit.report import read_metrics  # imported here: report builds on the loggers
+
+        kept_rows = Counter(self.path_for(row_kind(row)) for row in read_metrics(self.run_dir))
+        for path in sorted(self.run_dir.glob(CSV_FILE_PATTERN.format(kind="*"))):
+            with path.open(newline="", encoding="utf-8") as existing:
+                records = list(csv.reader(existing))
+            if len(records) <= 1 + kept_rows[path]:
+                continue
+            kept = io.StringIO(newline="")
+            csv.writer(kept).writerows(records[: 1 + kept_rows[path]])  # the header, then the kept rows
+            replace_file(path, kept.getvalue().encode("utf-8"))
 
     def _open(self, kind: str) -> list[str]:
         """Open a kind's file for appending, taking the header of an existing file (a resumed run)."""
