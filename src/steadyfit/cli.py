@@ -57,8 +57,9 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     """``steadyfit sweep``: an Optuna search, each trial a normal run under the sweep directory."""
     from steadyfit.sweep import run_sweep
 
-    run_sweep(args.source, args.space, args.trials, args.dir, args.workers, args.overrides)
-    return EXIT_OK
+    study = run_sweep(args.source, args.space, args.trials, args.dir, args.workers, args.overrides)
+    finished = [trial for trial in study.trials if trial.state.name in ("COMPLETE", "PRUNED")]
+    return EXIT_OK if finished else EXIT_FAILURE  # every trial failed: a script must not read success
 
 
 def run_sample(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainValidator,
+    TypeAdapter,
     ValidationError,
     field_serializer,
     field_validator,
@@ -294,7 +295,7 @@ def _describe_error(error: ErrorDetails) -> str:
     field = ".".join(str(part) for part in error["loc"]) or "config"
     kind = error["type"]
     if kind in ("extra_forbidden", "no_such_attribute"):
-        return _describe_unknown_field(field)
+        return describe_unknown_field(field)
     message = error["msg"].removeprefix("Value error, ")
     if kind == "literal_error":
         expected = error.get("ctx", {}).get("expected", "")
@@ -307,7 +308,8 @@ def _describe_error(error: ErrorDetails) -> str:
     return f"{message}; {hint}" if hint else message
 
 
-def _describe_unknown_field(name: str) -> str:
+def describe_unknown_field(name: str) -> str:
+    """``NAME: unknown field`` with another trainer's name for it, or the closest of ours."""
     # Another trainer's name first: difflib would offer our distributed `strategy` for `save_strategy`.
     hint = foreign_name_hint(name)
     if hint:
@@ -322,6 +324,28 @@ def _closest_field(name: str) -> str | None:
 
     matches = difflib.get_close_matches(name, list(TrainConfig.model_fields), n=1)
     return matches[0] if matches else None
+
+
+def check_field_value(name: str, value: Any) -> None:
+    """Check one value against the type and bounds of TrainConfig field ``name`` alone (not against the
+    other fields: a sweep varies several together).
+
+    Raises:
+        ConfigError: ``FIELD: ...`` as :func:`make_config` words it.
+
+    Example:
+        >>> check_field_value("batch_size", 0)
+        Traceback (most recent call last):
+        ...
+        steadyfit.config.ConfigError: batch_size: Input should be greater than or equal to 1 (got 0)
+    """
+    field = TrainConfig.model_fields[name]
+    annotation = Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
+    try:
+        TypeAdapter(annotation, config=ConfigDict(allow_inf_nan=False)).validate_python(value)
+    except ValidationError as exc:
+        details = [{**detail, "loc": (name, *detail["loc"])} for detail in exc.errors()]
+        raise ConfigError(_describe_error(details[0])) from None
 
 
 def make_config(values: dict[str, Any]) -> TrainConfig:

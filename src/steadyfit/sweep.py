@@ -22,7 +22,15 @@ import yaml
 
 from steadyfit.assembly import build_trainer, prepare
 from steadyfit.callbacks import Callback
-from steadyfit.config import ConfigError, TrainConfig, parse_overrides, parse_scalar, read_yaml
+from steadyfit.config import (
+    ConfigError,
+    TrainConfig,
+    check_field_value,
+    describe_unknown_field,
+    parse_overrides,
+    parse_scalar,
+    read_yaml,
+)
 from steadyfit.tracking import infer_greater_is_better, metric_key
 
 if TYPE_CHECKING:
@@ -74,7 +82,9 @@ def read_space(path: str | Path) -> dict[str, dict[str, Any]]:
         )
     for name, spec in space.items():
         where = f"{path}: {name}"
-        if name not in TrainConfig.model_fields or name in ("run_dir", "resume"):
+        if name not in TrainConfig.model_fields:
+            raise ConfigError(f"{path}: {describe_unknown_field(name)}")
+        if name in ("run_dir", "resume"):
             raise ConfigError(f"{where}: not a TrainConfig field that a sweep can vary")
         if not isinstance(spec, dict) or spec.get("type") not in PARAM_TYPES:
             raise ConfigError(f"{where}: expected a mapping with type: {' | '.join(PARAM_TYPES)}")
@@ -82,6 +92,7 @@ def read_space(path: str | Path) -> dict[str, dict[str, Any]]:
             choices = spec.get("choices")
             if not isinstance(choices, list) or not choices:
                 raise ConfigError(f"{where}: categorical needs a non-empty 'choices' list")
+            _check_values(path, name, choices)
             continue
         for key in ("low", "high", "step"):
             if isinstance(spec.get(key), str):
@@ -97,7 +108,18 @@ def read_space(path: str | Path) -> dict[str, dict[str, Any]]:
         unknown = set(spec) - {"type", "low", "high", "log", "step"}
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; allowed: type, low, high, log, step")
+        _check_values(path, name, [int(low), int(high)] if spec["type"] == "int" else [low, high])
     return space
+
+
+def _check_values(path: str | Path, name: str, values: list[Any]) -> None:
+    """Every value a trial may draw must be one the field takes: a wrong one would fail each trial that
+    draws it, after the sweep started."""
+    for value in values:
+        try:
+            check_field_value(name, value)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
 
 def suggest(trial: optuna.Trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:

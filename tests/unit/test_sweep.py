@@ -41,8 +41,23 @@ def write_space(tmp_path: Path, space: dict) -> Path:
 
 
 def test_space_errors_name_the_file_and_parameter(tmp_path):
-    with pytest.raises(ConfigError, match=r"space\.yaml: lrate: not a TrainConfig field"):
+    with pytest.raises(ConfigError, match=r"space\.yaml: lrate: unknown field \(did you mean"):
         read_space(write_space(tmp_path, {"lrate": {"type": "float", "low": 1e-4, "high": 1e-1}}))
+    with pytest.raises(ConfigError, match=r"space\.yaml: learning_rate: .* is steadyfit's `lr`"):
+        read_space(write_space(tmp_path, {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-1}}))
+    with pytest.raises(
+        ConfigError, match=r"space\.yaml: run_dir: not a TrainConfig field that a sweep can vary"
+    ):
+        read_space(write_space(tmp_path, {"run_dir": {"type": "categorical", "choices": ["a", "b"]}}))
+    # A value no trial could run with is refused before the first trial, not by each trial that draws it.
+    with pytest.raises(ConfigError, match=r"space\.yaml: optimizer: got 'adamx'; allowed values: "):
+        read_space(
+            write_space(tmp_path, {"optimizer": {"type": "categorical", "choices": ["adamw", "adamx"]}})
+        )
+    with pytest.raises(ConfigError, match=r"space\.yaml: lr: Input should be greater than 0 \(got 0"):
+        read_space(write_space(tmp_path, {"lr": {"type": "float", "low": 0, "high": 0.1}}))
+    with pytest.raises(ConfigError, match=r"precision: .* Lightning's precision 'bf16-mixed' is steadyfit's"):
+        read_space(write_space(tmp_path, {"precision": {"type": "categorical", "choices": ["bf16-mixed"]}}))
     with pytest.raises(ConfigError, match=r"lr: needs numbers low < high"):
         read_space(write_space(tmp_path, {"lr": {"type": "float", "low": 0.1, "high": 0.01}}))
     with pytest.raises(ConfigError, match=r"batch_size: categorical needs a non-empty 'choices' list"):
@@ -148,6 +163,17 @@ def test_the_documented_command_prints_the_best_trial_and_a_rerun_that_gives_its
     assert_bitwise_equal(
         final_weights(tmp_path / "sw" / "best"), final_weights(tmp_path / "sw" / f"trial-{best.number:04d}")
     )
+
+
+def test_a_sweep_whose_every_trial_failed_exits_1(tmp_path, capsys, monkeypatch):
+    from steadyfit.cli import EXIT_FAILURE, main
+
+    monkeypatch.chdir(tmp_path)
+    # Each value is one nesterov takes, but not with the config's adamw: every trial fails its config.
+    write_space(tmp_path, {"nesterov": {"type": "categorical", "choices": [True]}})
+    argv = ["sweep", "digits", "--space", "space.yaml", "--trials", "2", "--dir", "sw", "max_steps=4"]
+    assert main(argv) == EXIT_FAILURE
+    assert "sweep: no trial completed yet" in capsys.readouterr().out
 
 
 def test_overrides_are_taken_before_and_after_the_options():
