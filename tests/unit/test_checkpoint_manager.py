@@ -100,6 +100,12 @@ def test_resume_never_and_a_named_checkpoint(tmp_path):
     assert restored["counter"].value == 2
     with pytest.raises(ConfigError, match="is not a checkpoint directory"):
         manager.restore(_components(), str(tmp_path / "nowhere"))
+    # A new run naming the checkpoints folder, or the run directory, instead of one checkpoint in it.
+    newest = tmp_path / "checkpoints" / "step-00000004"
+    fine_tune = CheckpointManager(tmp_path / "fine-tune", ONE_PROCESS, keep_last=3)
+    for holder in (tmp_path / "checkpoints", tmp_path):
+        with pytest.raises(ConfigError, match=rf"not a checkpoint directory but holds 2 of them; .*={newest}"):
+            fine_tune.restore(_components(), str(holder))
 
 
 # ------------------------------------------------------------------------------ damage behind a manifest

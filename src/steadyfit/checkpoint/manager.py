@@ -379,6 +379,16 @@ class CheckpointManager:
         path = Path(mode)
         if path.is_symlink() or not path.is_dir():
             raise ConfigError(f"resume: {mode!r} is not a checkpoint directory")
+        if not (path / layout.MANIFEST_FILE).exists():
+            # A checkpoints/ folder or a run directory (an easy slip) holds checkpoints, not a checkpoint's
+            # files; a checkpoint that lost its manifest is damaged instead, and reported as such.
+            holder = path / layout.CHECKPOINTS_DIR if (path / layout.CHECKPOINTS_DIR).is_dir() else path
+            inside = sorted(entry.name for entry in holder.iterdir() if layout.step_of(entry.name) is not None)
+            if inside:
+                raise ConfigError(
+                    f"resume: {mode!r} is not a checkpoint directory but holds {len(inside)} of them; name "
+                    f"one (resume={holder / inside[-1]}), or set run_dir to the run and resume=auto"
+                )
         return [path]
 
     def _try_restore(
