@@ -138,7 +138,9 @@ def train_batch_limit(config: TrainConfig) -> int | float | None:
     return config.overfit_batches or config.limit_train_batches
 
 
-def limit_batches(limit: int | float | None, batches: int | None, field: str) -> int | None:
+def limit_batches(
+    limit: int | float | None, batches: int | None, field: str, what: str = "batches", hint: str = ""
+) -> int | None:
     """Lightning's batch limit applied to an epoch of ``batches`` micro-batches (None: unknown length).
 
     A whole number caps the count; a fraction keeps that share of the epoch, rounded down.
@@ -159,7 +161,8 @@ def limit_batches(limit: int | float | None, batches: int | None, field: str) ->
     kept = int(limit * batches)
     if kept == 0:
         raise ConfigError(
-            f"{field}: {limit} of {batches} batches keeps none; give a larger fraction or a number of batches"
+            f"{field}: {limit} of {batches} {what} keeps none; give a larger fraction or a number of batches"
+            + hint
         )
     return kept
 

@@ -274,7 +274,15 @@ class Trainer:
     def _eval_max_batches(self, data: Any) -> int | None:
         """``limit_eval_batches`` (or ``overfit_batches``) as a number of batches of ``data``."""
         batches = data_mod.batches_per_epoch(data, self.spec.eval_batch_size, self.dist.world_size)
-        return limit_batches(self._eval_batch_limit, batches, "limit_eval_batches")
+        if self.config.limit_eval_batches or not self.config.overfit_batches:
+            return limit_batches(self._eval_batch_limit, batches, "limit_eval_batches")
+        return limit_batches(
+            self._eval_batch_limit,
+            batches,
+            "overfit_batches",
+            "eval batches",
+            " (overfit_batches limits evaluation too, as in Lightning; limit_eval_batches sets it apart)",
+        )
 
     def predict(self, data: Any) -> Any:
         """The model's outputs over ``data``, in order, as one output: a tensor, or a ``ModelOutput`` (or

@@ -104,7 +104,9 @@ def test_resume_never_and_a_named_checkpoint(tmp_path):
     newest = tmp_path / "checkpoints" / "step-00000004"
     fine_tune = CheckpointManager(tmp_path / "fine-tune", ONE_PROCESS, keep_last=3)
     for holder in (tmp_path / "checkpoints", tmp_path):
-        with pytest.raises(ConfigError, match=rf"not a checkpoint directory but holds 2 of them; .*={newest}"):
+        with pytest.raises(
+            ConfigError, match=rf"not a checkpoint directory but holds 2 of them; .*={newest}"
+        ):
             fine_tune.restore(_components(), str(holder))
 
 

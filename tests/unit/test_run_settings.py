@@ -212,6 +212,14 @@ def test_overfit_batches_trains_on_the_same_first_batches_every_epoch(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(seen, first_two * 3, strict=True))
 
 
+def test_an_overfit_fraction_that_keeps_no_eval_batch_names_overfit_batches(tmp_path):
+    # overfit_batches limits evaluation too; the error must name the field the user set.
+    data = make_regression(64)
+    config = base_config(tmp_path, batch_size=2, eval_batch_size=16, overfit_batches=0.1)
+    with pytest.raises(ConfigError, match=r"^overfit_batches: 0\.1 of 4 eval batches keeps none"):
+        Trainer(make_mlp(), config, train_data=data, eval_data=data, loss_fn=CE).fit()
+
+
 def test_overfit_batches_refuses_a_shuffling_dataloader(tmp_path):
     loader = torch.utils.data.DataLoader(make_regression(64), batch_size=8, shuffle=True)
     with pytest.raises(ConfigError, match="overfit_batches: the DataLoader passed as train_data shuffles"):

@@ -383,7 +383,8 @@ class CheckpointManager:
             # A checkpoints/ folder or a run directory (an easy slip) holds checkpoints, not a checkpoint's
             # files; a checkpoint that lost its manifest is damaged instead, and reported as such.
             holder = path / layout.CHECKPOINTS_DIR if (path / layout.CHECKPOINTS_DIR).is_dir() else path
-            inside = sorted(entry.name for entry in holder.iterdir() if layout.step_of(entry.name) is not None)
+            names = (entry.name for entry in holder.iterdir())
+            inside = sorted(name for name in names if layout.STEP_DIR_RE.match(name))
             if inside:
                 raise ConfigError(
                     f"resume: {mode!r} is not a checkpoint directory but holds {len(inside)} of them; name "
