@@ -651,6 +651,7 @@ class Trainer:
             raise ConfigError("model: it has no parameter with requires_grad=True; there is nothing to train")
         self.optimizer = resolve_optimizer(self.model, config, self._user_optimizer)
         self.horizons = compute_horizons(config, self.train_data, self.dist.world_size)
+        self._warn_if_epochs_cut_max_steps()
         self.scheduler = resolve_scheduler(
             self.optimizer, config, self.horizons.total_steps, self._user_scheduler
         )
@@ -713,6 +714,24 @@ class Trainer:
         # The row count of metrics.jsonl, cut back to it once every rank restored everything (_resume).
         components["metrics"] = self.run_directory
         return components
+
+    def _warn_if_epochs_cut_max_steps(self) -> None:
+        """A max_steps the default max_epochs cuts short: the Hugging Face Trainer and Lightning let a given
+        max_steps decide alone, so say it once, on rank 0, before training."""
+        config, total = self.config, self.horizons.total_steps
+        explicit = config.model_fields_set
+        if (
+            self.dist.is_main
+            and config.max_steps is not None
+            and total is not None
+            and total < config.max_steps
+            and "max_steps" in explicit
+            and "max_epochs" not in explicit
+        ):
+            console.warn(
+                f"max_steps={config.max_steps}, but max_epochs={config.max_epochs} (its default) ends the "
+                f"run at step {total}; set max_epochs=null to train for max_steps"
+            )
 
     def _resume(self) -> str | None:
         """Restore every component from a checkpoint (``resume``), or start fresh; say which. Returns the

@@ -220,6 +220,19 @@ def test_an_overfit_fraction_that_keeps_no_eval_batch_names_overfit_batches(tmp_
         Trainer(make_mlp(), config, train_data=data, eval_data=data, loss_fn=CE).fit()
 
 
+def test_a_max_steps_that_the_default_max_epochs_cuts_short_is_warned_about(tmp_path, capsys):
+    data = make_regression(64)
+    config = TrainConfig(run_dir=str(tmp_path / "a"), max_steps=100, batch_size=16, progress=False)
+    assert Trainer(make_mlp(), config, train_data=data, loss_fn=CE).fit().global_step == 12
+    assert "max_steps=100, but max_epochs=3 (its default) ends the run at step 12" in capsys.readouterr().err
+    # Both given: the user chose whichever comes first.
+    config = TrainConfig(
+        run_dir=str(tmp_path / "b"), max_steps=100, max_epochs=3, batch_size=16, progress=False
+    )
+    Trainer(make_mlp(), config, train_data=data, loss_fn=CE).fit()
+    assert "max_steps=" not in capsys.readouterr().err
+
+
 def test_overfit_batches_refuses_a_shuffling_dataloader(tmp_path):
     loader = torch.utils.data.DataLoader(make_regression(64), batch_size=8, shuffle=True)
     with pytest.raises(ConfigError, match="overfit_batches: the DataLoader passed as train_data shuffles"):
