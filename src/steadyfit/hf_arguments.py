@@ -36,7 +36,8 @@ _RENAMED = {
 }
 
 # Names, logging and Hub settings change no number of the run: any value is accepted and unused (push_to_hub
-# is not here: a run that should upload is refused). Memory is pinned whenever the device is CUDA.
+# is not here: a run that should upload is refused). Memory is pinned whenever the device is CUDA; eval
+# outputs stay on the device (eval_accumulation_steps only moves Hugging Face's to the host sooner).
 _IGNORED = frozenset(
     {
         "logging_dir",
@@ -61,6 +62,7 @@ _IGNORED = frozenset(
         "overwrite_output_dir",
         "skip_memory_metrics",
         "dataloader_pin_memory",
+        "eval_accumulation_steps",
     }
 )
 
@@ -165,6 +167,13 @@ class _Translation:
         if backend not in (None, "inductor"):
             self.refuse("torch_compile_backend", backend, "steadyfit compiles with inductor")
         self.values["progress"] = not self.take("disable_tqdm")
+        # What steadyfit always does: the whole batch reaches model(**batch) and the labels are
+        # batch["labels"]. Saying so is accepted, asking otherwise is not. remove_unused_columns=True, the
+        # default, is accepted too: docs/migrating.md says to drop extra columns with remove_columns.
+        self.take("remove_unused_columns")
+        label_names = self.take("label_names")
+        if label_names not in (None, ["labels"]):
+            self.refuse("label_names", label_names, 'the targets are batch["labels"]')
         if self.take("use_cpu"):
             self.values["device"] = "cpu"
         if self.take("auto_find_batch_size"):

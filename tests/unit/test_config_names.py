@@ -415,6 +415,7 @@ def test_from_hf_refuses_everything_it_cannot_honour_in_one_error(training_argum
         logging_first_step=True,
         eval_delay=3,
         report_to=["tensorboard", "trackio"],
+        label_names=["label"],
     )
     given = {**args.to_dict(), "hub_token": "hf_secretsecret", "per_gpu_train_batch_size": 4}
     with pytest.raises(ConfigError) as refused:
@@ -428,14 +429,23 @@ def test_from_hf_refuses_everything_it_cannot_honour_in_one_error(training_argum
         "logging_first_step=True",
         "eval_delay=3",
         "report_to=['trackio']",
+        "label_names=['label'] (the targets are batch[\"labels\"])",
         "per_gpu_train_batch_size=4 (not a TrainingArguments field of the installed transformers)",
     ):
         assert expected in message, message
-    assert message.startswith("TrainConfig.from_hf: steadyfit cannot honour 8 TrainingArguments setting(s)")
+    assert message.startswith("TrainConfig.from_hf: steadyfit cannot honour 9 TrainingArguments setting(s)")
     assert "secret" not in message and "hub_token" not in message, (
         "bookkeeping is ignored, secrets never shown"
     )
     assert "learning_rate" not in message, "what translates is not refused"
+
+
+def test_from_hf_accepts_the_settings_that_say_what_steadyfit_does(training_arguments):
+    # Scripts with a custom collator set remove_unused_columns=False; steadyfit passes the whole batch anyway.
+    args = training_arguments(
+        output_dir="out", remove_unused_columns=False, label_names=["labels"], eval_accumulation_steps=4
+    )
+    assert TrainConfig.from_hf(args).batch_size == 8
 
 
 def test_from_hf_refuses_a_wsd_it_would_run_differently(hf_defaults):
