@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,7 @@ __all__ = [
     "LIGHTNING_PRECISION",
     "MIGRATING_DOC",
     "ForeignName",
+    "foreign_argument_hint",
     "foreign_name_hint",
     "foreign_value_hint",
 ]
@@ -205,3 +207,47 @@ def foreign_value_hint(field: str, value: Any) -> str | None:
         return None
     ours = translation[value]
     return f"{owner} {their_name} {value!r} is steadyfit's {'null' if ours is None else repr(ours)}"
+
+
+# Keyword arguments of the Hugging Face Trainer and of Lightning's fit() -> what steadyfit's Trainer takes.
+_TRAINER_ARGUMENTS: dict[str, tuple[str, str]] = {
+    "args": (HF, "config=TrainConfig.from_hf(args)"),
+    "train_dataset": (HF, "train_data="),
+    "eval_dataset": (HF, "eval_data="),
+    "data_collator": (HF, "collate_fn="),
+    "compute_metrics": (
+        HF,
+        "metrics={name: fn}, each fn(outputs, targets) returning a mean or (sum, count) "
+        "(steadyfit.accuracy, or a torchmetrics Metric)",
+    ),
+    "compute_loss_func": (HF, "loss_fn="),
+    "optimizers": (HF, "optimizer= and scheduler="),
+    "tokenizer": (HF, "nothing: tokenize in the dataset or the collate_fn"),
+    "processing_class": (HF, "nothing: tokenize in the dataset or the collate_fn"),
+    "train_dataloaders": (LIGHTNING, "train_data= (a DataLoader or, better, its dataset)"),
+    "val_dataloaders": (LIGHTNING, "eval_data="),
+}
+
+
+def foreign_argument_hint(name: str) -> str:
+    """What steadyfit's Trainer takes for another trainer's keyword argument ``name`` (or for a typo).
+
+    Example:
+        >>> foreign_argument_hint("data_collator")
+        "the Hugging Face Trainer's `data_collator` is steadyfit's collate_fn= (docs/migrating.md)"
+    """
+    if name in _TRAINER_ARGUMENTS:
+        owner, ours = _TRAINER_ARGUMENTS[name]
+        return f"{owner} `{name}` is steadyfit's {ours} ({MIGRATING_DOC})"
+    close = difflib.get_close_matches(name, _OUR_TRAINER_ARGUMENTS, n=1)
+    suggestion = f" (did you mean '{close[0]}'?)" if close else ""
+    return (
+        f"`{name}` is not an argument of steadyfit's Trainer{suggestion}; it takes "
+        f"{', '.join(_OUR_TRAINER_ARGUMENTS)}, and settings go in the config"
+    )
+
+
+_OUR_TRAINER_ARGUMENTS = (
+    "model", "config", "train_data", "eval_data", "loss_fn", "metrics", "callbacks", "optimizer", "scheduler",
+    "collate_fn",
+)  # fmt: skip

@@ -120,7 +120,16 @@ class ModelLoss:
 
     def __call__(self, outputs: Any, batch: dict[str, Any]) -> Any:
         """``(sum, count)`` for a model whose loss averages over tokens; otherwise its mean."""
-        loss = model_loss(outputs)
+        try:
+            loss = model_loss(outputs)
+        except LossContractError as exc:
+            if "labels" not in batch and "label" in batch:
+                raise LossContractError(
+                    f"{exc}; the batch has a 'label' key but no 'labels', the name a transformers model "
+                    "computes its loss from: rename it (dataset.rename_column('label', 'labels'); Hugging "
+                    "Face's default collator renames it for you)"
+                ) from None
+            raise
         labels = batch.get("labels")
         if self.kind == "next_token":
             shifted = batch.get("shift_labels")

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from steadyfit.hf import predictions_of
+from steadyfit.hf import IGNORE_INDEX, predictions_of
 from steadyfit.loss import as_sum_and_count
 
 
@@ -17,15 +17,11 @@ def is_torchmetric(metric: Any) -> bool:
     return all(hasattr(metric, name) for name in ("update", "compute", "reset"))
 
 
-IGNORE_INDEX = -100
-"""The target that counts for nothing: padding, prompt tokens (torch's ``cross_entropy`` default, and what
-Hugging Face's collators write)."""
-
-
 def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-1 accuracy as ``(correct, count)``, the metric contract's exact form. Targets equal to -100
-    (:data:`IGNORE_INDEX`) count neither as right nor as wrong, so a token classifier's padded labels
-    give the same score at every ``eval_batch_size``. The count stays a tensor: no host read.
+    (``IGNORE_INDEX``, as in the loss) count neither as right nor as wrong, so a token classifier's
+    padded labels give the same score at every ``eval_batch_size``. The count stays a tensor: no host
+    read.
 
     Example:
         >>> accuracy(torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]]), torch.tensor([1, 1, -100]))

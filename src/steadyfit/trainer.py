@@ -40,7 +40,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ from steadyfit.diagnostics import Diagnostics, validate_diagnostics
 from steadyfit.distributed import Distributed
 from steadyfit.ema import WeightEMA
 from steadyfit.evaluation import check_eval_settings, evaluate_model, predict
+from steadyfit.foreign_names import MIGRATING_DOC, foreign_argument_hint
 from steadyfit.guard import DeviceSkip, NonFiniteGuard, ReadCadence, StepRecord
 from steadyfit.horizons import Horizons, compute_horizons, fast_dev_run_settings, limit_batches
 from steadyfit.identity import RunIdentity
@@ -126,8 +127,12 @@ class Trainer:
         optimizer: Any = None,
         scheduler: Any = None,
         collate_fn: Callable[..., Any] | None = None,
+        **foreign: Any,
     ) -> None:
-        config = config if isinstance(config, TrainConfig) else make_config(dict(config or {}))
+        if foreign:  # the Hugging Face Trainer's or Lightning's names: answered with ours
+            raise ConfigError("; ".join(foreign_argument_hint(name) for name in foreign))
+        config = _as_train_config(config)
+        _check_metrics(metrics)
         check_eval_settings(config, eval_data)
         # A DataLoader of the user's decides its batch size and workers: config.yaml records what happens.
         recorded = data_mod.loader_settings(
@@ -812,3 +817,29 @@ def is_due(every: int | str | None, step: int, stepped: bool, epoch_ended: bool)
     if every == "epoch":
         return epoch_ended
     return stepped and bool(every) and step % every == 0
+
+
+def _as_train_config(config: Any) -> TrainConfig:
+    """The Trainer's ``config`` argument as a TrainConfig, or a ConfigError saying what to pass."""
+    if isinstance(config, TrainConfig):
+        return config
+    if config is None or isinstance(config, Mapping):
+        return make_config(dict(config or {}))
+    if callable(getattr(config, "to_dict", None)) and hasattr(config, "per_device_train_batch_size"):
+        raise ConfigError(
+            f"config: got a Hugging Face {type(config).__name__}; pass TrainConfig.from_hf(args), which "
+            f"translates it ({MIGRATING_DOC})"
+        )
+    raise ConfigError(f"config: expected a TrainConfig or a dict of its fields, got {type(config).__name__}")
+
+
+def _check_metrics(metrics: Any) -> None:
+    """``metrics`` is a dict of name to metric; a single function (a Hugging Face ``compute_metrics``, say)
+    is refused with what to pass instead."""
+    if metrics is None or isinstance(metrics, Mapping):
+        return
+    raise ConfigError(
+        f"metrics: expected a dict of name to metric, e.g. metrics={{'accuracy': steadyfit.accuracy}}, got "
+        f"{type(metrics).__name__}; each metric is fn(outputs, targets) returning a mean or (sum, count), "
+        f"or a torchmetrics Metric (a Hugging Face compute_metrics(eval_pred) is not one: {MIGRATING_DOC})"
+    )

@@ -469,3 +469,28 @@ def test_from_hf_without_transformers_says_what_to_install(monkeypatch):
         TrainConfig.from_hf({"learning_rate": 1e-3})
     with pytest.raises(TypeError, match="expected a TrainingArguments or its to_dict"):
         TrainConfig.from_hf(42)
+
+
+# ------------------------------------------------------------------ the Trainer's arguments, in their words
+def test_the_trainers_arguments_in_hugging_face_and_lightning_words_are_answered_with_ours(
+    training_arguments, tmp_path
+):
+    import torch
+
+    from steadyfit import Trainer
+
+    model = torch.nn.Linear(2, 2)
+    cases = [
+        ({"train_dataset": [], "data_collator": None}, r"`train_dataset` is steadyfit's train_data=.*"
+         r"`data_collator` is steadyfit's collate_fn="),
+        ({"compute_metrics": None}, r"`compute_metrics` is steadyfit's metrics=\{name: fn\}"),
+        ({"val_dataloaders": None}, r"Lightning's `val_dataloaders` is steadyfit's eval_data="),
+        ({"trian_data": None}, r"`trian_data` is not an argument of steadyfit's Trainer \(did you mean"),
+        ({"config": training_arguments(output_dir=str(tmp_path))},
+         r"config: got a Hugging Face TrainingArguments; pass TrainConfig.from_hf\(args\)"),
+        ({"config": 3}, r"config: expected a TrainConfig or a dict of its fields, got int"),
+        ({"metrics": lambda eval_prediction: {}}, r"metrics: expected a dict of name to metric"),
+    ]  # fmt: skip
+    for arguments, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            Trainer(model, **arguments)

@@ -349,3 +349,13 @@ def test_token_accuracy_over_padded_labels_is_independent_of_eval_batch_size(tmp
             correct += int((predicted == torch.tensor(row["labels"])).sum())
             total += len(row["labels"])
     assert scores == [pytest.approx(correct / total, rel=1e-12)] * 3
+
+
+def test_a_label_column_without_labels_is_named_in_the_missing_loss_error(tmp_path):
+    model = tiny_bert(transformers.BertForSequenceClassification, num_labels=3)
+    rows = [{"input_ids": row["input_ids"], "label": row["labels"]} for row in classification_rows(8, seed=4)]
+    config = make_config(tmp_path, "run", max_steps=1, batch_size=4)
+    with pytest.raises(
+        Exception, match=r"has a 'label' key but no 'labels'.*rename_column\('label', 'labels'\)"
+    ):
+        Trainer(model, config, train_data=rows).fit()
