@@ -257,12 +257,20 @@ def describe_batch(batch: Any) -> str:
         'inputs float32[8, 6], targets int64[8]'
     """
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        parts: Iterable[tuple[str, Any]] = zip(("inputs", "targets"), batch, strict=True)
+        parts: list[tuple[str, Any]] = list(zip(("inputs", "targets"), batch, strict=True))
     elif hasattr(batch, "keys") and hasattr(batch, "__getitem__"):
-        parts = ((str(key), batch[key]) for key in batch)
+        parts = [(str(key), batch[key]) for key in batch]
     else:
         return _describe_value(batch)
-    return ", ".join(f"{name} {_describe_value(value)}" for name, value in parts)
+    described = ", ".join(f"{name} {_describe_value(value)}" for name, value in parts)
+    lists = [name for name, value in parts if isinstance(value, (tuple, list))]
+    if lists and isinstance(batch, Mapping):
+        # torch's default collate turns rows of Python lists into a list of per-position tensors.
+        described += (
+            f" ({', '.join(lists)}: rows of Python lists, not tensors; give a collate_fn that pads them into "
+            "tensors, e.g. steadyfit.hf.PadToLongest(), or rows of tensors: dataset.with_format('torch'))"
+        )
+    return described
 
 
 def _describe_value(value: Any) -> str:

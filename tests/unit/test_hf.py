@@ -359,3 +359,11 @@ def test_a_label_column_without_labels_is_named_in_the_missing_loss_error(tmp_pa
         Exception, match=r"has a 'label' key but no 'labels'.*rename_column\('label', 'labels'\)"
     ):
         Trainer(model, config, train_data=rows).fit()
+
+
+def test_rows_of_python_lists_without_a_collator_are_named_with_the_fix(tmp_path):
+    model = tiny_bert(transformers.BertForSequenceClassification, num_labels=3)
+    rows = [{"input_ids": list(range(8)), "labels": 1} for _ in range(8)]
+    config = make_config(tmp_path, "run", max_steps=1, batch_size=4)
+    with pytest.raises(Exception, match=r"input_ids: rows of Python lists, not tensors; give a collate_fn"):
+        Trainer(model, config, train_data=rows).fit()
