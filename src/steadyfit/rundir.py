@@ -220,6 +220,22 @@ class RunDirectory:
             truncate_rows(self.path, restored["rows"])
         self.rows = restored["rows"]
 
+    def last_eval_scores(self) -> dict[str, float]:
+        """The scores of the last eval row of metrics.jsonl (cut back to a checkpoint's rows), on every rank:
+        what a resumed run, a rerun of a finished one included, reports until it evaluates again."""
+        scores: dict[str, float] = {}
+        if self.dist.is_main:
+            from steadyfit.report import read_metrics  # imported here: report builds on the loggers
+
+            last = next((row for row in reversed(read_metrics(self.path)) if row.get("kind") == "eval"), {})
+            # JSON has no NaN: metrics.jsonl holds a non-finite score as null.
+            scores = {
+                key: float("nan") if value is None else value
+                for key, value in last.items()
+                if key.startswith("eval_") and (value is None or isinstance(value, (int, float)))
+            }
+        return self.dist.broadcast_object(scores)
+
     # ------------------------------------------------------------------------------------ final weights
     def write_final(
         self,

@@ -112,7 +112,8 @@ class FitResult:
         global_step: optimizer steps taken.
         epoch: epochs completed (a partial last epoch counts as started, not completed).
         train_loss: mean training loss over the whole run (per sample, or per token for (sum, count) losses).
-        metrics: the last evaluation's metrics (``eval_loss``, ``eval_<name>``).
+        metrics: the last evaluation's metrics (``eval_loss``, ``eval_<name>``); after a resume that has not
+            evaluated yet (a rerun of a finished run), the last ones metrics.jsonl holds.
         best_metric: best value of ``metric_for_best`` seen, or None without evaluation.
         best_checkpoint: path of the checkpoint holding the best weights, when one was written.
     """

@@ -746,6 +746,7 @@ class Trainer:
             self.run_directory.start_fresh()
         else:
             self.run_directory.cut_back()
+            self.last_metrics = self.run_directory.last_eval_scores()
         self.run_directory.open_loggers()
         show = self.config.progress and self.dist.is_main
         self.progress = Progress(show, self.horizons.total_steps, initial_step=self.state.step)

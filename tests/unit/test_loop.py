@@ -68,6 +68,23 @@ def test_accuracy_counts_no_ignored_target():
     assert (float(correct), int(count)) == (2.0, 3)
 
 
+def test_a_rerun_of_a_finished_run_reports_its_last_evaluation(tmp_path):
+    data = make_regression(29)
+    config = base_config(tmp_path, batch_size=8, max_epochs=2, eval_every=2)
+
+    def fit():
+        trainer = Trainer(
+            make_mlp(), config, train_data=data, eval_data=data, loss_fn=CE, metrics={"acc": accuracy}
+        )
+        return trainer.fit()
+
+    first = fit()
+    rerun = fit()  # resumes the final checkpoint: nothing left to train
+    assert rerun.global_step == first.global_step
+    assert set(first.metrics) == {"eval_loss", "eval_acc"}
+    assert rerun.metrics == first.metrics
+
+
 def test_dropout_off_during_eval_and_back_on_after(tmp_path):
     seen_modes: list[bool] = []
 
