@@ -13,7 +13,8 @@ checkpoint, so a load that unpickles anything fails the run) and `unused_branch`
 linear layer it never calls, whose parameters get no gradient and so no optimizer state).
 `fail_write_on_rank` (a rank: its sharded checkpoint writes raise ENOSPC) makes a run end with
 `result RANK {"error": ...}` when the save fails. `keep_trainer` (1: the run's Trainer stays referenced until
-the process exits, as a user script's global `trainer` does).
+the process exits, as a user script's global `trainer` does). `user_loader` (1: the training data is the
+user's own DataLoader with a shuffling DistributedSampler, whose order steadyfit does not own).
 
 Prints, flushed, for the tests to synchronise on (never sleeps): `pid RANK PID` at start, `step RANK N`
 after each optimizer step, `saved PATH` after each committed checkpoint (rank 0), `exit RANK STATUS` when a
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.utils.data import DataLoader, DistributedSampler
 
 from steadyfit import Callback, Preempted, Trainer, seed_everything
 from steadyfit.checkpoint import CheckpointError
@@ -56,6 +58,7 @@ SCRIPT_KEYS = {
     "forbid_pickle": 0,
     "unused_branch": 0,
     "stop_on_log_at": 0,
+    "user_loader": 0,
 }
 DEFAULTS = {
     "seed": 7,
@@ -221,6 +224,10 @@ def build_trainer(run_dir: str, overrides: dict[str, Any]) -> tuple[Trainer, str
     loss = str(script["loss"])
     train = make_data(int(script["train_size"]), loss, seed=1)
     evaluation = make_data(int(script["eval_size"]), loss, seed=2)
+    if script["user_loader"]:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        sampler = DistributedSampler(train, num_replicas=world_size, rank=rank(), shuffle=True, seed=3)
+        train = DataLoader(train, batch_size=config.batch_size, sampler=sampler)
     announce = Announce()
     loss_fn: Any = token_loss if loss == "pair" else torch.nn.functional.cross_entropy
     if script["nan_at"]:

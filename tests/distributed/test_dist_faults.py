@@ -74,6 +74,26 @@ def test_sigterm_to_one_worker_checkpoints_both_at_one_step_and_resumes(referenc
     assert_bitwise_equal(final_weights(run_dir), reference)
 
 
+def test_a_user_loader_preempted_mid_epoch_resumes_bitwise_on_every_rank(tmp_path):
+    # The user's DataLoader (a shuffling DistributedSampler) draws its base seed from each rank's torch
+    # stream as every epoch starts: a resume mid-epoch must replay those draws, not shift the dropout after.
+    overrides = {**OVERRIDES, "user_loader": 1}
+    run_to_end(torchrun(*script((tmp_path / "uninterrupted", overrides))))
+    run_dir = tmp_path / "run"
+
+    def terminate_rank_one(pids: dict[int, int]) -> None:
+        os.kill(pids[1], TERM)
+
+    output = run_until(
+        torchrun(*script((run_dir, overrides))), lambda line: line == "step 1 6", terminate_rank_one
+    )
+    assert sorted(printed(output, "exit")) == [["0", "143"], ["1", "143"]], output
+    stopped = int(printed(output, "step")[-1][1])
+    assert stopped % 5, "stopped in the middle of an epoch (5 steps each)"
+    run_to_end(torchrun(*script((run_dir, overrides))))
+    assert_bitwise_equal(final_weights(run_dir), final_weights(tmp_path / "uninterrupted"))
+
+
 def test_a_preempted_two_rank_run_with_a_decaying_schedule_resumes_to_one_rank(tmp_path):
     """SIGTERM between save points under 2 ranks with warm-up, cosine and accumulation; the resumed group
     ends where one rank with the same global batch does, with the same lr at every step."""
