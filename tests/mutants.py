@@ -78,6 +78,14 @@ MUTANTS = (
         ("tests/property/test_sampler_resume.py", "tests/resume/test_resume_inprocess.py"),
     ),
     Mutant(
+        "loader-epoch-start",
+        "2. exact resume: a user DataLoader resumed mid-epoch starts from the checkpoint's streams",
+        "src/steadyfit/data.py",
+        "restore_streams(loader, self.epoch_start_streams)",
+        "pass",
+        ("tests/unit/test_user_data.py",),
+    ),
+    Mutant(
         "preempt-now",
         "4. preemption: a signal between read points is acted on later, not after the current step",
         "src/steadyfit/trainer.py",
