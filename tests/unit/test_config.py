@@ -108,6 +108,20 @@ def test_yaml_is_read_with_the_safe_loader(tmp_path):
         read_yaml(tmp_path / "missing.yaml")
 
 
+def test_a_yaml_error_is_one_line_and_a_key_given_twice_is_one(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("recipe: digits\nlr: [0.1\n")
+    with pytest.raises(ConfigError) as error:
+        read_yaml(broken)
+    assert "\n" not in str(error.value) and "not valid YAML: expected ',' or ']'" in str(error.value)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("recipe: digits\nlr: 0.1\nbatch_size: 8\nlr: 0.2\n")  # the second would win silently
+    with pytest.raises(
+        ConfigError, match=r"twice\.yaml: not valid YAML: 'lr' is given twice in one mapping at line 4"
+    ):
+        read_yaml(twice)
+
+
 @given(
     lr=st.floats(min_value=1e-6, max_value=10),
     batch_size=st.integers(1, 4096),
