@@ -300,7 +300,10 @@ def _describe_error(error: ErrorDetails) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if kind == "literal_error":
         expected = error.get("ctx", {}).get("expected", "")
-        message = f"{field}: got {error.get('input')!r}; allowed values: {expected}"
+        foreign = foreign_value_hint(field, error.get("input"))
+        close = None if foreign else _closest_value(field, error.get("input"))
+        suggestion = f" (did you mean {close!r}?)" if close else ""
+        message = f"{field}: got {error.get('input')!r}{suggestion}; allowed values: {expected}"
     elif field == "config":
         return message
     else:
@@ -318,6 +321,23 @@ def describe_unknown_field(name: str) -> str:
     close = _closest_field(name)
     suggestion = f" (did you mean '{close}'?)" if close else ""
     return f"{name}: unknown field{suggestion}; allowed fields: {', '.join(TrainConfig.model_fields)}"
+
+
+def _closest_value(field: str, value: Any) -> str | None:
+    """The allowed string of a choice field that ``value`` spells in other letter cases (``adam`` for
+    ``Adam``). Only the case: a close spelling may be another thing (``adagrad`` is no ``adam``)."""
+    model_field = TrainConfig.model_fields.get(field)
+    if model_field is None or not isinstance(value, str):
+        return None
+    allowed = [choice for choice in _literal_choices(model_field.annotation) if isinstance(choice, str)]
+    return next((choice for choice in allowed if choice.lower() == value.lower()), None)
+
+
+def _literal_choices(annotation: Any) -> list[Any]:
+    """The values of the Literal types inside ``annotation`` (through unions and Optional)."""
+    if getattr(annotation, "__origin__", None) is Literal:
+        return list(get_args(annotation))
+    return [choice for member in get_args(annotation) for choice in _literal_choices(member)]
 
 
 def _closest_field(name: str) -> str | None:

@@ -166,6 +166,13 @@ LIGHTNING_PRECISION: dict[Any, str] = {
     32: "fp32",
 }
 
+# Lightning precisions with no steadyfit equivalent, and why (their values -> the clause that says so).
+_LIGHTNING_PRECISION_WITHOUT_EQUIVALENT = {
+    value: "weights kept in that dtype have no steadyfit equivalent: steadyfit's 'bf16' and 'fp16' are mixed "
+    "precision (float32 weights, autocast)"
+    for value in ("bf16-true", "16-true", "64-true", "64", 64)
+}
+
 # Our field -> (whose values, their name for the setting, their value -> ours).
 _FOREIGN_VALUES: dict[str, tuple[str, str, Mapping[Any, Any]]] = {
     "precision": (LIGHTNING, "precision", LIGHTNING_PRECISION),
@@ -203,7 +210,11 @@ def foreign_value_hint(field: str, value: Any) -> str | None:
     """
     owner, their_name, translation = _FOREIGN_VALUES.get(field, ("", "", {}))
     # bool is an int: True must not read as Lightning's precision 1.
-    if not isinstance(value, Hashable) or isinstance(value, bool) or value not in translation:
+    if not isinstance(value, Hashable) or isinstance(value, bool):
+        return None
+    if field == "precision" and value in _LIGHTNING_PRECISION_WITHOUT_EQUIVALENT:
+        return f"Lightning's precision {value!r}: {_LIGHTNING_PRECISION_WITHOUT_EQUIVALENT[value]}"
+    if value not in translation:
         return None
     ours = translation[value]
     return f"{owner} {their_name} {value!r} is steadyfit's {'null' if ours is None else repr(ours)}"

@@ -494,3 +494,12 @@ def test_the_trainers_arguments_in_hugging_face_and_lightning_words_are_answered
     for arguments, message in cases:
         with pytest.raises(ConfigError, match=message):
             Trainer(model, **arguments)
+
+
+def test_a_choice_in_other_letter_cases_and_a_lightning_precision_without_equivalent_are_answered():
+    with pytest.raises(ConfigError, match=r"optimizer: got 'Adam' \(did you mean 'adam'\?\); allowed values"):
+        TrainConfig(optimizer="Adam")
+    with pytest.raises(ConfigError, match=r"optimizer: got 'adagrad'; allowed"):
+        TrainConfig(optimizer="adagrad")  # a close spelling is not offered: adagrad is no adam
+    with pytest.raises(ConfigError, match=r"precision 'bf16-true': weights kept in that dtype have no"):
+        TrainConfig(precision="bf16-true")
