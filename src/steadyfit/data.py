@@ -775,12 +775,12 @@ def move_to(batch: Any, device: torch.device, non_blocking: bool) -> Any:
     if isinstance(batch, torch.Tensor):
         # Already there (data on the CPU for a CPU run): no dispatch at all, it is on every step.
         return batch if batch.device == device else batch.to(device, non_blocking=non_blocking)
-    if isinstance(batch, Mapping):
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_to(value, device, non_blocking) for value in batch)
+    if isinstance(batch, Mapping):  # after the cheap checks: an ABC check costs more, on every step
         # A plain dict from here on, also of a transformers BatchEncoding (a UserDict, not a dict): the
         # step, the loss and evaluation then meet one kind of dict batch.
         return {key: move_to(value, device, non_blocking) for key, value in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move_to(value, device, non_blocking) for value in batch)
     return batch
 
 

@@ -175,19 +175,20 @@ def forward_batch(model: Callable[..., Any], batch: Any, loss_fn: Callable[..., 
         >>> loss.dim(), targets.shape[0]
         (0, 3)
     """
-    if isinstance(batch, Mapping):
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:  # first: the ABC check below costs more
+        inputs, targets = batch
+    elif isinstance(batch, Mapping):
         outputs = model(**batch)
         targets = batch.get("labels")
         if isinstance(loss_fn, ModelLoss):
             return outputs, loss_fn(outputs, batch), targets
         return outputs, loss_fn(outputs, targets if targets is not None else batch), targets
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+    else:
         raise ValueError(
             "train_data: each batch must be an (inputs, targets) pair or a dict of model arguments, "
             f"got {type(batch).__name__}"
             + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
         )
-    inputs, targets = batch
     if isinstance(loss_fn, ModelLoss):
         raise ConfigError("loss_fn: (inputs, targets) batches need a loss_fn, e.g. F.cross_entropy")
     outputs = model(inputs)
