@@ -111,7 +111,9 @@ _ORDERS_NOT_OURS = {
         data, batch_size=4, shuffle=True, num_workers=1
     ),
     "augmenting IterableDataset": _AugmentedStream,
+    "augmenting IterableDataset, 2 workers": _AugmentedStream,  # each worker streams all of it
 }
+_STEADYFIT_WORKERS = {"augmenting IterableDataset, 2 workers": {"num_workers": 2}}
 
 
 @pytest.mark.parametrize("save_every", [4, 5])
@@ -134,6 +136,7 @@ def test_data_whose_order_is_not_ours_resumes_mid_epoch_bitwise(tmp_path, kind, 
             save_every=save_every,
             optimizer="adamw",
             lr=0.01,
+            **_STEADYFIT_WORKERS.get(kind, {}),
         )
         train_data = _ORDERS_NOT_OURS[kind](data)
         model = make_mlp(dropout=0.3)
