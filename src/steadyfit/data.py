@@ -422,6 +422,30 @@ def check_persistent_workers(config: Any, eval_data: Any) -> None:
         )
 
 
+def check_every_sample_read(data: Any, what: str) -> None:
+    """Evaluation and prediction read every sample of ``data`` (guarantee 6: exact averages over the whole
+    set, whatever the batch size): refuse data that would leave samples out, or has none.
+
+    Raises:
+        ConfigError: a DataLoader that drops its last incomplete batch, or data of length 0.
+
+    Example:
+        >>> loader = DataLoader(TensorDataset(torch.zeros(5, 2)), batch_size=2, drop_last=True)
+        >>> check_every_sample_read(loader, "eval_data")
+        Traceback (most recent call last):
+        ...
+        steadyfit.config.ConfigError: eval_data: the DataLoader drops its last incomplete batch ...
+    """
+    if isinstance(data, DataLoader) and (data.drop_last or getattr(data.batch_sampler, "drop_last", False)):
+        raise ConfigError(
+            f"{what}: the DataLoader drops its last incomplete batch (drop_last=True), so those samples "
+            "would never be scored and the scores would change with the batch size; build it with "
+            "drop_last=False, or pass its dataset"
+        )
+    if dataset_length(data) == 0:
+        raise ConfigError(f"{what}: it holds no sample; pass data to score, or leave it out")
+
+
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     """Tell a user DataLoader's sampler and batch sampler the epoch (``DistributedSampler.set_epoch``), as the
     Hugging Face Trainer and Lightning do: their order is then a function of (their seed, epoch), so every

@@ -134,6 +134,8 @@ class Trainer:
         config = _as_train_config(config)
         _check_metrics(metrics)
         check_eval_settings(config, eval_data)
+        if eval_data is not None:
+            data_mod.check_every_sample_read(eval_data, "eval_data")
         # A DataLoader of the user's decides its batch size and workers: config.yaml records what happens.
         recorded = data_mod.loader_settings(
             config.model_fields_set, config.model_dump(), train_data, eval_data
@@ -255,6 +257,8 @@ class Trainer:
         Example:
             >>> scores = trainer.evaluate()  # doctest: +SKIP
         """
+        if data is not None:
+            data_mod.check_every_sample_read(data, "evaluate(data)")
         data = self.eval_data if data is None else data
         if data is None:
             raise ConfigError("eval_data: evaluate() needs data; pass eval_data=... to the Trainer")
@@ -304,6 +308,7 @@ class Trainer:
             >>> outputs = hf_trainer.predict(test_ds)  # doctest: +SKIP
             >>> outputs.logits.shape[0] == len(test_ds)  # doctest: +SKIP
         """
+        data_mod.check_every_sample_read(data, "predict(data)")
         return predict(self.model, data, self.spec, self.precision)
 
     def request_stop(self, reason: str = "stop requested by a callback") -> None:

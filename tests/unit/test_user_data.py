@@ -194,6 +194,23 @@ def test_from_hf_leaves_a_user_loader_its_batch_size_unless_the_arguments_name_o
         Trainer(make_mlp(), TrainConfig.from_hf(args, batch_size=8, num_workers=1), train_data=loader)
 
 
+def test_eval_and_predict_data_that_would_leave_samples_out_are_refused(tmp_path):
+    # Guarantee 6: scores over the whole set whatever the batch size. A drop_last loader scored 20 of 23
+    # samples at batch 5 and none (NaN) at batch 64, silently.
+    data = make_regression(23)
+    dropping = DataLoader(data, batch_size=5, drop_last=True)
+    message = r"the DataLoader drops its last incomplete batch \(drop_last=True\)"
+    with pytest.raises(ConfigError, match=rf"^eval_data: {message}"):
+        Trainer(make_mlp(), base_config(tmp_path), eval_data=dropping, loss_fn=F.cross_entropy)
+    trainer = Trainer(make_mlp(), base_config(tmp_path), eval_data=data, loss_fn=F.cross_entropy)
+    with pytest.raises(ConfigError, match=rf"^evaluate\(data\): {message}"):
+        trainer.evaluate(dropping)
+    with pytest.raises(ConfigError, match=rf"^predict\(data\): {message}"):
+        trainer.predict(dropping)
+    with pytest.raises(ConfigError, match=r"^eval_data: it holds no sample"):
+        Trainer(make_mlp(), base_config(tmp_path), eval_data=make_regression(0), loss_fn=F.cross_entropy)
+
+
 def test_eval_every_without_eval_data_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="eval_every: 5, but the Trainer has no eval_data"):
         Trainer(
