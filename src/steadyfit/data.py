@@ -442,6 +442,16 @@ def check_every_sample_read(data: Any, what: str) -> None:
             "would never be scored and the scores would change with the batch size; build it with "
             "drop_last=False, or pass its dataset"
         )
+    sampler = getattr(data, "sampler", None)
+    if isinstance(sampler, torch.utils.data.DistributedSampler) and sampler.total_size != len(
+        sampler.dataset  # type: ignore[arg-type]
+    ):
+        uneven = sampler.total_size - len(sampler.dataset)  # type: ignore[arg-type]
+        raise ConfigError(
+            f"{what}: its DistributedSampler {'repeats' if uneven > 0 else 'drops'} {abs(uneven)} sample(s) "
+            "to even out the ranks, so the scores would not be over the set; pass the dataset itself "
+            "(steadyfit splits it over the ranks without repeats)"
+        )
     if dataset_length(data) == 0:
         raise ConfigError(f"{what}: it holds no sample; pass data to score, or leave it out")
 

@@ -209,6 +209,10 @@ def test_eval_and_predict_data_that_would_leave_samples_out_are_refused(tmp_path
         trainer.predict(dropping)
     with pytest.raises(ConfigError, match=r"^eval_data: it holds no sample"):
         Trainer(make_mlp(), base_config(tmp_path), eval_data=make_regression(0), loss_fn=F.cross_entropy)
+    # A DistributedSampler evens out the ranks by repeating samples (23 over 2 ranks: one twice).
+    padded = DataLoader(data, batch_size=5, sampler=DistributedSampler(data, num_replicas=2, rank=0))
+    with pytest.raises(ConfigError, match=r"^eval_data: its DistributedSampler repeats 1 sample\(s\)"):
+        Trainer(make_mlp(), base_config(tmp_path), eval_data=padded, loss_fn=F.cross_entropy)
 
 
 def test_eval_every_without_eval_data_is_refused(tmp_path):
