@@ -132,6 +132,18 @@ def kill_rank_one_after_commit(run_dir: Path, overrides: dict[str, object], step
     return output
 
 
+def preempt_one_rank(run_dir: Path, overrides: dict[str, object], rank: int, cue: str) -> str:
+    """A 2-rank launch whose worker of ``rank`` gets SIGTERM once the line ``cue`` is printed; both ranks
+    must end with a checkpoint and exit 143. Returns everything it printed."""
+
+    def terminate(pids: dict[int, int]) -> None:
+        os.kill(pids[rank], TERM)
+
+    output = run_until(torchrun(*script((run_dir, overrides))), lambda line: line == cue, terminate)
+    assert sorted(printed(output, "exit")) == [["0", "143"], ["1", "143"]], output
+    return output
+
+
 def results(output: str) -> dict[int, list[dict]]:
     """The `result RANK {json}` lines of a launch, per rank, in run order."""
     found: dict[int, list[dict]] = {}

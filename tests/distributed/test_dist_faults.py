@@ -3,17 +3,14 @@ SIGTERM reaching one worker, both end in weights bitwise equal to the uninterrup
 
 from __future__ import annotations
 
-import os
-
 import pytest
 from dist_harness import (
-    TERM,
     assert_close,
     kill_rank_one_after_commit,
+    preempt_one_rank,
     printed,
     results,
     run_to_end,
-    run_until,
     script,
     torchrun,
 )
@@ -53,14 +50,7 @@ def test_a_sigkilled_worker_restarts_and_finishes_bitwise_equal(reference, tmp_p
 
 def test_sigterm_to_one_worker_checkpoints_both_at_one_step_and_resumes(reference, tmp_path):
     run_dir = tmp_path / "run"
-
-    def terminate_rank_one(pids: dict[int, int]) -> None:
-        os.kill(pids[1], TERM)
-
-    output = run_until(
-        torchrun(*script((run_dir, OVERRIDES))), lambda line: line == "step 1 1", terminate_rank_one
-    )
-    assert sorted(printed(output, "exit")) == [["0", "143"], ["1", "143"]], output
+    output = preempt_one_rank(run_dir, OVERRIDES, rank=1, cue="step 1 1")
     last_steps = {int(rank): int(step) for rank, step in printed(output, "step")}
     assert last_steps[0] == last_steps[1] < 5, (
         "both ranks stop at the same step boundary, before any other save"
@@ -80,14 +70,7 @@ def test_a_user_loader_preempted_mid_epoch_resumes_bitwise_on_every_rank(tmp_pat
     overrides = {**OVERRIDES, "user_loader": 1}
     run_to_end(torchrun(*script((tmp_path / "uninterrupted", overrides))))
     run_dir = tmp_path / "run"
-
-    def terminate_rank_one(pids: dict[int, int]) -> None:
-        os.kill(pids[1], TERM)
-
-    output = run_until(
-        torchrun(*script((run_dir, overrides))), lambda line: line == "step 1 6", terminate_rank_one
-    )
-    assert sorted(printed(output, "exit")) == [["0", "143"], ["1", "143"]], output
+    output = preempt_one_rank(run_dir, overrides, rank=1, cue="step 1 6")
     stopped = int(printed(output, "step")[-1][1])
     assert stopped % 5, "stopped in the middle of an epoch (5 steps each)"
     run_to_end(torchrun(*script((run_dir, overrides))))
@@ -99,14 +82,7 @@ def test_a_preempted_two_rank_run_with_a_decaying_schedule_resumes_to_one_rank(t
     ends where one rank with the same global batch does, with the same lr at every step."""
     overrides = {**SCHEDULE, "scheduler": "cosine", "max_epochs": 3, "save_every": 4, "log_every": 3}
     run_dir = tmp_path / "two"
-
-    def terminate_rank_zero(pids: dict[int, int]) -> None:
-        os.kill(pids[0], TERM)
-
-    output = run_until(
-        torchrun(*script((run_dir, overrides))), lambda line: line == "step 1 6", terminate_rank_zero
-    )
-    assert sorted(printed(output, "exit")) == [["0", "143"], ["1", "143"]], output
+    preempt_one_rank(run_dir, overrides, rank=0, cue="step 1 6")
     run_to_end(torchrun(*script((run_dir, overrides))))
     one_rank(tmp_path / "one", {**overrides, "batch_size": 4})
     assert_close(final_weights(run_dir), final_weights(tmp_path / "one"))
