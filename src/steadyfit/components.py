@@ -140,12 +140,9 @@ class RankRNG:
         return {"ranks": self.dist.gather_objects(capture_rng())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        ranks = state.get("ranks") if isinstance(state, dict) else None
-        if not isinstance(ranks, list) or not ranks:
-            raise ValueError("rng: no per-rank RNG states")
         # Same world size: each rank continues its own streams. A resharded FSDP resume (another world size)
         # continues correctly but not bitwise: there is no saved stream for a new rank.
-        restore_rng(ranks[self.dist.rank] if self.dist.rank < len(ranks) else ranks[0])
+        restore_rng(_this_ranks(state, self.dist, "rng: no per-rank RNG states"))
 
 
 class RankDataStreams:
@@ -170,10 +167,20 @@ class RankDataStreams:
         if state is None:
             self.batches.load_state_dict(None)
             return
-        ranks = state.get("ranks") if isinstance(state, dict) else None
-        if not isinstance(ranks, list) or not ranks or not all(isinstance(rank, dict) for rank in ranks):
-            raise ValueError("data_streams: no per-rank data streams")
-        self.batches.load_state_dict(ranks[self.dist.rank] if self.dist.rank < len(ranks) else ranks[0])
+        self.batches.load_state_dict(_this_ranks(state, self.dist, "data_streams: no per-rank data streams"))
+
+
+def _this_ranks(state: Any, dist: Distributed, missing: str) -> dict[str, Any]:
+    """This rank's entry of a ``{"ranks": [...]}`` state gathered from every rank; rank 0's for a rank that
+    did not exist when it was saved (another world size).
+
+    Raises:
+        ValueError: ``missing``, when the state holds no list of per-rank dicts.
+    """
+    ranks = state.get("ranks") if isinstance(state, dict) else None
+    if not isinstance(ranks, list) or not ranks or not all(isinstance(rank, dict) for rank in ranks):
+        raise ValueError(missing)
+    return ranks[dist.rank] if dist.rank < len(ranks) else ranks[0]
 
 
 def check_same_tensors(

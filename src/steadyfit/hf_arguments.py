@@ -88,13 +88,7 @@ def config_values_from_hf(args: Any) -> dict[str, Any]:
         >>> values["lr"], values["precision"]  # doctest: +SKIP
         (0.0003, 'bf16')
     """
-    if isinstance(args, Mapping):
-        given = dict(args)
-    elif callable(getattr(args, "to_dict", None)):
-        given = args.to_dict()
-    else:
-        raise TypeError(f"from_hf: expected a TrainingArguments or its to_dict(), got {type(args).__name__}")
-    translation = _Translation(given, _hf_defaults())
+    translation = _Translation(_given_settings(args), _hf_defaults())
     translation.translate()
     return translation.finish()
 
@@ -109,13 +103,22 @@ def fields_left_at_hf_default(args: Any) -> set[str]:
         >>> sorted(fields_left_at_hf_default({"learning_rate": 3e-4}))[:3]  # doctest: +SKIP
         ['batch_size', 'compile', 'deterministic']
     """
-    given = dict(args) if isinstance(args, Mapping) else args.to_dict()
+    given = _given_settings(args)
     defaults = _hf_defaults()
     return {
         ours
         for theirs, ours in _RENAMED.items()
         if given.get(theirs, defaults.get(theirs)) == defaults.get(theirs)
     }
+
+
+def _given_settings(args: Any) -> dict[str, Any]:
+    """The settings of a ``TrainingArguments`` or of its ``to_dict()``, as a plain dict."""
+    if isinstance(args, Mapping):
+        return dict(args)
+    if callable(getattr(args, "to_dict", None)):
+        return args.to_dict()
+    raise TypeError(f"from_hf: expected a TrainingArguments or its to_dict(), got {type(args).__name__}")
 
 
 @functools.cache
