@@ -10,7 +10,9 @@ and, without a ``loss_fn``, the model's own ``outputs.loss`` is made exact over 
 
 from __future__ import annotations
 
+import copy
 import inspect
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -153,6 +155,29 @@ def _logits_of(outputs: Any) -> torch.Tensor:
             "pass the logits or a model output that carries them"
         )
     return logits
+
+
+def pretrained_config_files(model: Any) -> dict[str, str] | None:
+    """The JSON files ``from_pretrained`` reads beside a ``transformers`` model's weights, by file name:
+    ``config.json`` (naming the model's class in ``architectures``, as ``save_pretrained`` does) and, for a
+    model that generates, ``generation_config.json``. None for anything but a ``PreTrainedModel``.
+
+    steadyfit writes the weights itself (every key, tied ones too, atomically) and these files beside them,
+    instead of ``save_pretrained``, which overwrites the file in place and leaves tied weights out.
+
+    Example:
+        >>> pretrained_config_files(torch.nn.Linear(2, 2)) is None
+        True
+    """
+    transformers = sys.modules.get("transformers")  # a PreTrainedModel means transformers is imported
+    if transformers is None or not isinstance(model, transformers.PreTrainedModel):
+        return None
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    files = {"config.json": config.to_json_string()}
+    if model.can_generate() and model.generation_config is not None:
+        files["generation_config.json"] = model.generation_config.to_json_string()
+    return files
 
 
 class PadToLongest:

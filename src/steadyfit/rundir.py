@@ -20,6 +20,7 @@ from steadyfit.checkpoint.atomic import replace_file
 from steadyfit.checkpoint.payload import prepare_tensors
 from steadyfit.config import ConfigError
 from steadyfit.console import warn
+from steadyfit.hf import pretrained_config_files
 from steadyfit.layout import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
@@ -37,8 +38,12 @@ if TYPE_CHECKING:
 
 
 def write_weights(path: Path, tensors: dict[str, torch.Tensor], step: int) -> None:
-    """Write a safetensors file atomically (temporary name, fsync, rename)."""
-    replace_file(path, save_safetensors(tensors, metadata={"step": str(step)}))
+    """Write a safetensors file atomically (temporary name, fsync, rename).
+
+    Its metadata holds the step and ``format: pt``, which ``transformers`` before 5 requires of a file
+    ``from_pretrained`` loads.
+    """
+    replace_file(path, save_safetensors(tensors, metadata={"format": "pt", "step": str(step)}))
 
 
 class RunDirectory:
@@ -247,8 +252,9 @@ class RunDirectory:
     ) -> Path | None:
         """Write ``final/model.safetensors`` (and ``ema.safetensors``); returns its path (None off rank 0).
 
-        ``hf_model``: a Hugging Face model, saved with its config next to the weights so that
-        ``from_pretrained(RUN_DIR/final)`` loads them.
+        ``hf_model``: a Hugging Face model, whose config files are written next to the weights so that
+        ``from_pretrained(RUN_DIR/final)`` loads them; an object that only has ``save_pretrained`` and a
+        ``config`` (a PEFT model) saves its own files there.
         """
         if not self.dist.is_main:
             return None
@@ -262,7 +268,12 @@ class RunDirectory:
         final_path = final_dir / FINAL_MODEL_FILE
         write_weights(final_path, prepare_tensors(weights), step=step)
         if hf_model is not None:
-            hf_model.save_pretrained(str(final_dir), state_dict=weights, safe_serialization=True)
+            config_files = pretrained_config_files(hf_model)
+            if config_files is None:
+                hf_model.save_pretrained(str(final_dir), state_dict=weights, safe_serialization=True)
+            else:
+                for name, text in config_files.items():
+                    replace_file(final_dir / name, text.encode())
         if ema_weights is not None:
             write_weights(final_dir / FINAL_EMA_FILE, prepare_tensors(ema_weights), step=step)
         for logger in self.loggers:

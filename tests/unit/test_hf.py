@@ -5,15 +5,18 @@ exact over tokens, metrics get a ModelOutput's logits and ``predict`` returns on
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
+from safetensors import safe_open
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: nothing here may download
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
+from helpers import assert_bitwise_equal, final_weights  # noqa: E402
 from steadyfit import TrainConfig, Trainer, accuracy  # noqa: E402
 from steadyfit.hf import PadToLongest, causal_lm_loss, model_loss_kind  # noqa: E402
 
@@ -111,6 +114,13 @@ def test_gpt2_trains_on_a_dataset_and_final_weights_load_with_from_pretrained(tm
     trained = model.state_dict()
     for name, tensor in loaded.state_dict().items():
         torch.testing.assert_close(tensor, trained[name], rtol=0, atol=0, msg=name)
+    # final/model.safetensors is steadyfit's own file: every key, the tied head too, so plain
+    # load_state_dict takes it; save_pretrained would have overwritten it without lm_head.weight.
+    assert_bitwise_equal(final_weights(tmp_path / "run"), trained)
+    with safe_open(tmp_path / "run" / "final" / "model.safetensors", "pt") as final_file:
+        assert final_file.metadata() == {"format": "pt", "step": "30"}
+    config_json = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert config_json["architectures"] == ["GPT2LMHeadModel"]
 
 
 def test_equal_length_rows_need_no_collator(tmp_path):
