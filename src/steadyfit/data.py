@@ -283,7 +283,31 @@ def _describe_value(value: Any) -> str:
     return "None" if value is None else type(value).__name__
 
 
-LOAD_HINT = " (a sample of another shape, or None, needs a collate_fn that pads or filters it)"
+_TEXT_DTYPES = ("string", "large_string")  # a datasets.Value's dtype for text
+
+
+def load_hint(data: Any) -> str:
+    """What a batch of ``data`` that failed to load most likely needs, for the error message: a
+    ``datasets.Dataset`` (or a DataLoader over one) with text columns gets them named, since the Hugging
+    Face Trainer drops the columns a model's ``forward`` does not take and steadyfit passes every one.
+
+    Example:
+        >>> load_hint([torch.zeros(2)])
+        ' (a sample of another shape, or None, needs a collate_fn that pads or filters it)'
+    """
+    features = getattr(getattr(data, "dataset", data), "features", None)
+    text_columns = (
+        [name for name, feature in features.items() if getattr(feature, "dtype", None) in _TEXT_DTYPES]
+        if isinstance(features, Mapping)
+        else []
+    )
+    if text_columns:
+        return (
+            f" (text columns {', '.join(map(repr, text_columns))}: every column reaches model(**batch), "
+            "where the Hugging Face Trainer drops those forward() does not take; drop them with "
+            f"dataset.remove_columns({text_columns!r}), or tokenize them in a collate_fn)"
+        )
+    return " (a sample of another shape, or None, needs a collate_fn that pads or filters it)"
 
 
 def one_line(exc: BaseException) -> str:
@@ -296,9 +320,11 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def fetch_window(micro_batches: Iterator[Any], size: int, epoch: int, first_index: int) -> list[Any]:
-    """The next ``size`` micro-batches of the epoch (fewer at its end, none after it); an error loading one
-    (a dataset's ``__getitem__``, the collate) is a BatchError naming it."""
+def fetch_window(
+    micro_batches: Iterator[Any], size: int, epoch: int, first_index: int, data: Any
+) -> list[Any]:
+    """The next ``size`` micro-batches of the epoch (fewer at its end, none after it) of ``data``; an error
+    loading one (a dataset's ``__getitem__``, the collate) is a BatchError naming it."""
     window: list[Any] = []
     try:
         window.extend(itertools.islice(micro_batches, size))
@@ -307,14 +333,14 @@ def fetch_window(micro_batches: Iterator[Any], size: int, epoch: int, first_inde
     except Exception as exc:
         raise BatchError(
             f"train_data: micro-batch {first_index + len(window)} of epoch {epoch} could not be loaded: "
-            f"{one_line(exc)}{LOAD_HINT}"
+            f"{one_line(exc)}{load_hint(data)}"
         ) from exc
     return window
 
 
-def loading_errors_named(batches: Iterable[Any], what: str) -> Iterator[Any]:
-    """``batches``, with an error raised while loading one (a dataset's ``__getitem__``, the collate) turned
-    into a BatchError naming ``what`` and the batch's index."""
+def loading_errors_named(batches: Iterable[Any], what: str, data: Any) -> Iterator[Any]:
+    """``batches`` of ``data``, with an error raised while loading one (a dataset's ``__getitem__``, the
+    collate) turned into a BatchError naming ``what`` and the batch's index."""
     iterator = iter(batches)
     index = 0
     while True:
@@ -324,7 +350,7 @@ def loading_errors_named(batches: Iterable[Any], what: str) -> Iterator[Any]:
             return
         except Exception as exc:
             raise BatchError(
-                f"{what}: batch {index} could not be loaded: {one_line(exc)}{LOAD_HINT}"
+                f"{what}: batch {index} could not be loaded: {one_line(exc)}{load_hint(data)}"
             ) from exc
         yield batch
         index += 1

@@ -75,7 +75,7 @@ def evaluate_model(
                 read = loader.of(data, max_batches)
             else:
                 read = data_mod.eval_batches(data, spec, max_batches)
-            batches = data_mod.loading_errors_named(read, "eval_data")
+            batches = data_mod.loading_errors_named(read, "eval_data", data)
             # Batch i of every rank is its share of global batch i: a limit keeps the same samples on each
             # (a DataLoader or an IterableDataset is cut here; a map-style dataset's loader ends there).
             batches = itertools.islice(batches, max_batches)

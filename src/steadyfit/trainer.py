@@ -334,7 +334,9 @@ class Trainer:
         # next window is fetched only after this boundary, so a checkpoint holds the RNG streams (and data
         # position) of the boundary itself, never draws made for a window it does not contain.
         fetched = False
-        while window := data_mod.fetch_window(micro_batches, accumulation, state.epoch, state.batch_in_epoch):
+        while window := data_mod.fetch_window(
+            micro_batches, accumulation, state.epoch, state.batch_in_epoch, self.train_data
+        ):
             fetched = True
             self._train_step(window, state.batch_in_epoch, preemption)
             state.batch_in_epoch += len(window)

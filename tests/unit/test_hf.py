@@ -18,6 +18,7 @@ datasets = pytest.importorskip("datasets")
 
 from helpers import assert_bitwise_equal, final_weights  # noqa: E402
 from steadyfit import TrainConfig, Trainer, accuracy  # noqa: E402
+from steadyfit.data import BatchError  # noqa: E402
 from steadyfit.hf import PadToLongest, causal_lm_loss, model_loss_kind  # noqa: E402
 
 TEXT = b"steadyfit trains pytorch models with a loop you can trust: every number it prints is exact. " * 8
@@ -377,3 +378,30 @@ def test_rows_of_python_lists_without_a_collator_are_named_with_the_fix(tmp_path
     config = make_config(tmp_path, "run", max_steps=1, batch_size=4)
     with pytest.raises(Exception, match=r"input_ids: rows of Python lists, not tensors; give a collate_fn"):
         Trainer(model, config, train_data=rows).fit()
+
+
+def test_a_text_column_left_in_a_dataset_is_named_with_the_fix(tmp_path):
+    # The Hugging Face Trainer drops columns forward() does not take; steadyfit passes every column, so the
+    # text column a tokenizing map() leaves behind reaches the padding collator, which cannot make a tensor
+    # of it. The error names the column and the way out, for train_data and eval_data alike.
+    tokenizer = word_tokenizer()
+    texts = [" ".join(f"w{(7 * i + j) % 40}" for j in range(2 + i % 5)) for i in range(8)]
+    dataset = datasets.Dataset.from_dict({"text": texts, "labels": [i % 3 for i in range(8)]})
+    dataset = dataset.map(lambda rows: tokenizer(rows["text"]), batched=True)
+    collator = transformers.DataCollatorWithPadding(tokenizer)
+    model = tiny_bert(transformers.BertForSequenceClassification, num_labels=3)
+    fix = r"text columns 'text': .*dataset\.remove_columns\(\['text'\]\)"
+    config = make_config(tmp_path, "train", max_steps=1, batch_size=4)
+    with pytest.raises(BatchError, match=rf"train_data: micro-batch 0 .*{fix}"):
+        Trainer(model, config, train_data=dataset, collate_fn=collator).fit()
+    config = make_config(tmp_path, "eval", max_steps=1, eval_batch_size=4)
+    with pytest.raises(BatchError, match=rf"eval_data: batch 0 .*{fix}"):
+        Trainer(model, config, eval_data=dataset, collate_fn=collator).evaluate()
+    tokens_only = dataset.remove_columns(["text"])
+    trainer = Trainer(
+        model,
+        make_config(tmp_path, "fixed", max_steps=1, batch_size=4),
+        train_data=tokens_only,
+        collate_fn=collator,
+    )
+    assert trainer.fit().global_step == 1
