@@ -220,6 +220,11 @@ def foreign_value_hint(field: str, value: Any) -> str | None:
     return f"{owner} {their_name} {value!r} is steadyfit's {'null' if ours is None else repr(ours)}"
 
 
+_TOKENIZER_ANSWER = (
+    "nothing: tokenize in the dataset or the collate_fn, and save the tokenizer beside the final weights "
+    "yourself (tokenizer.save_pretrained(RUN_DIR/final))"
+)
+
 # Keyword arguments of the Hugging Face Trainer and of Lightning's fit() -> what steadyfit's Trainer takes.
 _TRAINER_ARGUMENTS: dict[str, tuple[str, str]] = {
     "args": (HF, "config=TrainConfig.from_hf(args)"),
@@ -233,8 +238,8 @@ _TRAINER_ARGUMENTS: dict[str, tuple[str, str]] = {
     ),
     "compute_loss_func": (HF, "loss_fn="),
     "optimizers": (HF, "optimizer= and scheduler="),
-    "tokenizer": (HF, "nothing: tokenize in the dataset or the collate_fn"),
-    "processing_class": (HF, "nothing: tokenize in the dataset or the collate_fn"),
+    "tokenizer": (HF, _TOKENIZER_ANSWER),
+    "processing_class": (HF, _TOKENIZER_ANSWER),
     "train_dataloaders": (LIGHTNING, "train_data= (a DataLoader or, better, its dataset)"),
     "val_dataloaders": (LIGHTNING, "eval_data="),
 }
