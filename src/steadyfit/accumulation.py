@@ -92,27 +92,51 @@ class WindowBackward:
         self.micro_limit = micro_batch_size if isinstance(micro_batch_size, int) else None
         self.on_out_of_memory = on_out_of_memory
 
-    def run(self, window: list[Any], sample_counts: list[int]) -> WindowLoss:
+    def run(
+        self, window: list[Any], sample_counts: list[int], largest_shares: list[int] | None = None
+    ) -> WindowLoss:
         """Zero the grads, then forward and backward every micro-batch; ``sample_counts`` are this rank's
-        real samples of each (0 for a stand-in that only keeps ranks in step)."""
+        real samples of each (0 for a stand-in that only keeps ranks in step).
+
+        ``largest_shares``: under several ranks, the most samples any rank holds of each micro-batch, when
+        the data position tells (map-style data). Cut into pieces, every rank then runs as many pieces as
+        the largest share needs, padding with zero-weight stand-ins: FSDP's all-gathers and DDP's
+        all-reduce are collectives, paired only if every rank runs the same forward and backward passes.
+        """
         window_samples = sum(sample_counts)
         while True:
             try:
-                return self._run(window, sample_counts, window_samples)
-            except torch.OutOfMemoryError:
+                return self._run(window, sample_counts, window_samples, largest_shares)
+            except torch.OutOfMemoryError as exc:
                 if not self.adaptive or (self.micro_limit or 2) <= 1:
                     raise
+                size = self.micro_limit or max(sample_counts)
+                if self.dist.is_distributed:
+                    # The other ranks wait in this window's collectives: halving here alone would run
+                    # more passes than they do, so the run stops with the size to ask for instead.
+                    raise torch.OutOfMemoryError(
+                        f"out of memory with micro-batches of {size} on rank {self.dist.rank}: under "
+                        f"{self.dist.world_size} ranks micro_batch_size='auto' cannot halve them on one rank "
+                        f"alone; rerun with micro_batch_size={max(1, size // 2)} (it resumes from the last "
+                        f"checkpoint). {exc}"
+                    ) from exc
                 # Halve the forward size and redo the window: same samples, same weighting, same result.
-                self.micro_limit = max(1, (self.micro_limit or max(sample_counts)) // 2)
+                self.micro_limit = max(1, size // 2)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 self.on_out_of_memory(f"steadyfit: out of memory; micro-batches of {self.micro_limit} now")
 
-    def _run(self, window: list[Any], sample_counts: list[int], window_samples: int) -> WindowLoss:
+    def _run(
+        self,
+        window: list[Any],
+        sample_counts: list[int],
+        window_samples: int,
+        largest_shares: list[int] | None,
+    ) -> WindowLoss:
         for param in self.params:
             param.grad = None
         window_loss: WindowLoss | None = None
-        pieces = self._pieces(window, sample_counts)
+        pieces = self._pieces(window, sample_counts, largest_shares)
         for position, (index_in_window, micro_batch, num_samples) in enumerate(pieces):
             try:
                 loss, weight, count, counts_tokens = self._forward_backward(
@@ -167,17 +191,28 @@ class WindowBackward:
             self.precision.scale(backward_loss).backward()
         return loss, weight, count, counts_tokens
 
-    def _pieces(self, window: list[Any], sample_counts: list[int]) -> list[tuple[int, Any, int]]:
-        """(position in the window, piece, samples): micro-batches, cut to ``micro_limit`` when set."""
+    def _pieces(
+        self, window: list[Any], sample_counts: list[int], largest_shares: list[int] | None
+    ) -> list[tuple[int, Any, int]]:
+        """(position in the window, piece, samples): micro-batches, cut to ``micro_limit`` when set, and
+        padded with zero-weight stand-ins to the pieces of the largest share (see :meth:`run`)."""
         limit = self.micro_limit
         pieces = []
         for index, (batch, num_samples) in enumerate(zip(window, sample_counts, strict=True)):
-            if limit is None or num_samples <= limit:
+            if limit is None:
                 pieces.append((index, batch, num_samples))
                 continue
-            pieces += [
-                (index, piece, data_mod.count_samples(piece)) for piece in data_mod.split_batch(batch, limit)
-            ]
+            cut = (
+                [(index, batch, num_samples)]
+                if num_samples <= limit
+                else [
+                    (index, piece, data_mod.count_samples(piece))
+                    for piece in data_mod.split_batch(batch, limit)
+                ]
+            )
+            needed = -(-largest_shares[index] // limit) if largest_shares is not None else len(cut)
+            stand_in = (index, cut[0][1], 0)  # this rank's own first piece, weighted zero
+            pieces += cut + [stand_in] * (needed - len(cut))
         return pieces
 
     def reduce_over_ranks(

@@ -113,6 +113,20 @@ class Distributed:
             return local_share(len(data), global_batch, self.world_size, self.rank, batch_index)
         return count_samples(batch)
 
+    def largest_shares(
+        self, data: Any, first_index: int, num_batches: int, batch_size: int
+    ) -> list[int] | None:
+        """The most samples any rank holds of each of ``num_batches`` micro-batches from ``first_index``
+        (rank 0's, under striding), from the data position for map-style data under several ranks; None
+        otherwise (not known)."""
+        if not (self.is_distributed and is_map_style(data)):
+            return None
+        global_batch = batch_size * self.world_size
+        return [
+            local_share(len(data), global_batch, self.world_size, 0, index)
+            for index in range(first_index, first_index + num_batches)
+        ]
+
     def step_samples(self, data: Any, first_index: int, num_batches: int, batch_size: int) -> int | None:
         """Samples of one optimizer step on all ranks, from the data position for map-style data (no host
         read); None for other data (the caller reads them from the step's reduction)."""

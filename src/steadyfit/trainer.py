@@ -362,8 +362,14 @@ class Trainer:
             self.dist.samples_in(self.train_data, batch, first_index + i, batch_size)
             for i, batch in enumerate(window)
         ]
+        # Cut into pieces, micro-batches pair up across ranks only if each rank cuts the largest share's.
+        largest_shares = (
+            self.dist.largest_shares(self.train_data, first_index, len(window), batch_size)
+            if self.config.micro_batch_size is not None
+            else None
+        )
         try:
-            loss = self.backward.run(window, sample_counts)
+            loss = self.backward.run(window, sample_counts, largest_shares)
         except data_mod.BatchError as exc:
             step = state.step + len(self._unbooked) + 1  # steps taken on the device are booked later
             raise data_mod.BatchError(

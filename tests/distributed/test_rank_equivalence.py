@@ -41,6 +41,10 @@ RUNS = {
     # Data through a worker per rank, the eval loader's kept from one evaluation to the next.
     "ddp_kept_eval": {"num_workers": 1, "persistent_workers": True, "eval_every": 2},
     "ddp_fresh_eval": {"num_workers": 1, "eval_every": 2},
+    # Micro-batches cut into pieces of one sample: the last global micro-batch (3 of the 33 samples) gives
+    # rank 0 two samples and rank 1 one, yet both must run two pieces (FSDP all-gathers in each).
+    "ddp_micro": {"batch_size": 3, "micro_batch_size": 1},
+    "fsdp_micro": {"batch_size": 3, "micro_batch_size": 1, "strategy": "fsdp"},
     "eval_mean": {"mode": "evaluate", "eval_batch_size": 4},
     "eval_pair": {"mode": "evaluate", "loss": "pair", "eval_batch_size": 3},
 }
@@ -109,6 +113,13 @@ def test_device_side_checks_under_ddp_equal_one_rank(two_ranks, tmp_path):
     for rank_result in runs["nan_adamw"]:
         assert rank_result["nonfinite_skips"] == 1
         assert rank_result["global_step"] == clean.global_step - 1
+
+
+@pytest.mark.parametrize("name", ["ddp_micro", "fsdp_micro"])
+def test_micro_batches_cut_into_pieces_pair_up_across_ranks(two_ranks, tmp_path, name):
+    base, _ = two_ranks
+    one_rank(tmp_path / "run", {"batch_size": 6})
+    assert_close(final_weights(base / name), final_weights(tmp_path / "run"))
 
 
 @pytest.mark.parametrize("name", ["ddp_pair", "fsdp_pair"])

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from helpers import base_config, make_mlp, make_regression
 from steadyfit import Callback, Trainer
+from steadyfit.accumulation import WindowBackward
+from steadyfit.precision import Precision
 
 CE = torch.nn.functional.cross_entropy
 
@@ -71,3 +75,35 @@ def test_oom_without_auto_is_raised(tmp_path):
     config = base_config(tmp_path, batch_size=16)
     with pytest.raises(torch.OutOfMemoryError):
         Trainer(Limited(), config, train_data=make_regression(32), loss_fn=CE).fit()
+
+
+class TwoRanksStub:
+    """What WindowBackward asks of a process group, as rank 1 of 2 sees it (no group needed)."""
+
+    is_distributed = True
+    rank = 1
+    world_size = 2
+
+    def gradient_sync(self, model, last):
+        return contextlib.nullcontext()
+
+
+def test_oom_under_several_ranks_stops_with_the_size_to_ask_for_instead_of_halving_alone():
+    # The other ranks wait in this window's collectives: halving on one rank alone would pair its passes
+    # with theirs wrongly (a hang, or a collective mismatch under FSDP).
+    model = Limited()
+    backward = WindowBackward(
+        model,
+        CE,
+        Precision("fp32", torch.device("cpu")),
+        TwoRanksStub(),
+        list(model.parameters()),
+        micro_batch_size="auto",
+    )
+    inputs, targets = make_regression(12).tensors
+    with pytest.raises(
+        torch.OutOfMemoryError,
+        match=r"micro-batches of 12 on rank 1: under 2 ranks .* rerun with micro_batch_size=6",
+    ):
+        backward.run([(inputs, targets)], [12])
+    assert backward.micro_limit is None and model.largest == 0
