@@ -13,7 +13,7 @@ from steadyfit import data as data_mod
 from steadyfit.config import ConfigError, TrainConfig
 from steadyfit.distributed import Distributed
 from steadyfit.loss import LossContractError, as_sum_and_count, forward_batch
-from steadyfit.metrics import MetricAccumulator
+from steadyfit.metrics import MetricAccumulator, is_torchmetric
 from steadyfit.precision import Precision
 from steadyfit.rng import preserved_rng
 
@@ -40,6 +40,34 @@ def check_eval_settings(config: TrainConfig, eval_data: Any) -> None:
                 f"{name}: {getattr(config, name)}, but the Trainer has no eval_data; pass eval_data=... or "
                 f"leave {name} out"
             )
+
+
+def check_metrics_meet_every_rank(metrics: Mapping[str, Any], data: Any, world_size: int, what: str) -> None:
+    """A torchmetrics ``Metric`` that keeps its inputs in lists (AUROC, average precision, ...) syncs them
+    itself in ``compute()``, and its collectives no longer pair up when a rank updated it with nothing,
+    which happens when the data holds fewer samples than there are ranks: that is refused here, on every
+    rank alike, rather than left to abort a process in the middle of a run.
+
+    Raises:
+        ConfigError: naming the data, the metrics and what to do.
+    """
+    length = data_mod.dataset_length(data)
+    if world_size <= 1 or length is None or length >= world_size:
+        return
+    keeping_lists = [
+        name for name, metric in metrics.items() if is_torchmetric(metric) and _keeps_lists(metric)
+    ]
+    if keeping_lists:
+        raise ConfigError(
+            f"{what}: {length} sample(s) over {world_size} ranks leave a rank with none, and the "
+            f"torchmetrics metric(s) {', '.join(map(repr, keeping_lists))} cannot sync an empty rank's list "
+            f"state; score at least {world_size} samples, or score this data in one process"
+        )
+
+
+def _keeps_lists(metric: Any) -> bool:
+    # A torchmetrics state added with a list default is concatenated over ranks ("cat" reduction).
+    return any(isinstance(default, list) for default in getattr(metric, "_defaults", {}).values())
 
 
 def evaluate_model(

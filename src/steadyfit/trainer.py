@@ -64,7 +64,12 @@ from steadyfit.config import ConfigError, TrainConfig, make_config
 from steadyfit.diagnostics import Diagnostics, validate_diagnostics
 from steadyfit.distributed import Distributed
 from steadyfit.ema import WeightEMA
-from steadyfit.evaluation import check_eval_settings, evaluate_model, predict
+from steadyfit.evaluation import (
+    check_eval_settings,
+    check_metrics_meet_every_rank,
+    evaluate_model,
+    predict,
+)
 from steadyfit.foreign_names import MIGRATING_DOC, foreign_argument_hint
 from steadyfit.guard import DeviceSkip, NonFiniteGuard, ReadCadence, StepRecord
 from steadyfit.horizons import Horizons, compute_horizons, fast_dev_run_settings, limit_batches
@@ -153,6 +158,8 @@ class Trainer:
         warn = console.warn if self.dist.is_main else None
         self.loss_fn = loss_fn if loss_fn is not None else ModelLoss.of(self.model, warn)
         self.metrics = dict(metrics or {})
+        if eval_data is not None:
+            check_metrics_meet_every_rank(self.metrics, eval_data, self.dist.world_size, "eval_data")
         self.callbacks = CallbackList(callbacks)
         self.state = TrainState()
         self.precision = Precision(self.config.precision, self.device)
@@ -259,6 +266,7 @@ class Trainer:
         """
         if data is not None:
             data_mod.check_every_sample_read(data, "evaluate(data)")
+            check_metrics_meet_every_rank(self.metrics, data, self.dist.world_size, "evaluate(data)")
         data = self.eval_data if data is None else data
         if data is None:
             raise ConfigError("eval_data: evaluate() needs data; pass eval_data=... to the Trainer")

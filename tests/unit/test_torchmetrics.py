@@ -9,7 +9,8 @@ from torch.utils.data import TensorDataset
 
 torchmetrics = pytest.importorskip("torchmetrics")
 
-from steadyfit import TrainConfig, Trainer  # noqa: E402
+from steadyfit import ConfigError, TrainConfig, Trainer  # noqa: E402
+from steadyfit.evaluation import check_metrics_meet_every_rank  # noqa: E402
 from steadyfit.metrics import accuracy  # noqa: E402
 
 
@@ -96,3 +97,16 @@ def test_a_torchmetric_receives_the_logits_of_a_dict_output(tmp_path):
     with torch.no_grad():
         correct = (model.linear(inputs).argmax(dim=1) == labels).sum()
     assert scores["eval_tm_accuracy"] == pytest.approx(float(correct) / 37, rel=1e-6)
+
+
+def test_list_state_metrics_over_fewer_samples_than_ranks_are_refused_on_every_rank():
+    # torchmetrics syncs a "cat" (list) state itself in compute(); a rank that updated nothing issues other
+    # collectives than the rest and the process aborts. Every rank sees the same lengths, so all refuse.
+    auroc = torchmetrics.classification.MulticlassAUROC(num_classes=5)
+    fixed_size = torchmetrics.classification.MulticlassAccuracy(num_classes=5)
+    one_sample = classification_data(1, seed=0, label_noise=0.0)
+    with pytest.raises(ConfigError, match=r"eval_data: 1 sample\(s\) over 2 ranks .* metric\(s\) 'auroc'"):
+        check_metrics_meet_every_rank({"acc": fixed_size, "auroc": auroc}, one_sample, 2, "eval_data")
+    check_metrics_meet_every_rank({"acc": fixed_size, "mine": accuracy}, one_sample, 2, "eval_data")
+    check_metrics_meet_every_rank({"auroc": auroc}, classification_data(2, 0, 0.0), 2, "eval_data")
+    check_metrics_meet_every_rank({"auroc": auroc}, one_sample, 1, "eval_data")
