@@ -8,10 +8,12 @@ last global micro-batch leaves rank 1 an empty share: its stand-in sample must w
 from __future__ import annotations
 
 import shutil
+import subprocess
 
 import pytest
 from dist_harness import (
     assert_close,
+    environment,
     printed,
     results,
     run_to_end,
@@ -228,6 +230,21 @@ def test_fsdp_resumes_on_one_rank_with_the_same_global_batch(two_ranks, referenc
     assert steps == list(range(4, 11)), "it must continue from step 3 (mid-epoch), not start over"
     # Resharded: the same samples per step, other reduction orders; equal to float rounding, not bitwise.
     assert_close(final_weights(run_dir), final_weights(reference))
+
+
+def test_a_checkpoint_that_is_not_sharded_is_refused_by_fsdp_naming_the_strategy(reference, tmp_path):
+    # A healthy checkpoint of one process (or DDP) is no damage: the run must say which strategy to use,
+    # not call every checkpoint damaged and ask to move them away.
+    run_dir = tmp_path / "copy"
+    shutil.copytree(reference, run_dir)
+    shutil.rmtree(run_dir / "final")
+    command = torchrun(*script((run_dir, {**ONE_RANK, "strategy": "fsdp", "max_epochs": 3})), nproc=1)
+    completed = subprocess.run(
+        command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120
+    )
+    assert completed.returncode != 0
+    assert "strategy: the checkpoint is not sharded" in completed.stdout, completed.stdout
+    assert "damaged" not in completed.stdout
 
 
 def _train_rows(run_dir):

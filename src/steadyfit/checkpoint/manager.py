@@ -466,6 +466,12 @@ class CheckpointManager:
         for name, component in components.items():
             if name == MODEL:
                 if checkpoint.shards_dir is None:
+                    if hasattr(component, "load_shards"):
+                        raise ConfigError(
+                            "strategy: the checkpoint is not sharded (written with strategy=ddp or in one "
+                            "process) and this run shards the model (strategy=fsdp); resume it with the "
+                            "strategy it was written with"
+                        )
                     _load_one(name, component.load_state_dict, checkpoint.model_state)
                     continue
                 if not hasattr(component, "load_shards"):
