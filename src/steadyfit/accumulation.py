@@ -216,11 +216,12 @@ class WindowBackward:
         return pieces
 
     def reduce_over_ranks(
-        self, loss: WindowLoss, samples: int, global_samples: int | None, preempted: bool
+        self, loss: WindowLoss, samples: int, global_samples: int | None, preemption_vote: float
     ) -> tuple[WindowLoss, int, torch.Tensor]:
         """Sum the window's count, loss and samples over all ranks in one all-reduce, with this rank's
-        preemption vote riding on it; then divide the grads (DDP / FSDP averaged them over ranks) by the
-        global count. Returns the global loss, the global samples and the vote (on the device).
+        preemption vote (:func:`~steadyfit.signals.preemption_vote`) riding on it; then divide the grads
+        (DDP / FSDP averaged them over ranks) by the global count. Returns the global loss, the global
+        samples and the summed votes (on the device).
 
         ``global_samples``: the step's samples on all ranks when the caller knows them from the data
         position; otherwise they are read from the reduction (a host read).
@@ -229,7 +230,7 @@ class WindowBackward:
             [
                 torch.as_tensor(loss.count, dtype=torch.float64, device=self.device),
                 loss.total.to(torch.float64),
-                torch.tensor(float(preempted), dtype=torch.float64, device=self.device),
+                torch.tensor(preemption_vote, dtype=torch.float64, device=self.device),
                 torch.tensor(float(samples), dtype=torch.float64, device=self.device),
             ]
         )

@@ -50,3 +50,30 @@ class PreemptionFlag:
             # A second Ctrl-C means "now": abort without waiting for the step and the checkpoint.
             raise KeyboardInterrupt
         self.signum = signum
+
+
+def preemption_vote(signum: int | None, world_size: int) -> float:
+    """This rank's share of a preemption vote summed over ranks: 0 without a signal, 1 for SIGINT and
+    ``world_size + 1`` for SIGTERM, so the sum says whether any rank was signalled and whether any got
+    SIGTERM (see :func:`voted_signal`).
+
+    Example:
+        >>> preemption_vote(None, 2), preemption_vote(signal.SIGINT, 2), preemption_vote(signal.SIGTERM, 2)
+        (0.0, 1.0, 3.0)
+    """
+    if signum is None:
+        return 0.0
+    return 1.0 if signum == signal.SIGINT else float(world_size + 1)
+
+
+def voted_signal(votes: float, world_size: int) -> int | None:
+    """The signal every rank exits with, from the summed :func:`preemption_vote`: SIGTERM when any rank got
+    it (a scheduler's preemption), else SIGINT when any rank got that, else None.
+
+    Example:
+        >>> [voted_signal(votes, 2) for votes in (0.0, 1.0, 2.0, 3.0, 4.0)]
+        [None, <Signals.SIGINT: 2>, <Signals.SIGINT: 2>, <Signals.SIGTERM: 15>, <Signals.SIGTERM: 15>]
+    """
+    if votes > world_size:
+        return signal.SIGTERM
+    return signal.SIGINT if votes > 0 else None

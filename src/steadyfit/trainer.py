@@ -37,7 +37,6 @@ import contextlib
 import itertools
 import json
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -85,7 +84,7 @@ from steadyfit.rng import seed_everything, set_deterministic
 from steadyfit.rundir import RunDirectory
 from steadyfit.schedules import resolve_scheduler
 from steadyfit.secrets import redact, secret_env_values
-from steadyfit.signals import Preempted, PreemptionFlag
+from steadyfit.signals import Preempted, PreemptionFlag, preemption_vote, voted_signal
 from steadyfit.startup import format_start, start_row
 from steadyfit.state import FitResult, TrainState
 from steadyfit.tracking import build_tracker
@@ -392,7 +391,7 @@ class Trainer:
                 loss,
                 samples,
                 self.dist.step_samples(self.train_data, first_index, len(window), batch_size),
-                preemption.is_set,
+                preemption_vote(preemption.signum, self.dist.world_size),
             )
         elif loss.counts_tokens:
             self.backward.divide_grads(loss.count)
@@ -460,8 +459,9 @@ class Trainer:
         self._announce_committed()
         # Under several ranks the vote of the last step's all-reduce: read here, where every rank reads.
         votes = self._preempt_votes
-        if preemption.is_set if votes is None else bool(votes > 0):
-            self._preempt(preemption.signum)
+        signum = preemption.signum if votes is None else voted_signal(float(votes), self.dist.world_size)
+        if signum is not None:
+            self._preempt(signum)
 
     def _is_read_point(self, preemption: PreemptionFlag, epoch_ended: bool) -> bool:
         device_skip = self.device_skip
@@ -616,12 +616,12 @@ class Trainer:
         for path in self.checkpoints.pop_committed():
             self.callbacks.fire("on_checkpoint_saved", self, self.state, path)
 
-    def _preempt(self, signum: int | None) -> None:
-        """A signal reached some rank: checkpoint this boundary, wait for the commit, exit 143 or 130."""
+    def _preempt(self, signum: int) -> None:
+        """A signal reached some rank: checkpoint this boundary, wait for the commit, exit 143 or 130 (every
+        rank alike: SIGTERM if it reached any rank)."""
         self._save()
         self.checkpoints.wait()
         self._announce_committed()
-        signum = signum or signal.SIGTERM
         where = self.checkpoints.last_checkpoint
         if self.dist.is_main:
             console.notice(f"preempted by signal {int(signum)}; checkpoint {where} written")

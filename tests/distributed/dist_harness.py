@@ -132,15 +132,19 @@ def kill_rank_one_after_commit(run_dir: Path, overrides: dict[str, object], step
     return output
 
 
-def preempt_one_rank(run_dir: Path, overrides: dict[str, object], rank: int, cue: str) -> str:
-    """A 2-rank launch whose worker of ``rank`` gets SIGTERM once the line ``cue`` is printed; both ranks
-    must end with a checkpoint and exit 143. Returns everything it printed."""
+def preempt_one_rank(
+    run_dir: Path, overrides: dict[str, object], rank: int, cue: str, signum: int = TERM
+) -> str:
+    """A 2-rank launch whose worker of ``rank`` gets ``signum`` (SIGTERM or SIGINT) once the line ``cue``
+    is printed; both ranks must end with a checkpoint and exit with that signal's status (143 or 130),
+    the rank that got no signal too. Returns everything it printed."""
 
-    def terminate(pids: dict[int, int]) -> None:
-        os.kill(pids[rank], TERM)
+    def signal_one(pids: dict[int, int]) -> None:
+        os.kill(pids[rank], signum)
 
-    output = run_until(torchrun(*script((run_dir, overrides))), lambda line: line == cue, terminate)
-    assert sorted(printed(output, "exit")) == [["0", "143"], ["1", "143"]], output
+    output = run_until(torchrun(*script((run_dir, overrides))), lambda line: line == cue, signal_one)
+    status = str({TERM: 143, signal.SIGINT: 130}[signum])
+    assert sorted(printed(output, "exit")) == [["0", status], ["1", status]], output
     return output
 
 

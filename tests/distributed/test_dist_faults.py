@@ -1,7 +1,9 @@
 """Guarantees 2 and 4 across ranks with real torchrun groups: a SIGKILLed worker under --max-restarts, and a
-SIGTERM reaching one worker, both end in weights bitwise equal to the uninterrupted 2-rank run."""
+SIGTERM or SIGINT reaching one worker, both end in weights bitwise equal to the uninterrupted 2-rank run."""
 
 from __future__ import annotations
+
+import signal
 
 import pytest
 from dist_harness import (
@@ -70,7 +72,8 @@ def test_a_user_loader_preempted_mid_epoch_resumes_bitwise_on_every_rank(tmp_pat
     overrides = {**OVERRIDES, "user_loader": 1}
     run_to_end(torchrun(*script((tmp_path / "uninterrupted", overrides))))
     run_dir = tmp_path / "run"
-    output = preempt_one_rank(run_dir, overrides, rank=1, cue="step 1 6")
+    # SIGINT (Ctrl-C in rank 1's terminal) rather than SIGTERM: rank 0, which got no signal, exits 130 too.
+    output = preempt_one_rank(run_dir, overrides, rank=1, cue="step 1 6", signum=signal.SIGINT)
     stopped = int(printed(output, "step")[-1][1])
     assert stopped % 5, "stopped in the middle of an epoch (5 steps each)"
     run_to_end(torchrun(*script((run_dir, overrides))))
