@@ -128,14 +128,25 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argpars
         >>> argv = ["sweep", "digits", "--space", "s.yaml", "--trials", "2", "max_steps=30"]
         >>> parse_arguments(build_parser(), argv).overrides
         ['max_steps=30']
+        >>> args = parse_arguments(build_parser(), ["fit", "lr=0.1", "digits", "max_steps=30"])
+        >>> args.source, args.overrides
+        ('digits', ['lr=0.1', 'max_steps=30'])
     """
     args, extras = parser.parse_known_args(argv)
-    if not extras:
-        return args
-    stray = [item for item in extras if item.startswith("-") or "=" not in item]
-    if stray or not hasattr(args, "overrides"):
-        parser.error(f"unrecognized arguments: {' '.join(stray or extras)}")
-    args.overrides.extend(extras)
+    if extras:
+        stray = [item for item in extras if item.startswith("-") or "=" not in item]
+        if stray or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(stray or extras)}")
+        args.overrides.extend(extras)
+    if hasattr(args, "source"):
+        # The recipe or config is the one positional that is not key=value (or a file whose name has
+        # one), wherever it stands: `fit max_steps=30 digits` reads as `fit digits max_steps=30`.
+        given = ([args.source] if args.source else []) + args.overrides
+        sources = [item for item in given if "=" not in item or Path(item).exists()]
+        if len(sources) > 1:
+            parser.error(f"one recipe or config at most, got {' '.join(sources)}")
+        args.source = sources[0] if sources else None
+        args.overrides = [item for item in given if item not in sources]
     return args
 
 
@@ -151,14 +162,6 @@ def main(argv: list[str] | None = None) -> int:
     # the console script alone would not. Last on the path: a stray file there never shadows a library.
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
-    if (
-        args.command in ("fit", "lr-find", "sweep")
-        and args.source
-        and "=" in args.source
-        and not Path(args.source).exists()
-    ):
-        args.overrides.insert(0, args.source)  # `steadyfit fit lr=1e-3`: no source, overrides only
-        args.source = None
     try:
         if args.command == "fit":
             return run_fit(args.source, args.overrides)

@@ -186,8 +186,16 @@ def test_overrides_are_taken_before_and_after_the_options():
     before = parse_arguments(
         parser, ["sweep", "digits", "lr=0.1", "--space", "s.yaml", "--trials", "2", "seed=3"]
     )
-    assert after.source == before.source == "digits"
-    assert after.overrides == before.overrides == ["lr=0.1", "seed=3"]
+    first = parse_arguments(
+        parser, ["sweep", "lr=0.1", "digits", "--space", "s.yaml", "--trials", "2", "seed=3"]
+    )
+    assert after.source == before.source == first.source == "digits"
+    assert after.overrides == before.overrides == first.overrides == ["lr=0.1", "seed=3"]
+    fit = parse_arguments(parser, ["fit", "max_steps=3", "digits", "seed=1"])
+    assert (fit.source, fit.overrides) == ("digits", ["max_steps=3", "seed=1"])
+    assert parse_arguments(parser, ["fit", "max_steps=3"]).source is None
+    with pytest.raises(SystemExit):
+        parse_arguments(parser, ["fit", "digits", "max_steps=3", "tinylm"])
     lr_find = parse_arguments(parser, ["lr-find", "digits", "--num-steps", "5", "max_steps=9"])
     assert lr_find.num_steps == 5 and lr_find.overrides == ["max_steps=9"]
     with pytest.raises(SystemExit):
