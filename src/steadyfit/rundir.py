@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import save as save_safetensors
 
 from steadyfit.checkpoint import CheckpointError, CheckpointStore, RunLock, RunLockedError
-from steadyfit.checkpoint.atomic import replace_file
+from steadyfit.checkpoint.atomic import replace_file, replace_with
 from steadyfit.checkpoint.payload import prepare_tensors
+from steadyfit.checkpoint.tensor_file import write_tensor_file
 from steadyfit.config import ConfigError
 from steadyfit.console import warn
 from steadyfit.hf import pretrained_config_files
@@ -41,9 +41,11 @@ def write_weights(path: Path, tensors: dict[str, torch.Tensor], step: int) -> No
     """Write a safetensors file atomically (temporary name, fsync, rename).
 
     Its metadata holds the step and ``format: pt``, which ``transformers`` before 5 requires of a file
-    ``from_pretrained`` loads.
+    ``from_pretrained`` loads. Written straight from the tensors' memory, the same bytes for the same
+    weights.
     """
-    replace_file(path, save_safetensors(tensors, metadata={"format": "pt", "step": str(step)}))
+    metadata = {"format": "pt", "step": str(step)}
+    replace_with(path, lambda tmp: write_tensor_file(tmp, tensors, metadata))
 
 
 class RunDirectory:

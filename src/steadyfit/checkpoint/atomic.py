@@ -220,9 +220,15 @@ def replace_file(path: Path, data: bytes) -> None:
         >>> replace_file(target, b"lr: 0.1\\n"); target.read_bytes()
         b'lr: 0.1\\n'
     """
+    replace_with(path, lambda tmp: write_bytes_durable(tmp, data))
+
+
+def replace_with(path: Path, write: Callable[[Path], object]) -> None:
+    """Replace ``path`` with the file ``write`` creates (durably) at the path it is given, atomically as
+    :func:`replace_file` does."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)  # left by a crash between the write and the rename
-    write_bytes_durable(tmp, data)
+    write(tmp)
     os.replace(tmp, path)
     fsync_path(path.parent)
 

@@ -27,12 +27,15 @@ _SMALL_RUN_BYTES = 1024 * 1024
 _Span = tuple[int, int, str, torch.dtype, list[int]]
 
 
-def write_tensor_file(path: Path, tensors: dict[str, torch.Tensor]) -> FileRecord:
+def write_tensor_file(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> FileRecord:
     """Write contiguous CPU ``tensors`` as a safetensors file straight from their memory, hashing as it goes.
 
     The tensors' bytes follow the header largest element size first, so every tensor stays aligned. Unlike
     ``save_file``, no tensor is copied to a Python ``bytes`` and the file is not read back to be hashed. The
-    tensors were checked storable before the save touched the disk.
+    tensors were checked storable before the save touched the disk. ``metadata`` goes in the header's
+    ``__metadata__``, its keys sorted: the same tensors and metadata always give the same bytes.
 
     Example:
         >>> import tempfile
@@ -43,7 +46,7 @@ def write_tensor_file(path: Path, tensors: dict[str, torch.Tensor]) -> FileRecor
     _require_little_endian(path)
     dtype_names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
     order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
-    header: dict[str, Any] = {}
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     offset = 0
     for name in order:
         tensor = tensors[name]
