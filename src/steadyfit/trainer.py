@@ -244,7 +244,9 @@ class Trainer:
                 if self.device_skip is not None:
                     self.device_skip.release()  # float lrs back, found_inf gone: the optimizer is reusable
                 self.progress.close()
-                self.checkpoints.close(quietly=True)  # the save in flight finishes; this error is the news
+                # The save in flight finishes and a held best is committed (not for a second Ctrl-C, which
+                # means now); this error is the news.
+                self.checkpoints.close(quietly=True, commit_held_best=not isinstance(exc, KeyboardInterrupt))
                 self.callbacks.fire("on_exception", self, self.state, exc)
                 self._leave_wrapper()
                 raise
@@ -507,7 +509,7 @@ class Trainer:
             else:
                 self.guard.record_skip(
                     state,
-                    self.checkpoints.last_checkpoint,
+                    self.checkpoints.last_good_checkpoint,
                     "loss or gradient",
                     position=(record.epoch, record.batch_in_epoch),
                 )

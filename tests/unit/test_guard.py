@@ -98,3 +98,40 @@ def test_consecutive_skip_limit_stops_training(tmp_path):
     config = base_config(tmp_path, batch_size=4, max_consecutive_skips=3, max_epochs=1)
     with pytest.raises(NonFiniteError, match=r"4 consecutive optimizer steps"):
         Trainer(make_mlp(), config, train_data=data, loss_fn=nan_on_calls(set(range(3, 100)))).fit()
+
+
+def test_a_raise_after_an_improving_evaluation_commits_and_names_the_best_checkpoint(tmp_path):
+    # save_every=0: an improving evaluation's checkpoint is held in memory until the next save point. An
+    # error before that point must commit it, name it, and let the rerun resume from it, not from step 0.
+    data = make_regression(80)
+    settings = {"batch_size": 4, "eval_every": 5, "save_every": 0, "on_nonfinite": "raise"}
+    training_calls = []
+
+    def nan_from_step_8(outputs, targets):
+        loss = CE(outputs, targets)
+        if torch.is_grad_enabled():  # training, not the evaluation
+            training_calls.append(1)
+        return loss * float("nan") if len(training_calls) >= 8 else loss
+
+    trainer = Trainer(
+        make_mlp(),
+        base_config(tmp_path, **settings),
+        train_data=data,
+        eval_data=data,
+        loss_fn=nan_from_step_8,
+    )
+    best = tmp_path / "run" / "checkpoints" / "step-00000005"
+    with pytest.raises(NonFiniteError, match=rf"step 8, .*; last good checkpoint: {best}$"):
+        trainer.fit()
+    assert trainer.state.best_checkpoint == str(best)
+    assert (best / "manifest.json").is_file(), "the held best checkpoint was lost to the error"
+
+    started_at = []
+
+    class StartedAt(Callback):
+        def on_fit_start(self, trainer, state):
+            started_at.append(state.step)
+
+    config = base_config(tmp_path, **settings, max_steps=6, max_epochs=None)
+    rerun = Trainer(make_mlp(), config, train_data=data, eval_data=data, loss_fn=CE, callbacks=[StartedAt()])
+    assert rerun.fit().global_step == 6 and started_at == [5]

@@ -178,11 +178,25 @@ class CheckpointManager:
             committed.append(self._committed.popleft())
         return committed
 
-    def close(self, *, quietly: bool = False) -> None:
-        """Wait for the save in flight (rank 0) and refuse further saves.
+    @property
+    def last_good_checkpoint(self) -> str | None:
+        """The checkpoint a rerun would resume from: a best one held in memory (committed at the next save
+        point or when the run closes), else the last one submitted."""
+        if self._best is not None:
+            return str(self.path_for(self._best.step))
+        return self.last_checkpoint
+
+    def close(self, *, quietly: bool = False, commit_held_best: bool = True) -> None:
+        """Commit a best checkpoint held in memory, wait for the save in flight (rank 0) and refuse further
+        saves.
 
         ``quietly``: while another error unwinds, a failed background save is not raised over it.
+        ``commit_held_best``: False for an abort that must not wait for a write (a second Ctrl-C); the held
+        best is otherwise a consistent capture of an earlier boundary, and an error must not lose it.
         """
+        best, self._best = self._best, None
+        if best is not None and commit_held_best:
+            self._submit(best)
         if not self.dist.is_main:
             return
         if not quietly:
