@@ -73,7 +73,7 @@ from steadyfit.foreign_names import MIGRATING_DOC, foreign_argument_hint
 from steadyfit.guard import DeviceSkip, NonFiniteGuard, ReadCadence, StepRecord
 from steadyfit.horizons import Horizons, compute_horizons, fast_dev_run_settings, limit_batches
 from steadyfit.identity import RunIdentity
-from steadyfit.layout import CONFIG_FILE
+from steadyfit.layout import CONFIG_FILE, step_of
 from steadyfit.log_window import LogWindow, memory_mb
 from steadyfit.loggers.progress import Progress
 from steadyfit.loss import ModelLoss
@@ -770,6 +770,11 @@ class Trainer:
         else:
             self.run_directory.cut_back()
             self.last_metrics = self.run_directory.last_eval_scores()
+            best_step = step_of(Path(self.state.best_checkpoint).name) if self.state.best_checkpoint else None
+            if best_step is not None:
+                # Saved as the path it had then: the run directory may have moved since (or a relative
+                # run_dir is now read from another directory), so the best one is looked up in this run's.
+                self.state.best_checkpoint = str(self.checkpoints.path_for(best_step))
         self.run_directory.open_loggers()
         show = self.config.progress and self.dist.is_main
         self.progress = Progress(show, self.horizons.total_steps, initial_step=self.state.step)

@@ -3,10 +3,13 @@ checkpoint and is started again equals, bitwise, the run that never stopped."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from helpers import base_config, make_mlp, make_regression
+from helpers import assert_bitwise_equal, base_config, final_weights, make_mlp, make_regression
 from steadyfit import Callback, Trainer, seed_everything
 
 CE = torch.nn.functional.cross_entropy
@@ -146,3 +149,51 @@ def test_a_finished_run_whose_last_step_was_skipped_reruns_without_training(tmp_
         return Trainer(make_mlp(), config, train_data=loader, loss_fn=CE)
 
     _rerun_changes_nothing(tmp_path, make)
+
+
+def test_a_moved_run_directory_finds_its_best_checkpoint_in_the_new_place(tmp_path):
+    # run_dir may change on resume: the best checkpoint recorded in the state must be looked up in the run
+    # directory the run has now, or load_best_at_end fails at the end of every rerun (or, worse, reads a
+    # checkpoint of whatever run now sits at the old path).
+    settings = {
+        "batch_size": 8,
+        "eval_every": 2,
+        "save_every": 2,
+        "keep_last": 1,
+        "load_best_at_end": True,
+        "metric_for_best": "evaluations_before",
+        "greater_is_better": False,
+    }
+    data = make_regression(90)
+    evaluations = []
+
+    class Count(Callback):
+        def on_evaluate(self, trainer, state, scores):
+            evaluations.append(state.step)
+
+    def evaluations_before(outputs, targets):
+        return float(len(evaluations))  # 0 at the first evaluation, worse at every later one
+
+    def fit(parent, max_steps):
+        seed_everything(0)
+        config = base_config(parent, **settings, max_steps=max_steps, max_epochs=None)
+        metrics = {"evaluations_before": evaluations_before}
+        trainer = Trainer(
+            make_mlp(),
+            config,
+            train_data=data,
+            eval_data=data,
+            loss_fn=CE,
+            metrics=metrics,
+            callbacks=[Count()],
+        )
+        return trainer.fit()
+
+    first = fit(tmp_path / "before", 6)
+    assert first.best_checkpoint == str(tmp_path / "before" / "run" / "checkpoints" / "step-00000002")
+    (tmp_path / "before").rename(tmp_path / "after")
+    result = fit(tmp_path / "after", 8)
+    moved = tmp_path / "after" / "run"
+    assert result.global_step == 8 and result.best_checkpoint == str(moved / "checkpoints" / "step-00000002")
+    best = load_file(str(Path(result.best_checkpoint) / "model.safetensors"))
+    assert_bitwise_equal(final_weights(moved), best)
