@@ -23,6 +23,9 @@ class TrainState:
     best_metric: float | None = None
     best_step: int | None = None
     best_checkpoint: str | None = None
+    # What judged best_metric ("eval_loss, lower is better"): a resume with another metric_for_best or
+    # greater_is_better starts the tracking over instead of comparing against another metric's best.
+    best_judged_by: str | None = None
     # The evaluations whose checkpoints rotation keeps (keep_best): [step, metric] pairs, the best first.
     kept_best: list[list[Any]] = field(default_factory=list)
     evals_without_improvement: int = 0
@@ -92,6 +95,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "best_metric": (int, float, type(None)),
     "best_step": (int, type(None)),
     "best_checkpoint": (str, type(None)),
+    "best_judged_by": (str, type(None)),
     "kept_best": (list,),
     "evals_without_improvement": _COUNT,
     "nonfinite_skips": _COUNT,

@@ -42,6 +42,29 @@ class BestTracker:
         self.patience = patience
         self.threshold = threshold
 
+    @property
+    def judged_by(self) -> str:
+        """The metric and its direction, as the state records them beside the best value."""
+        return f"{self.metric}, {'higher' if self.greater_is_better else 'lower'} is better"
+
+    def take_over(self, state: TrainState) -> str | None:
+        """After a resume: a best value (and the kept checkpoints, the patience count) that another metric or
+        direction judged is forgotten, and the tracking starts over; returns what judged it then, or None
+        when nothing was forgotten.
+
+        Example:
+            >>> state = TrainState(best_metric=0.9, best_judged_by="eval_accuracy, higher is better")
+            >>> BestTracker("eval_loss", None, None, 0.0).take_over(state), state.best_metric
+            ('eval_accuracy, higher is better', None)
+        """
+        before = state.best_judged_by
+        if before is None or before == self.judged_by:
+            return None
+        state.best_metric = state.best_step = state.best_checkpoint = state.best_judged_by = None
+        state.kept_best = []
+        state.evals_without_improvement = 0
+        return before
+
     def is_improvement(self, value: float, best: float | None) -> bool:
         if math.isnan(value):
             return False
@@ -60,6 +83,7 @@ class BestTracker:
             )
         value = float(metrics[self.metric])
         improved = self.is_improvement(value, state.best_metric)
+        state.best_judged_by = self.judged_by
         if improved:
             state.best_metric = value
             state.best_step = state.step

@@ -770,6 +770,12 @@ class Trainer:
         else:
             self.run_directory.cut_back()
             self.last_metrics = self.run_directory.last_eval_scores()
+            forgotten = self.tracker.take_over(self.state) if self.tracker is not None else None
+            if forgotten is not None and self.dist.is_main:
+                console.notice(
+                    f"metric_for_best: the checkpoint's best was judged by {forgotten}, this run by "
+                    f"{self.tracker.judged_by}; best tracking and early stopping start over"
+                )
             best_step = step_of(Path(self.state.best_checkpoint).name) if self.state.best_checkpoint else None
             if best_step is not None:
                 # Saved as the path it had then: the run directory may have moved since (or a relative

@@ -9,8 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import assert_bitwise_equal, base_config, final_weights, make_mlp, make_regression
-from steadyfit import Callback, Trainer, seed_everything
+from helpers import (
+    assert_bitwise_equal,
+    base_config,
+    final_weights,
+    make_mlp,
+    make_regression,
+    metric_rows,
+)
+from steadyfit import Callback, Trainer, accuracy, seed_everything
 
 CE = torch.nn.functional.cross_entropy
 
@@ -197,3 +204,29 @@ def test_a_moved_run_directory_finds_its_best_checkpoint_in_the_new_place(tmp_pa
     assert result.global_step == 8 and result.best_checkpoint == str(moved / "checkpoints" / "step-00000002")
     best = load_file(str(Path(result.best_checkpoint) / "model.safetensors"))
     assert_bitwise_equal(final_weights(moved), best)
+
+
+def test_a_new_metric_for_best_on_resume_starts_the_best_tracking_over(tmp_path, capsys):
+    # The best value a checkpoint holds was judged by its metric: compared with another metric's values
+    # (an accuracy as if it were a loss) it would keep the wrong checkpoint and stop early on no evidence.
+    data = make_regression(90)
+
+    def fit(max_steps, **best):
+        seed_everything(0)
+        config = base_config(
+            tmp_path, batch_size=8, eval_every=2, max_steps=max_steps, max_epochs=None, lr=0.3, **best
+        )
+        metrics = {"accuracy": accuracy}
+        return Trainer(make_mlp(), config, train_data=data, eval_data=data, loss_fn=CE, metrics=metrics).fit()
+
+    before = fit(6, metric_for_best="accuracy")
+    assert before.best_metric is not None
+    after = fit(12, metric_for_best="eval_loss", early_stopping_patience=1)
+    assert "best tracking and early stopping start over" in capsys.readouterr().err
+    losses = {
+        row["step"]: row["eval_loss"]
+        for row in metric_rows(tmp_path / "run")
+        if "eval_loss" in row and row["step"] > 6
+    }
+    assert after.best_step == min(losses, key=losses.get) and after.best_metric == min(losses.values())
+    assert after.best_checkpoint == str(tmp_path / "run" / "checkpoints" / f"step-{after.best_step:08d}")
