@@ -54,10 +54,13 @@ TMP_DIR_PREFIX = ".tmp-step-"
 OLD_DIR_PREFIX = ".old-step-"
 # A damaged checkpoint moved out of the way by a save of the same step; never deleted automatically.
 DAMAGED_DIR_PREFIX = "damaged-step-"
+# A checkpoint rotation is deleting (".deleting-step-…"): renamed first, so a crash mid-delete leaves no
+# torn step- directory.
 
 STEP_DIR_RE = re.compile(r"^step-(\d{8,})$")
 TMP_DIR_RE = re.compile(r"^\.tmp-step-(\d{8,})-[0-9a-f]{8}$")
 OLD_DIR_RE = re.compile(r"^\.old-step-(\d{8,})-[0-9a-f]{8}$")
+DELETING_DIR_RE = re.compile(r"^\.deleting-step-(\d{8,})-[0-9a-f]{8}$")
 
 # A plain basename: no separator, no leading dot (so neither "." nor ".." nor hidden files).
 FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
@@ -85,6 +88,16 @@ def tmp_dir_name(step: int, token: str) -> str:
 def old_dir_name(step: int, token: str) -> str:
     """Name a committed checkpoint is moved to while a new save of the same step replaces it."""
     return f"{OLD_DIR_PREFIX}{step:08d}-{token}"
+
+
+def deleting_dir_name(step_dir: str, token: str) -> str:
+    """Name the checkpoint directory ``step_dir`` is renamed to before rotation deletes its files.
+
+    Example:
+        >>> deleting_dir_name("step-00000100", "0a1b2c3d")
+        '.deleting-step-00000100-0a1b2c3d'
+    """
+    return f".deleting-{step_dir}-{token}"
 
 
 def damaged_dir_name(step: int, token: str) -> str:

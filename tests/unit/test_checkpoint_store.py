@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -410,6 +411,34 @@ def test_a_crash_mid_save_leaves_no_checkpoint_and_a_stray_that_cleanup_removes(
     foreign.mkdir()
     assert store.cleanup_stray() == strays
     assert sorted(p.name for p in store.checkpoints_dir.iterdir()) == [".tmp-mine", "step-00000001"]
+
+
+def test_a_crash_mid_rotation_leaves_no_torn_checkpoint_and_a_stray_that_cleanup_removes(
+    tmp_path: Path,
+) -> None:
+    # A SIGKILL while rotation deletes an old checkpoint's files must not leave a step- directory missing
+    # some of them: that would read as damage, be kept forever and be warned about at every save.
+    store = CheckpointStore(tmp_path)
+    paths = save_steps(store, 1, 2, 3)
+    crash = (
+        "import os, signal\n"
+        "import steadyfit.checkpoint.store as s\n"
+        "def die_after_one_file(path):\n"
+        "    os.unlink(min(p for p in path.iterdir() if p.is_file()))\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "s.remove_tree = die_after_one_file\n"
+        f"s.CheckpointStore({str(tmp_path)!r}).rotate(keep_last=2)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", crash], env={**os.environ, "PYTHONPATH": str(SRC_DIR)}, capture_output=True
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr.decode()
+    assert store.list_checkpoints() == paths[1:]
+    assert all(not store.verify(path) for path in store.list_checkpoints())
+    strays = [p for p in store.checkpoints_dir.iterdir() if p.name.startswith(".deleting-step-00000001-")]
+    assert len(strays) == 1
+    assert store.cleanup_stray() == strays
+    assert sorted(p.name for p in store.checkpoints_dir.iterdir()) == ["step-00000002", "step-00000003"]
 
 
 def test_cleanup_restores_a_checkpoint_moved_aside_by_an_interrupted_replacement(tmp_path: Path) -> None:

@@ -428,7 +428,11 @@ class CheckpointStore:
             if faults:
                 warn(f"not deleting damaged checkpoint {path}: {'; '.join(faults)}")
                 continue
-            remove_tree(path)
+            # Out of sight first (one rename): a crash while deleting leaves a hidden directory that
+            # cleanup_stray() removes, never a step- directory missing some of its files.
+            doomed = self.checkpoints_dir / layout.deleting_dir_name(path.name, secrets.token_hex(4))
+            os.rename(path, doomed)
+            remove_tree(doomed)
             deleted.append(path)
         return deleted
 
@@ -452,7 +456,7 @@ class CheckpointStore:
         with os.scandir(self.checkpoints_dir) as entries:
             strays = [Path(e.path) for e in entries if not e.is_symlink() and e.is_dir(follow_symlinks=False)]
         for path in sorted(strays):
-            if layout.TMP_DIR_RE.match(path.name):
+            if layout.TMP_DIR_RE.match(path.name) or layout.DELETING_DIR_RE.match(path.name):
                 remove_tree(path)
                 removed.append(path)
                 continue
