@@ -41,6 +41,13 @@ def components(step: int = 0) -> dict[str, object]:
     }
 
 
+def run_python(code: str) -> subprocess.CompletedProcess[bytes]:
+    """``code`` in a process of its own (one that may crash or be killed), importing this steadyfit."""
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(SRC_DIR)}, capture_output=True
+    )
+
+
 def save_steps(store: CheckpointStore, *steps: int) -> list[Path]:
     return [store.save(step, model_state(step), components(step)) for step in steps]
 
@@ -398,9 +405,7 @@ def test_a_crash_mid_save_leaves_no_checkpoint_and_a_stray_that_cleanup_removes(
         "s.commit_dir = lambda tmp, final: os._exit(9)\n"
         f"s.CheckpointStore({str(tmp_path)!r}).save(2, {{'w': torch.ones(3)}}, {{'t': {{'a': 1}}}})\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", crash], env={**os.environ, "PYTHONPATH": str(SRC_DIR)}, capture_output=True
-    )
+    result = run_python(crash)
     assert result.returncode == 9, result.stderr.decode()
     strays = [p for p in store.checkpoints_dir.iterdir() if p.name.startswith(".tmp-step-00000002-")]
     assert len(strays) == 1 and (strays[0] / "manifest.json").exists()
@@ -429,9 +434,7 @@ def test_a_crash_mid_rotation_leaves_no_torn_checkpoint_and_a_stray_that_cleanup
         "s.remove_tree = die_after_one_file\n"
         f"s.CheckpointStore({str(tmp_path)!r}).rotate(keep_last=2)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", crash], env={**os.environ, "PYTHONPATH": str(SRC_DIR)}, capture_output=True
-    )
+    result = run_python(crash)
     assert result.returncode == -signal.SIGKILL, result.stderr.decode()
     assert store.list_checkpoints() == paths[1:]
     assert all(not store.verify(path) for path in store.list_checkpoints())
