@@ -145,6 +145,11 @@ def test_a_recipe_in_the_current_directory_is_found(tmp_path, monkeypatch, capsy
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
 
 
+def test_a_relative_recipe_module_is_a_usage_error(capsys):
+    assert main(["fit", ".recipes:build"]) == EXIT_USAGE
+    assert "recipe: '.recipes:build' names a relative module" in capsys.readouterr().err
+
+
 def test_a_recipe_returning_something_else_names_the_recipe_and_the_value(tmp_path):
     (tmp_path / "local_recipes_bad.py").write_text(RECIPES)
     # -P: no current directory on sys.path, as under the `steadyfit` console script users run.

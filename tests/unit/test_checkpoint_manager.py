@@ -108,6 +108,16 @@ def test_resume_never_and_a_named_checkpoint(tmp_path):
             ConfigError, match=rf"not a checkpoint directory but holds 2 of them; .*={newest}"
         ):
             fine_tune.restore(_components(), str(holder))
+    # A directory with nothing of a checkpoint (resume=/etc, an empty folder) is a usage error too, while a
+    # checkpoint that lost its manifest is damage, reported as such.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(ConfigError, match=r"is not a checkpoint directory \(no manifest.json nor any"):
+        fine_tune.restore(_components(), str(elsewhere))
+    (newest / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="missing manifest.json"):
+        fine_tune.restore(_components(), str(newest))
 
 
 # ------------------------------------------------------------------------------ damage behind a manifest

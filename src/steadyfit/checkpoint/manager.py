@@ -404,6 +404,12 @@ class CheckpointManager:
                     f"resume: {mode!r} is not a checkpoint directory but holds {len(inside)} of them; name "
                     f"one (resume={holder / inside[-1]}), or set run_dir to the run and resume=auto"
                 )
+            ours = (layout.MODEL_FILE, layout.SHARDS_DIR, *layout.component_files(STATE))
+            if layout.step_of(path.name) is None and not any((path / name).exists() for name in ours):
+                raise ConfigError(
+                    f"resume: {mode!r} is not a checkpoint directory (no manifest.json nor any checkpoint "
+                    "file); name a checkpoint (RUN_DIR/checkpoints/step-...)"
+                )
         return [path]
 
     def _try_restore(

@@ -53,6 +53,10 @@ def resolve_recipe(name: str) -> Callable[[TrainConfig], Recipe]:
             f"recipe: {name!r} is neither a built-in recipe ({', '.join(BUILTIN)}) "
             "nor a 'package.module:function' entry point"
         )
+    if module_name.startswith("."):
+        raise ConfigError(
+            f"recipe: {name!r} names a relative module; give its absolute name (package.module:function)"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
