@@ -262,8 +262,15 @@ class TrainConfig(BaseModel):
             raise ValueError("warmup_steps / warmup_ratio: set one of them, not both")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
             raise ValueError("nesterov: needs optimizer=sgd and momentum > 0")
-        if self.load_best_at_end and self.eval_every == 0:
-            raise ValueError("load_best_at_end: needs evaluation (eval_every is 0)")
+        if self.eval_every == 0:
+            # Without periodic evaluation the run evaluates once, at its end: nothing to choose from, nothing
+            # to stop early on, so these settings would be ignored silently.
+            if self.load_best_at_end:
+                raise ValueError("load_best_at_end: needs evaluation (eval_every is 0)")
+            if self.early_stopping_patience is not None:
+                raise ValueError("early_stopping_patience: needs periodic evaluation (eval_every is 0)")
+            if self.keep_best > 1:
+                raise ValueError("keep_best: needs periodic evaluation (eval_every is 0)")
         return self
 
     @property

@@ -76,6 +76,10 @@ def test_unknown_field_is_rejected_with_a_suggestion():
         ({"max_epochs": None, "max_steps": None}, r"max_epochs / max_steps"),
         ({"nesterov": True}, r"nesterov: needs optimizer=sgd"),
         ({"on_nonfinite": "ignore"}, r"on_nonfinite: got 'ignore'; allowed values: 'skip' or 'raise'"),
+        # One evaluation at the end of the run: nothing to choose from or to stop early on.
+        ({"eval_every": 0, "load_best_at_end": True}, r"load_best_at_end: needs evaluation"),
+        ({"eval_every": 0, "early_stopping_patience": 2}, r"early_stopping_patience: needs periodic"),
+        ({"eval_every": 0, "keep_best": 2}, r"keep_best: needs periodic evaluation"),
     ],
 )
 def test_invalid_values_name_the_field(values, expected):
