@@ -190,13 +190,19 @@ class RunIdentity:
         length = saved.get("dataset_length")
         if length is not None and now["dataset_length"] is not None and length != now["dataset_length"]:
             changes.append(f"train_data: {length} samples in the checkpoint, {now['dataset_length']} now")
-        if "ema" in saved and saved["ema"] != now["ema"]:
+        named = {change.partition(":")[0] for change in changes}
+        # The EMA and the optimizer's class beyond their config fields (a Trainer may be given its own
+        # optimizer): named only when the field did not already say it changed.
+        if "ema" in saved and saved["ema"] != now["ema"] and "ema_decay" not in named:
             changes.append(
                 "ema_decay: the checkpoint was trained " + ("with" if saved["ema"] else "without") + " EMA"
             )
-        # The optimizer's class too, not only the config field: a Trainer may be given its own optimizer.
         for field in ("optimizer", "param_groups"):
-            if field in saved and saved[field] != now[field]:
+            if (
+                field in saved
+                and saved[field] != now[field]
+                and not (field == "optimizer" and field in named)
+            ):
                 what = field.replace("_", " ")
                 changes.append(f"optimizer: {what} {saved[field]!r} in the checkpoint, {now[field]!r} now")
         return changes

@@ -139,6 +139,7 @@ def test_a_changed_trajectory_field_is_refused_naming_it(field, finished_run, tm
         _fit(_config(tmp_path, max_steps=8, **CHANGED_TRAJECTORY[field]))
     message = str(refused.value)
     assert re.search(rf"\b{field}: ", message), message
+    assert len(re.findall(rf"(?:\(|; ){field}: ", message)) == 1, f"{field} named more than once: {message}"
     assert "another experiment" in message and "another run_dir" in message and "resume=never" in message
     assert "fine-tunes from its weights" in message  # the same model: its weights would fit
     after = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}

@@ -387,8 +387,9 @@ class CheckpointManager:
                 )
             return []
         if mode == "auto":
-            for link in self.store.linked_entries():
-                notice(f"skipping {link}: a symlink where a checkpoint should be (links are never followed)")
+            for entry in self.store.linked_entries():
+                what = "a symlink" if entry.is_symlink() else "a file"
+                notice(f"skipping {entry}: {what} where a checkpoint should be (links are never followed)")
             return list(reversed(existing))
         path = Path(mode)
         if path.is_symlink() or not path.is_dir():
