@@ -64,3 +64,36 @@ def test_the_lock_dies_with_its_holder(tmp_path: Path) -> None:
     assert killed.returncode == -9
     with RunLock(tmp_path) as lock:
         assert lock.is_held
+
+
+def test_a_forked_child_does_not_keep_the_lock_of_its_dead_parent(tmp_path: Path) -> None:
+    # A DataLoader worker is a fork of the run: orphaned by a SIGKILL, it lives on for seconds. It must not
+    # hold the run's lock meanwhile, or the rerun is refused; while the parent lives, the lock stays held.
+    code = (
+        "import os, signal, sys, time\n"
+        "from steadyfit.checkpoint.lock import RunLock, RunLockedError\n"
+        f"RunLock({str(tmp_path)!r}).acquire()\n"
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    devnull = os.open(os.devnull, os.O_RDWR)\n"
+        "    os.dup2(devnull, 1), os.dup2(devnull, 2)  # the test reads the parent's output to its end\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "time.sleep(0.2)\n"
+        "try:\n"
+        f"    RunLock({str(tmp_path)!r}).acquire()\n"
+        "    sys.exit('a second lock was granted while the parent held it')\n"
+        "except RunLockedError:\n"
+        "    pass\n"
+        "print(child, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    killed = run_python(code)
+    assert killed.returncode == -9, killed.stderr
+    orphan = int(killed.stdout)
+    try:
+        os.kill(orphan, 0)  # still alive
+        with RunLock(tmp_path) as lock:
+            assert lock.is_held
+    finally:
+        os.kill(orphan, 9)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -17,8 +18,9 @@ class RunLock:
 
     The kernel drops an ``flock`` when its process dies, SIGKILL included, so a crashed run never leaves a
     stale lock. The file itself stays (deleting it would let two processes lock two different inodes); its
-    text records the holder's pid and host for humans. Processes forked while it is held (data-loader
-    workers) share the lock until they exit.
+    text records the holder's pid and host for humans. A process forked while it is held (a DataLoader
+    worker) closes its copy of the lock at once, so an orphaned worker never keeps the lock of a run that
+    died.
 
     Example:
         >>> import tempfile
@@ -61,12 +63,14 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}\nhost {socket.gethostname()}\n".encode(), 0)
         self._fd = fd
+        _HELD.add(self)
 
     def release(self) -> None:
         """Drop the lock (idempotent)."""
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
+        _HELD.discard(self)
         try:
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
@@ -83,6 +87,25 @@ class RunLock:
 
     def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
         self.release()
+
+
+# The locks this process holds. An flock belongs to the open file description, which a fork shares: a
+# forked child (a DataLoader worker) would hold the lock as long as it lives, and an orphaned one outlives a
+# SIGKILLed run by seconds, refusing its rerun. Each child closes its copies at once (never LOCK_UN, which
+# would unlock the parent's too) and holds none.
+_HELD: set[RunLock] = set()
+
+
+def _close_held_locks_in_child() -> None:
+    for lock in _HELD:
+        fd, lock._fd = lock._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks_in_child)
 
 
 def _read_holder(fd: int) -> str:
