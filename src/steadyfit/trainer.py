@@ -820,6 +820,8 @@ class Trainer:
     def _is_done(self) -> bool:
         state, config = self.state, self.config
         if state.should_stop:
+            # A callback may set should_stop itself (documented beside request_stop): say so.
+            state.stop_reason = state.stop_reason or "stop requested by a callback (state.should_stop)"
             return True
         if config.max_steps is not None and state.step >= config.max_steps:
             return True

@@ -116,7 +116,7 @@ def test_resume_never_and_a_named_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match=r"is not a checkpoint directory \(no manifest.json nor any"):
         fine_tune.restore(_components(), str(elsewhere))
     (newest / "manifest.json").unlink()
-    with pytest.raises(CheckpointError, match="missing manifest.json"):
+    with pytest.raises(CheckpointError, match=r"missing manifest\.json"):
         fine_tune.restore(_components(), str(newest))
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import base_config, make_mlp, make_regression
+from helpers import base_config, make_mlp, make_regression, metric_rows
 from steadyfit import Callback, TrainConfig, Trainer
 from steadyfit.metrics import accuracy
 
@@ -268,6 +268,23 @@ def test_callback_events_and_stop_request(tmp_path):
     # epoch-end evaluations at steps 2 and 4, the final one at step 5
     assert events.count("evaluate") == 3
     assert events.count("checkpoint_saved") >= 1
+
+
+def test_should_stop_set_by_a_callback_stops_with_a_reason(tmp_path):
+    # The documented alternative to request_stop: the summary and the report must say why the run ended.
+    class StopAtThree(Callback):
+        def on_step_end(self, trainer, state):
+            state.should_stop = state.step == 3
+
+    config = base_config(tmp_path, batch_size=8, max_epochs=10)
+    trainer = Trainer(
+        make_mlp(), config, train_data=make_regression(16), loss_fn=CE, callbacks=[StopAtThree()]
+    )
+    result = trainer.fit()
+    assert (
+        result.global_step == 3 and result.stop_reason == "stop requested by a callback (state.should_stop)"
+    )
+    assert metric_rows(tmp_path / "run")[-1]["stop_reason"] == result.stop_reason
 
 
 def test_metrics_jsonl_rows(tmp_path):
