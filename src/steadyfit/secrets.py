@@ -17,10 +17,22 @@ SECRET_KEY_WORDS = ("token", "password", "passwd", "secret", "api_key", "apikey"
 _HARMLESS_WORDS = re.compile(r"tokeniz\w*|tokens(?:_|$)|author(?!i[sz])")
 _SECRET_KEY = re.compile("|".join(re.escape(word) for word in SECRET_KEY_WORDS))
 
-# scheme://user:password@host -> scheme://user:***@host (the user name stays: it helps and is not secret).
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^\s/:@]+:)(?P<password>[^\s/@]+)(?=@)")
+# Credentials before a URL's host: scheme://user:password@host, and scheme://token@host. The scheme may
+# be followed by a single slash: a URL that went through pathlib.Path (a run_dir) reads https:/bob:pw@host.
+# The password runs to the last "@" before the host, since one with an unencoded "@" or "/" is still a
+# password (bob:p@ss@host); a port followed by a path (host:8080/@alice) is not one.
+_URL_CREDENTIALS = re.compile(
+    r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*:/{1,2})(?P<user>[^\s/:@?#\"'<>]+)"
+    r"(?::(?!\d+(?:[/?#]|$))(?P<password>[^\s\"'<>]*))?@(?=[^\s/@\"'<>])"
+)
+# A user name with no password is a token when it is this long (GitHub, GitLab and Hugging Face tokens
+# all are); shorter ones name an account (ssh://git@github.com) and stay.
+_MIN_TOKEN_USER_CHARS = 16
 # ...?token=abc&page=2 -> ...?token=***&page=2 for query parameters whose name is a secret key.
 _QUERY_SECRET = re.compile(r"(?P<head>[?&](?P<name>[^=&#\s]+)=)(?P<value>[^&#\s]+)")
+# Query parameters that carry a secret without a secret key word in their name: Google API keys (key=),
+# Azure SAS and signed URLs (sig=, X-Amz-Signature=, X-Goog-Signature=), passwords (pwd=).
+_SECRET_QUERY_NAME = re.compile(r"(?:^|[_\-.])(?:key|sig|signature|pwd|pass)$", re.IGNORECASE)
 
 # Short values would mask ordinary words everywhere; a real credential is longer than this.
 _MIN_ENV_SECRET_CHARS = 6
@@ -43,13 +55,28 @@ def redact_text(text: str, known_secrets: Iterable[str] = ()) -> str:
     Example:
         >>> redact_text("postgresql://bob:hunter2@db:5432/runs")
         'postgresql://bob:***@db:5432/runs'
+        >>> redact_text("https://ghp_0123456789abcdef@github.com/org?key=AIza123")
+        'https://***@github.com/org?key=***'
     """
-    text = _URL_PASSWORD.sub(lambda m: m["head"] + MASK, text)
-    text = _QUERY_SECRET.sub(lambda m: m["head"] + MASK if is_secret_key(m["name"]) else m[0], text)
+    text = _URL_CREDENTIALS.sub(_mask_credentials, text)
+    text = _QUERY_SECRET.sub(lambda m: m["head"] + MASK if _is_secret_query(m["name"]) else m[0], text)
     # Longest first, so a secret that contains another one is masked whole.
     for secret in sorted({s for s in known_secrets if s}, key=len, reverse=True):
         text = text.replace(secret, MASK)
     return text
+
+
+def _mask_credentials(match: re.Match[str]) -> str:
+    user = match["user"]
+    if len(user) >= _MIN_TOKEN_USER_CHARS:
+        user = MASK  # a token as the user name: https://ghp_...@github.com, https://ghp_...:x-oauth-basic@...
+    if match["password"] is None:
+        return f"{match['head']}{user}@"
+    return f"{match['head']}{user}:{MASK}@"
+
+
+def _is_secret_query(name: str) -> bool:
+    return is_secret_key(name) or bool(_SECRET_QUERY_NAME.search(name))
 
 
 def redact(config: Mapping[str, Any], known_secrets: Iterable[str] = ()) -> dict[str, Any]:

@@ -172,10 +172,18 @@ def test_a_password_in_a_resume_url_is_not_echoed(tmp_path, capsys):
     assert SECRET not in err
 
 
-def test_a_password_in_mlflow_tracking_uri_is_not_echoed(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "uri",
+    [
+        f"http://bob:{SECRET}@127.0.0.1:9/",
+        f"http://ghp_{SECRET}0123@127.0.0.1:9/",  # a token as the user name
+        f"http://bob:p@{SECRET}@127.0.0.1:9/",  # an unencoded "@" in the password
+    ],
+)
+def test_a_password_in_mlflow_tracking_uri_is_not_echoed(tmp_path, monkeypatch, capsys, uri):
     pytest.importorskip("mlflow")
     # Port 9 (discard) refuses at once on this host; no retries, so the failure is immediate.
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://bob:{SECRET}@127.0.0.1:9/")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     status, err = fit(capsys, f"run_dir={tmp_path / 'run'}", "loggers=mlflow")

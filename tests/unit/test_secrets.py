@@ -75,6 +75,47 @@ def test_redact_text_masks_url_passwords_and_secret_query_parameters(text, expec
     assert redact_text(text) == expected
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # A token as the user name, without a password (how GitHub and GitLab tokens are used).
+        ("https://ghp_TOKENASUSERNAME99@github.com/x", "https://***@github.com/x"),
+        ("http://hf_abcdefghijklmnop@mlflow-host/", "http://***@mlflow-host/"),
+        ("https://glpat-abcdefghijklmnop:x-oauth-basic@gitlab.com/a", "https://***:***@gitlab.com/a"),
+        # Passwords holding an unencoded "@" or "/": masked through the last "@" before the host.
+        ("http://bob:p@ss@127.0.0.1:9/", "http://bob:***@127.0.0.1:9/"),
+        ("https://bob:p4ss/word@host/x", "https://bob:***@host/x"),
+        # Path normalisation leaves one slash after the scheme (a run_dir through pathlib.Path).
+        ("runs/https:/bob:hunter2@example.com/exp/ckpt", "runs/https:/bob:***@example.com/exp/ckpt"),
+        ("runs/https:/ghp_TOKENASUSERNAME99@github.com/x", "runs/https:/***@github.com/x"),
+        # Query parameters whose names hold no secret word, in any case.
+        ("https://maps.example.com/api?key=AIzaSyFAKEKEY12345&z=3", "https://maps.example.com/api?key=***&z=3"),
+        ("https://a.blob.core.windows.net/c?sv=2022&SIG=abc%2Fdef&se=1", "https://a.blob.core.windows.net/c?sv=2022&SIG=***&se=1"),
+        ("https://b.s3.amazonaws.com/k?X-Amz-Date=1&X-Amz-Signature=deadbeef", "https://b.s3.amazonaws.com/k?X-Amz-Date=1&X-Amz-Signature=***"),
+        ("https://host/cb?Access_Token=abc123&state=9", "https://host/cb?Access_Token=***&state=9"),
+        ("runs/x?key=AIzaSyFAKEKEY12345", "runs/x?key=***"),
+    ],
+)  # fmt: skip
+def test_redact_text_masks_token_users_odd_passwords_single_slash_urls_and_signed_queries(text, expected):
+    assert redact_text(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "mail user@example.com when done",
+        "git@github.com:org/repo",
+        "ssh://git@github.com/org/repo",
+        "https://medium.com/@alice/post",
+        "https://example.com:8080/@alice",
+        "runs/https:/example.com/exp",
+        "https://host/x?monkey=1&page=2",
+    ],
+)
+def test_redact_text_leaves_addresses_and_urls_without_credentials_alone(text):
+    assert redact_text(text) == text
+
+
 def test_redact_masks_urls_inside_nested_strings_and_lists():
     config = {"data": {"sources": ["https://ann:s3cr3t@data.example.com/train", "local/path"]}}
 
