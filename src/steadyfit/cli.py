@@ -7,6 +7,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import TextIO
 
 from steadyfit.assembly import train
 from steadyfit.checkpoint import CheckpointError, RunLockedError
@@ -29,16 +30,16 @@ def run_fit(source: str | None, overrides: list[str]) -> int:
     """``steadyfit fit``: train, then say where the results are."""
     trainer, result = train(source, overrides)
     metrics = " ".join(f"{key}={value:.4f}" for key, value in result.metrics.items())
-    print(f"steadyfit: done at step {result.global_step} (epoch {result.epoch}) {metrics}")
+    _say(f"steadyfit: done at step {result.global_step} (epoch {result.epoch}) {metrics}")
     if result.best_metric is not None:
         kept = " (the final weights)" if trainer.config.load_best_at_end else ""
         best = f"{trainer.tracker.metric}={result.best_metric:.4f} at step {result.best_step}"
-        print(f"steadyfit: best {best}{kept}")
+        _say(f"steadyfit: best {best}{kept}")
     if trainer.config.fast_dev_run:
-        print(f"steadyfit: fast_dev_run: nothing was kept; {trainer.config.run_dir} is untouched")
+        _say(f"steadyfit: fast_dev_run: nothing was kept; {trainer.config.run_dir} is untouched")
         return EXIT_OK
     where = f"{METRICS_FILE}, {CHECKPOINTS_DIR}/, {FINAL_DIR}/{FINAL_MODEL_FILE}"
-    print(f"steadyfit: run directory {trainer.config.run_dir} ({where})")
+    _say(f"steadyfit: run directory {trainer.config.run_dir} ({where})")
     return EXIT_OK
 
 
@@ -49,7 +50,7 @@ def run_lr_find(
     from steadyfit.lr_finder import lr_find_command
 
     result = lr_find_command(source, overrides, out, min_lr=min_lr, max_lr=max_lr, num_steps=num_steps)
-    print(f"steadyfit: {result.summary()}")
+    _say(f"steadyfit: {result.summary()}")
     return EXIT_OK
 
 
@@ -80,9 +81,9 @@ def run_report(run_dir: str, compare: list[str], out: str | None) -> int:
 
     if not Path(run_dir, METRICS_FILE).exists():
         raise ConfigError(f"{run_dir}: no metrics.jsonl here; is it a steadyfit run directory?")
-    print(format_summary(summarize(run_dir)))
+    _say(format_summary(summarize(run_dir)))
     for path in write_report(run_dir, compare=compare, out=out):
-        print(f"steadyfit: wrote {path}")
+        _say(f"steadyfit: wrote {path}")
     return EXIT_OK
 
 
@@ -175,28 +176,26 @@ def main(argv: list[str] | None = None) -> int:
             )
         return run_report(args.run_dir, args.compare, args.out)
     except (ConfigError, RunLockedError) as exc:
-        _print_error(f"steadyfit: error: {exc}")
+        _say(f"steadyfit: error: {exc}", sys.stderr)
         return EXIT_USAGE
     except Preempted as exc:
-        print(
-            f"steadyfit: preempted; rerun the same command to resume from {exc.checkpoint}", file=sys.stderr
-        )
+        _say(f"steadyfit: preempted; rerun the same command to resume from {exc.checkpoint}", sys.stderr)
         return int(exc.code)
     except KeyboardInterrupt:
         print("steadyfit: interrupted", file=sys.stderr)
         return 130
     except (BatchError, CheckpointError, LoggerError, NonFiniteError, LossContractError) as exc:
-        _print_error(f"steadyfit: error: {exc}")
+        _say(f"steadyfit: error: {exc}", sys.stderr)
         return EXIT_FAILURE
     except Exception:
-        _print_error(traceback.format_exc().rstrip("\n"))
+        _say(traceback.format_exc().rstrip("\n"), sys.stderr)
         return EXIT_FAILURE
 
 
-def _print_error(text: str) -> None:
-    """Print to stderr with secrets masked: messages and tracebacks echo config values, paths and URLs
-    (a password in MLFLOW_TRACKING_URI or in resume=...)."""
-    print(redact_text(text, secret_env_values()), file=sys.stderr)
+def _say(text: str, stream: TextIO | None = None) -> None:
+    """Print to stdout (or ``stream``) with secrets masked: messages, paths and tracebacks echo config
+    values and URLs (a password in MLFLOW_TRACKING_URI, in resume=... or inside run_dir)."""
+    print(redact_text(text, secret_env_values()), file=stream)
 
 
 if __name__ == "__main__":

@@ -339,3 +339,28 @@ def test_wandb_offline_run_is_written_under_the_run_dir_and_resumed_with_the_sam
     records = b"".join(path.read_bytes() for run in runs for path in run.glob("*.wandb"))
     assert b"train/loss" in records and b"global_step" in records
     assert find_secrets_in_files(tmp_path, [SECRET]) == []
+
+
+def test_mlflow_and_wandb_mask_a_run_directory_named_after_a_secret(tmp_path, mlflow_env, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    token = "hf_RunDirNamedAfterToken42"
+    monkeypatch.setenv("HF_TOKEN", token)
+    run_dir = tmp_path / token
+    mlflow_env[1](run_dir / "mlflow.db")
+    (mlflow_logger,) = build_loggers(["mlflow"], str(run_dir), CONFIG)
+    mlflow_logger.close()
+
+    run = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}").get_run(mlflow_logger.run_id)
+    assert run.info.run_name == MASK
+    assert run.data.tags["steadyfit.run_dir"] == str(tmp_path.resolve() / MASK)
+
+    pytest.importorskip("wandb")
+    for name in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_RESUME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (wandb_logger,) = build_loggers(["wandb"], str(run_dir), CONFIG)
+    try:
+        assert wandb_logger.run.name == MASK
+    finally:
+        wandb_logger.close()

@@ -16,7 +16,7 @@ from typing import Any
 from steadyfit.layout import MLFLOW_ARTIFACTS_DIR
 from steadyfit.loggers.base import Logger
 from steadyfit.loggers.registry import flatten_params, import_extra, row_step, scalars
-from steadyfit.secrets import redact, secret_env_values
+from steadyfit.secrets import redact, redact_text, secret_env_values
 
 RUN_ID_FILE = "mlflow_run_id"
 DEFAULT_EXPERIMENT = "steadyfit"
@@ -121,8 +121,12 @@ class MLflowLogger(Logger):
             if self._is_live_run(run_id):
                 self.client.update_run(run_id, status="RUNNING")
                 return run_id
+        # Masked like config.yaml's run_dir: a directory may be named after a URL or a token.
+        secrets = secret_env_values()
         run = self.client.create_run(
-            self._experiment_id(), run_name=self.run_dir.name, tags={RUN_DIR_TAG: str(self.run_dir)}
+            self._experiment_id(),
+            run_name=redact_text(self.run_dir.name, secrets),
+            tags={RUN_DIR_TAG: redact_text(str(self.run_dir), secrets)},
         )
         id_file.write_text(run.info.run_id + "\n", encoding="utf-8")
         return run.info.run_id

@@ -10,7 +10,7 @@ from typing import Any
 
 from steadyfit.loggers.base import Logger
 from steadyfit.loggers.registry import import_extra, row_step, scalars
-from steadyfit.secrets import redact, secret_env_values
+from steadyfit.secrets import redact, redact_text, secret_env_values
 
 RUN_ID_FILE = "wandb_run_id"
 DEFAULT_PROJECT = "steadyfit"
@@ -46,7 +46,8 @@ class WandbLogger(Logger):
         self._wandb = wandb
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
-            name=self.run_dir.name,
+            # Masked like config.yaml's run_dir: a directory may be named after a URL or a token.
+            name=redact_text(self.run_dir.name, secret_env_values()),
             dir=str(self.run_dir),
             id=run_id,
             resume="allow",
@@ -78,7 +79,8 @@ class WandbLogger(Logger):
     def log_artifact(self, path: str) -> None:
         """Log a file or directory as a ``model`` artifact named after the run directory."""
         source = Path(path)
-        name = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{self.run_dir.name}-{source.stem}")
+        stem = redact_text(f"{self.run_dir.name}-{source.stem}", secret_env_values())
+        name = re.sub(r"[^A-Za-z0-9_.-]", "-", stem)
         artifact = self._wandb.Artifact(name=name, type="model")
         if source.is_dir():
             artifact.add_dir(str(source))
