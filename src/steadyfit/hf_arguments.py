@@ -11,7 +11,7 @@ from typing import Any
 from steadyfit.config import ConfigError
 from steadyfit.foreign_names import HF_OPTIMIZERS, HF_SCHEDULERS, MIGRATING_DOC
 from steadyfit.horizons import steps_from_ratio
-from steadyfit.secrets import MASK, is_secret_key
+from steadyfit.secrets import redact, secret_env_values
 
 __all__ = ["config_values_from_hf", "fields_left_at_hf_default"]
 
@@ -152,7 +152,9 @@ class _Translation:
         return self.given.get(name, self.defaults.get(name))
 
     def refuse(self, name: str, value: Any, why: str = "") -> None:
-        shown = MASK if is_secret_key(name) else reprlib.repr(value)
+        # Masked before the cut: nested secrets (deepspeed={"auth_token": ...}), URL passwords and values of
+        # secret environment variables, which reprlib would only shorten.
+        shown = reprlib.repr(redact({name: value}, secret_env_values())[name])
         self.refused.append(f"{name}={shown}" + (f" ({why})" if why else ""))
 
     def translate(self) -> None:

@@ -440,6 +440,26 @@ def test_from_hf_refuses_everything_it_cannot_honour_in_one_error(training_argum
     assert "learning_rate" not in message, "what translates is not refused"
 
 
+def test_from_hf_masks_nested_url_and_environment_secrets_in_refused_values(hf_defaults, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_EnvTokenValue777")
+    given = {
+        **hf_defaults,
+        "deepspeed": {"auth_token": "hf_HubTok111", "stage": 2},
+        "my_endpoint": "https://bob:hunter2@x.example/",
+        "hub_private": "hf_EnvTokenValue777",
+    }
+    with pytest.raises(ConfigError) as refused:
+        TrainConfig.from_hf(given)
+    message = str(refused.value)
+    for expected in (
+        "deepspeed={'auth_token': '***', 'stage': 2}",
+        "my_endpoint='https://bob:***@x.example/'",
+        "hub_private='***'",
+    ):
+        assert expected in message, message
+    assert not any(secret in message for secret in ("hf_HubTok111", "hunter2", "hf_EnvTokenValue777"))
+
+
 def test_from_hf_accepts_the_settings_that_say_what_steadyfit_does(training_arguments):
     # Scripts with a custom collator set remove_unused_columns=False; steadyfit passes the whole batch anyway.
     args = training_arguments(
