@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from collections.abc import Hashable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
@@ -283,6 +284,21 @@ class TrainConfig(BaseModel):
         return self.model_dump(mode="json")
 
 
+# Bounds on a bad value echoed in an error: a few hundred bytes of YAML aliases expand to millions of
+# items, whose whole repr would be hundreds of megabytes on one line.
+_ECHO = reprlib.Repr()
+_ECHO.maxlevel = 2
+_ECHO.maxlist = _ECHO.maxtuple = _ECHO.maxset = _ECHO.maxdict = 8
+_ECHO.maxstring = _ECHO.maxother = 100
+_MAX_ECHO_CHARS = 120
+
+
+def _echo(value: Any) -> str:
+    """``repr(value)`` bounded to one short clause: nested and long values end in ``...``."""
+    text = _ECHO.repr(value)
+    return text if len(text) <= _MAX_ECHO_CHARS else text[: _MAX_ECHO_CHARS - 3] + "..."
+
+
 def _describe_validation_error(error: ValidationError) -> str:
     """One line naming each bad field and what it allows: the message of every config ConfigError."""
     described: list[str] = []
@@ -293,7 +309,7 @@ def _describe_validation_error(error: ValidationError) -> str:
             # A union member's error: the first one stands for the field (its input is the whole value).
             if field not in collapsed:
                 collapsed.add(field)
-                described.append(f"{field}: got {detail['input']!r}; allowed: {_UNION_ALLOWED[field]}")
+                described.append(f"{field}: got {_echo(detail['input'])}; allowed: {_UNION_ALLOWED[field]}")
             continue
         described.append(_describe_error(detail))
     return "invalid config: " + "; ".join(described)
@@ -310,11 +326,11 @@ def _describe_error(error: ErrorDetails) -> str:
         foreign = foreign_value_hint(field, error.get("input"))
         close = None if foreign else _closest_value(field, error.get("input"))
         suggestion = f" (did you mean {close!r}?)" if close else ""
-        message = f"{field}: got {error.get('input')!r}{suggestion}; allowed values: {expected}"
+        message = f"{field}: got {_echo(error.get('input'))}{suggestion}; allowed values: {expected}"
     elif field == "config":
         return message
     else:
-        message = f"{field}: {message} (got {error.get('input')!r})"
+        message = f"{field}: {message} (got {_echo(error.get('input'))})"
     hint = foreign_value_hint(field, error.get("input"))
     return f"{message}; {hint}" if hint else message
 

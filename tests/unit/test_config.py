@@ -126,6 +126,21 @@ def test_a_yaml_error_is_one_line_and_a_key_given_twice_is_one(tmp_path):
         read_yaml(twice)
 
 
+def test_a_yaml_alias_bomb_gives_one_short_line(tmp_path):
+    # Four levels of nine aliases: 6,561 strings from 150 bytes, a 33 kB repr (eight levels: 226 MB).
+    bomb = "[x, x, x, x, x, x, x, x, x]"
+    for level in range(3):
+        bomb = f"[&a{level} {bomb}" + f", *a{level}" * 8 + "]"
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f"fsdp_blocks: [{bomb}]\n")
+    with pytest.raises(ConfigError) as error:
+        make_config(read_yaml(path))
+    assert str(error.value) == (
+        "invalid config: fsdp_blocks.0: Input should be a valid string (got [[[...], [...], [...], [...], "
+        "[...], [...], [...], [...], ...], [[...], [...], [...], [...], [...], [...], [...], [.....)"
+    )
+
+
 @given(
     lr=st.floats(min_value=1e-6, max_value=10),
     batch_size=st.integers(1, 4096),
