@@ -29,9 +29,10 @@ from steadyfit.layout import (
     FINAL_MODEL_FILE,
     METRICS_FILE,
 )
-from steadyfit.loggers.base import LoggerError, LoggerProtocol
+from steadyfit.loggers.base import LoggerError, LoggerProtocol, RunOutcome, close_logger
 from steadyfit.loggers.jsonl import JsonlLogger, truncate_history, truncate_rows
 from steadyfit.loggers.registry import build_loggers
+from steadyfit.signals import Preempted
 
 if TYPE_CHECKING:
     from steadyfit.distributed import Distributed
@@ -161,10 +162,11 @@ class RunDirectory:
         if not self.dist.is_main:
             return
         failures = []
+        outcome = _outcome(exc_type)
         try:
             for logger in self.loggers:  # every logger gets its close, whatever another one raised
                 try:
-                    logger.close()
+                    close_logger(logger, outcome)
                 except Exception as error:
                     failures.append(error)
         finally:
@@ -308,3 +310,12 @@ def acquire_run_lock(lock: RunLock) -> None:
             f"run_dir: cannot use {run_dir} as a run directory ({exc.strerror}: {exc.filename}); "
             "choose a directory you can create and write"
         ) from None
+
+
+def _outcome(exc_type: type[BaseException] | None) -> RunOutcome:
+    """How the run ended, from the exception leaving it (None: it finished)."""
+    if exc_type is None:
+        return "finished"
+    if issubclass(exc_type, Preempted | KeyboardInterrupt):
+        return "preempted"
+    return "failed"

@@ -364,3 +364,44 @@ def test_mlflow_and_wandb_mask_a_run_directory_named_after_a_secret(tmp_path, ml
         assert wandb_logger.run.name == MASK
     finally:
         wandb_logger.close()
+
+
+def wandb_exit_codes(run_dir) -> list[int]:
+    """The exit codes recorded in a W&B offline run's ``.wandb`` files, read with W&B's own record type.
+
+    The file is a 7-byte W&B header, then LevelDB log blocks of 32 KiB: each chunk has a 7-byte header
+    (crc, length, type: 1 whole record, 2 first, 3 middle, 4 last part).
+    """
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    codes = []
+    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        raw, position, record = path.read_bytes(), 7, b""
+        while position + 7 <= len(raw):
+            left = 32768 - position % 32768
+            length, kind = int.from_bytes(raw[position + 4 : position + 6], "little"), raw[position + 6]
+            if left < 7 or (length == 0 and kind == 0):
+                position += left  # block padding
+                continue
+            record += raw[position + 7 : position + 7 + length]
+            position += 7 + length
+            if kind in (1, 4):
+                parsed = Record.FromString(record)
+                if parsed.WhichOneof("record_type") == "exit":
+                    codes.append(parsed.exit.exit_code)
+                record = b""
+    return codes
+
+
+def test_wandb_records_a_failed_or_preempted_run_with_a_non_zero_exit_code(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    for name in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_RESUME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+    for outcome in ("failed", "preempted", "finished"):  # one W&B run, attempt after attempt
+        (logger,) = build_loggers(["wandb"], str(tmp_path), CONFIG)
+        logger.log_row(ROWS[0])
+        logger.close(outcome=outcome)
+
+    assert wandb_exit_codes(tmp_path) == [1, 1, 0]

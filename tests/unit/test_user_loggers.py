@@ -3,7 +3,10 @@ when a method is missing."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
+import signal
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from steadyfit import Callback, ConfigError, Logger, LoggerProtocol, TrainConfig
 from steadyfit.loggers.csv import CSVLogger
 from steadyfit.loggers.registry import build_loggers
 from steadyfit.lr_finder import find_lr
+from steadyfit.signals import Preempted
 
 CE = torch.nn.functional.cross_entropy
 
@@ -124,3 +128,48 @@ def test_lr_find_sends_nothing_to_the_runs_logger_object():
     result = find_lr(make_mlp(), make_regression(64), loss_fn=CE, config=config, num_steps=5)
     assert len(result.lrs) == 5
     assert mine.params == mine.rows == [] and mine.closed == 0
+
+
+class HearsOutcome(Logger):
+    def __init__(self) -> None:
+        self.outcomes: list[str] = []
+
+    def close(self, outcome="finished"):
+        self.outcomes.append(outcome)
+
+
+@pytest.mark.parametrize(
+    ("cause", "outcome", "status"),
+    [(None, "finished", "FINISHED"), ("error", "failed", "FAILED"), ("sigterm", "preempted", "KILLED")],
+)
+def test_loggers_hear_how_the_run_ended_and_mlflow_records_it(tmp_path, monkeypatch, cause, outcome, status):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+
+    class EndAtStep2(Callback):
+        def on_step_end(self, trainer, state):
+            if state.step == 2 and cause == "error":
+                raise RuntimeError("user code failed")
+            if state.step == 2 and cause == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)  # the run checkpoints, then raises Preempted
+
+    hears, bare = HearsOutcome(), MyLogger()  # MyLogger.close() takes no outcome: called as before
+    config = base_config(tmp_path, batch_size=8, loggers=[hears, bare, "mlflow"])
+    trainer = Trainer(
+        make_mlp(), config, train_data=make_regression(32), loss_fn=CE, callbacks=[EndAtStep2()]
+    )
+    raised = {
+        None: contextlib.nullcontext(),
+        "error": pytest.raises(RuntimeError),
+        "sigterm": pytest.raises(Preempted),
+    }
+    with raised[cause]:
+        trainer.fit()
+
+    assert hears.outcomes == [outcome] and bare.closed == 1
+    run_dir = tmp_path / "run"
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    assert client.get_run((run_dir / "mlflow_run_id").read_text().strip()).info.status == status

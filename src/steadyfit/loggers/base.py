@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+import inspect
+from typing import Any, Literal, Protocol, runtime_checkable
 
 # The methods a logger object must have, in the order the run calls them.
 LOGGER_METHODS = ("log_params", "log_row", "log_artifact", "close")
+
+# How a run ended, for a logger whose close takes ``outcome``: "failed" is an exception, "preempted" a
+# SIGTERM or SIGINT (or KeyboardInterrupt) that stopped it.
+RunOutcome = Literal["finished", "failed", "preempted"]
 
 
 class LoggerError(RuntimeError):
@@ -16,7 +21,8 @@ class LoggerError(RuntimeError):
 class LoggerProtocol(Protocol):
     """What the run calls on a logger, on rank 0 only: ``log_params`` once (after a resume too), ``log_row``
     for every row of metrics.jsonl in file order, ``log_artifact`` for the final weights, ``close`` once at
-    the end of fit (also after an error).
+    the end of fit (also after an error). A ``close`` that takes an ``outcome`` keyword (or ``**kwargs``)
+    hears how the run ended, as a :data:`RunOutcome`; one without it is called with no argument.
 
     Any object with these four methods can go in ``TrainConfig.loggers`` beside the built-in names (Python
     only); subclass :class:`Logger` to inherit no-op defaults for the methods you do not need.
@@ -53,6 +59,36 @@ def missing_methods(candidate: object) -> list[str]:
         ['log_params', 'log_row', 'log_artifact', 'close']
     """
     return [name for name in LOGGER_METHODS if not callable(getattr(candidate, name, None))]
+
+
+def close_logger(logger: LoggerProtocol, outcome: RunOutcome) -> None:
+    """Call ``logger.close``, with ``outcome=`` when its close accepts that keyword: loggers written before
+    close learned the outcome (``def close(self)``) keep working.
+
+    Example:
+        >>> class Status(Logger):
+        ...     def close(self, outcome="finished"):
+        ...         print(outcome)
+        >>> close_logger(Status(), "failed")
+        failed
+        >>> close_logger(Logger(), "failed")  # close() takes no outcome: called without one
+    """
+    if _takes_outcome(logger.close):
+        logger.close(outcome=outcome)  # type: ignore[call-arg]
+    else:
+        logger.close()
+
+
+def _takes_outcome(close: Any) -> bool:
+    try:
+        parameters = inspect.signature(close).parameters.values()
+    except (TypeError, ValueError):  # a callable without a signature (some builtins): call it bare
+        return False
+    return any(
+        parameter.kind is inspect.Parameter.VAR_KEYWORD
+        or (parameter.name == "outcome" and parameter.kind is not inspect.Parameter.POSITIONAL_ONLY)
+        for parameter in parameters
+    )
 
 
 class Logger:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from steadyfit.layout import MLFLOW_ARTIFACTS_DIR
-from steadyfit.loggers.base import Logger
+from steadyfit.loggers.base import Logger, RunOutcome
 from steadyfit.loggers.registry import flatten_params, import_extra, row_step, scalars
 from steadyfit.secrets import redact, redact_text, secret_env_values
 
@@ -26,6 +26,8 @@ RUN_DIR_TAG = "steadyfit.run_dir"
 _PARAMS_PER_BATCH = 100
 _MAX_PARAM_CHARS = 6000
 _NOT_IN_MLFLOW_NAMES = re.compile(r"[^\w\-./: ]")
+# How MLflow names each ending (Lightning's MLFlowLogger uses the same three).
+_MLFLOW_STATUS: dict[RunOutcome, str] = {"finished": "FINISHED", "failed": "FAILED", "preempted": "KILLED"}
 
 
 class MLflowLogger(Logger):
@@ -110,9 +112,10 @@ class MLflowLogger(Logger):
                 self.run_id, str(source), artifact_path=None if folder == "." else folder
             )
 
-    def close(self) -> None:
-        """Mark the run finished (a resumed run sets it running again)."""
-        self.client.set_terminated(self.run_id, status="FINISHED")
+    def close(self, outcome: RunOutcome = "finished") -> None:
+        """End the run as FINISHED, FAILED (an exception) or KILLED (preempted); a resumed run sets it
+        running again."""
+        self.client.set_terminated(self.run_id, status=_MLFLOW_STATUS[outcome])
 
     def _resume_or_create_run(self) -> str:
         id_file = self.run_dir / RUN_ID_FILE

@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from steadyfit.loggers.base import Logger
+from steadyfit.loggers.base import Logger, RunOutcome
 from steadyfit.loggers.registry import import_extra, row_step, scalars
 from steadyfit.secrets import redact, redact_text, secret_env_values
 
@@ -88,6 +88,9 @@ class WandbLogger(Logger):
             artifact.add_file(str(source))
         self.run.log_artifact(artifact)
 
-    def close(self) -> None:
-        """Finish the run (flushes the offline files)."""
-        self.run.finish()
+    def close(self, outcome: RunOutcome = "finished") -> None:
+        """Finish the run (flushes the offline files), with exit code 1 unless it finished: W&B shows the
+        run failed; a preempted one is marked preempting first."""
+        if outcome == "preempted":
+            self.run.mark_preempting()
+        self.run.finish(exit_code=0 if outcome == "finished" else 1)
