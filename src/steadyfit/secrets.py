@@ -107,6 +107,20 @@ def _redact_value(key: Any, value: Any, secrets: tuple[str, ...]) -> Any:
     return value
 
 
+def redact_argument(argument: str, known_secrets: Iterable[str] = ()) -> str:
+    """One command-line argument, masked: a ``key=value`` override whose key names a secret, and
+    whatever :func:`redact_text` masks.
+
+    Example:
+        >>> redact_argument("hub_token=hf_abc"), redact_argument("run_dir=https://bob:pw@host/x")
+        ('hub_token=***', 'run_dir=https://bob:***@host/x')
+    """
+    key, sep, _ = argument.partition("=")
+    if sep and is_secret_key(key.lstrip("-")):
+        return f"{key}={MASK}"
+    return redact_text(argument, known_secrets)
+
+
 def secret_env_values(environ: Mapping[str, str] | None = None) -> list[str]:
     """The values of environment variables whose names look secret (``HF_TOKEN``, ``WANDB_API_KEY``).
 

@@ -341,6 +341,23 @@ def test_wandb_offline_run_is_written_under_the_run_dir_and_resumed_with_the_sam
     assert find_secrets_in_files(tmp_path, [SECRET]) == []
 
 
+def test_wandb_records_the_command_line_masked(tmp_path, monkeypatch):
+    # W&B keeps sys.argv in the run's metadata: an override naming a secret, or a URL with a password on
+    # the command line, must reach its files masked.
+    pytest.importorskip("wandb")
+    for name in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_RESUME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    argv = ["steadyfit", "fit", "hub_token=hf_ArgvToken1234567", "run_dir=https://bob:ArgvPassw0rd@host/x"]
+    monkeypatch.setattr(sys, "argv", argv)
+    (logger,) = build_loggers(["wandb"], str(tmp_path), CONFIG)
+    logger.close()
+    assert sys.argv == argv, "the process's own argv is given back"
+    records = b"".join(path.read_bytes() for path in tmp_path.glob("wandb/offline-run-*/*.wandb"))
+    assert b"run_dir=https://bob:***@host/x" in records, "the command line is recorded, masked"
+    assert find_secrets_in_files(tmp_path, ["hf_ArgvToken1234567", "ArgvPassw0rd"]) == []
+
+
 def test_mlflow_and_wandb_mask_a_run_directory_named_after_a_secret(tmp_path, mlflow_env, monkeypatch):
     from mlflow.tracking import MlflowClient
 

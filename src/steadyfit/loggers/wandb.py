@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 from steadyfit.loggers.base import Logger, RunOutcome
 from steadyfit.loggers.registry import import_extra, row_step, scalars
-from steadyfit.secrets import redact, redact_text, secret_env_values
+from steadyfit.secrets import redact, redact_argument, redact_text, secret_env_values
 
 RUN_ID_FILE = "wandb_run_id"
 DEFAULT_PROJECT = "steadyfit"
@@ -44,18 +45,24 @@ class WandbLogger(Logger):
             run_id = uuid.uuid4().hex[:16]
             id_file.write_text(run_id + "\n", encoding="utf-8")
         self._wandb = wandb
-        self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
-            # Masked like config.yaml's run_dir: a directory may be named after a URL or a token.
-            name=redact_text(self.run_dir.name, secret_env_values()),
-            dir=str(self.run_dir),
-            id=run_id,
-            resume="allow",
-            mode=os.environ.get("WANDB_MODE") or "offline",
-            config=redact(config_dict, secret_env_values()),
-            # Console capture would wrap our stdout (progress bar); what we print is in metrics.jsonl anyway.
-            settings=wandb.Settings(console=os.environ.get("WANDB_CONSOLE") or "off"),
-        )
+        # W&B records the command line (sys.argv) in the run's metadata: it sees a masked copy.
+        argv, known = sys.argv, secret_env_values()
+        sys.argv = [redact_argument(argument, known) for argument in argv]
+        try:
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+                # Masked like config.yaml's run_dir: a directory may be named after a URL or a token.
+                name=redact_text(self.run_dir.name, known),
+                dir=str(self.run_dir),
+                id=run_id,
+                resume="allow",
+                mode=os.environ.get("WANDB_MODE") or "offline",
+                config=redact(config_dict, known),
+                # Console capture would wrap our stdout (progress bar); what we print is in metrics.jsonl.
+                settings=wandb.Settings(console=os.environ.get("WANDB_CONSOLE") or "off"),
+            )
+        finally:
+            sys.argv = argv
         # Our step as the x axis, not W&B's own counter, which drops any step logged out of order (a
         # resumed run repeats the steps after its last checkpoint).
         self.run.define_metric(STEP_METRIC, hidden=True)
