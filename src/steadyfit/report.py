@@ -13,8 +13,9 @@ from typing import Any
 
 import yaml
 
+from steadyfit.checkpoint.lock import is_locked
 from steadyfit.config import ConfigError
-from steadyfit.layout import COMPARE_FILE, CONFIG_FILE, METRICS_FILE, REPORT_FILE
+from steadyfit.layout import COMPARE_FILE, CONFIG_FILE, LOCK_FILE, METRICS_FILE, REPORT_FILE
 from steadyfit.loggers.registry import import_extra, row_kind, row_step
 
 # Eval keys that measure the evaluation itself rather than the model; they get no curve.
@@ -138,6 +139,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
 
     Returns:
         A dict with ``run_dir``; ``finished`` (a summary row was written) and its ``stop_reason``;
+        ``stopped`` (not finished and no run writing it: crashed, killed or preempted);
         ``steps`` (last step logged); ``epoch``; ``wall_time_s`` (time spent, summed over resumed
         attempts: from ``time_s`` when rows carry it, else the train rows' ``step_time_s`` times the
         steps each covers; None without either);
@@ -173,6 +175,8 @@ def _summarize(run: _Run) -> dict[str, Any]:
     return {
         "run_dir": str(run.run_dir),
         "finished": bool(ended),
+        # Not finished, and no run holds the lock a run left: it crashed, was killed or preempted.
+        "stopped": not ended and (run.run_dir / LOCK_FILE).exists() and not is_locked(run.run_dir),
         "stop_reason": ended[-1].get("stop_reason") if ended else None,
         "steps": max((row_step(row) or 0 for row in positioned), default=0),
         "epoch": epochs[-1] if epochs else None,
@@ -247,6 +251,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         diagnostics  none
     """
     state = "in progress"
+    if summary.get("stopped"):
+        state = "stopped before the end (crashed, killed or preempted): rerun the same command to resume"
     if summary["finished"]:
         state = f"finished: {summary['stop_reason']}" if summary.get("stop_reason") else "finished"
     progress = [f"step {summary['steps']}"]
@@ -367,7 +373,7 @@ def _title(runs: list[_Run]) -> str:
         best = summary["best"]
         parts.append(f"best {best['metric']} {best['value']:.4g} @ {best['step']}")
     if not summary["finished"]:
-        parts.append("in progress")
+        parts.append("stopped before the end" if summary["stopped"] else "in progress")
     return " · ".join(parts)
 
 

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from steadyfit.checkpoint import RunLock
 from steadyfit.config import ConfigError
 from steadyfit.report import format_summary, latest_attempt, read_metrics, summarize, write_report
 
@@ -102,6 +103,7 @@ def test_summarize_reports_best_final_steps_wall_time_skips_and_diagnostics(tmp_
     assert summary == {
         "run_dir": str(run),
         "finished": True,
+        "stopped": False,
         "stop_reason": "max_steps",
         "steps": 40,
         "epoch": 0,
@@ -164,6 +166,10 @@ def test_format_summary_states_the_numbers_a_user_asks_first(tmp_path):
 
     assert f"{run} (in progress)" in text
     assert "best         eval_accuracy = 0.999 at step 300" in text
+    # A run that left its lock file but holds it no longer crashed, was killed or preempted.
+    with RunLock(run):
+        assert f"{run} (in progress)" in format_summary(summarize(run))
+    assert f"{run} (stopped before the end (crashed, killed or preempted)" in format_summary(summarize(run))
     assert "step 300, epoch 3, wall time 3.2s" in text
     assert f"final        loss {2.5 * math.exp(-6) + 0.05:.4g} · lr 0.00025 · eval_loss 0.2" in text
     assert "1 step skipped" in text and "nonfinite ×1" in text

@@ -108,6 +108,31 @@ def _close_held_locks_in_child() -> None:
 os.register_at_fork(after_in_child=_close_held_locks_in_child)
 
 
+def is_locked(run_dir: str | os.PathLike[str]) -> bool:
+    """Whether a run holds ``run_dir``'s lock now (a run writing it), without taking or changing the lock.
+
+    Example:
+        >>> import tempfile
+        >>> run_dir = tempfile.mkdtemp()
+        >>> with RunLock(run_dir):
+        ...     print(is_locked(run_dir))
+        True
+        >>> is_locked(run_dir)
+        False
+    """
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False  # no lock file: no run ever held one here
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # refused while a run holds it exclusively
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the shared lock, if taken
+    return False
+
+
 def _read_holder(fd: int) -> str:
     try:
         text = os.pread(fd, 256, 0).decode("utf-8", "replace").split()
