@@ -187,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     except (BatchError, CheckpointError, LoggerError, NonFiniteError, LossContractError) as exc:
         _say(f"steadyfit: error: {exc}", sys.stderr)
         return EXIT_FAILURE
+    except BrokenPipeError:
+        # Whoever read our output stopped (`steadyfit report RUN | head`): nothing to tell it, no traceback.
+        # Python would flush stdout into the closed pipe again on exit; it writes to /dev/null instead.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
     except Exception:
         _say(traceback.format_exc().rstrip("\n"), sys.stderr)
         return EXIT_FAILURE

@@ -85,3 +85,22 @@ def _timeless(lines: list[str]) -> list[dict]:
         for row in rows
         if row["kind"] != "start"
     ]
+
+
+def test_output_into_a_closed_pipe_ends_without_a_traceback(tmp_path):
+    # `steadyfit report RUN | head -1`: the reader goes away before we are done writing.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 0.5, "lr": 0.1}\n')
+    with subprocess.Popen(
+        [sys.executable, "-m", "steadyfit", "report", str(run_dir), "--out", str(tmp_path / "r.png")],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as reader_gone:
+        reader_gone.stdout.close()
+        stderr = reader_gone.stderr.read()
+        assert reader_gone.wait(timeout=120) == 1
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
