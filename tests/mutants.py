@@ -126,6 +126,22 @@ MUTANTS = (
         ("tests/unit/test_checkpoint_store.py",),
     ),
     Mutant(
+        "rotation-in-place",
+        "3. crash-safe checkpoints: rotation deletes a checkpoint's files in place (a crash leaves it torn)",
+        "src/steadyfit/checkpoint/store.py",
+        "os.rename(path, doomed)",
+        "doomed = path",
+        ("tests/unit/test_checkpoint_store.py",),
+    ),
+    Mutant(
+        "held-best-dropped",
+        "2. exact resume: an error drops the best checkpoint held in memory (the rerun starts over)",
+        "src/steadyfit/checkpoint/manager.py",
+        "if best is not None and commit_held_best:",
+        "if False:",
+        ("tests/unit/test_guard.py",),
+    ),
+    Mutant(
         "content-damage",
         "3. a checkpoint whose content does not fit the run is loaded anyway, not skipped",
         "src/steadyfit/checkpoint/manager.py",
@@ -195,6 +211,14 @@ MUTANTS = (
         "src/steadyfit/accumulation.py",
         "self.divide_grads(totals[0] / self.dist.world_size)",
         "self.divide_grads(totals[0])",
+        ("tests/distributed/test_rank_equivalence.py",),
+    ),
+    Mutant(
+        "micro-pieces",
+        "8. rank equivalence: each rank cuts its own share into pieces (the passes stop pairing up)",
+        "src/steadyfit/accumulation.py",
+        "needed = -(-largest_shares[index] // limit) if largest_shares is not None else len(cut)",
+        "needed = len(cut)",
         ("tests/distributed/test_rank_equivalence.py",),
     ),
     Mutant(
