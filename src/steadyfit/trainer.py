@@ -770,17 +770,7 @@ class Trainer:
         else:
             self.run_directory.cut_back()
             self.last_metrics = self.run_directory.last_eval_scores()
-            forgotten = self.tracker.take_over(self.state) if self.tracker is not None else None
-            if forgotten is not None and self.dist.is_main:
-                console.notice(
-                    f"metric_for_best: the checkpoint's best was judged by {forgotten}, this run by "
-                    f"{self.tracker.judged_by}; best tracking and early stopping start over"
-                )
-            best_step = step_of(Path(self.state.best_checkpoint).name) if self.state.best_checkpoint else None
-            if best_step is not None:
-                # Saved as the path it had then: the run directory may have moved since (or a relative
-                # run_dir is now read from another directory), so the best one is looked up in this run's.
-                self.state.best_checkpoint = str(self.checkpoints.path_for(best_step))
+            self._adopt_restored_best()
         self.run_directory.open_loggers()
         show = self.config.progress and self.dist.is_main
         self.progress = Progress(show, self.horizons.total_steps, initial_step=self.state.step)
@@ -793,6 +783,22 @@ class Trainer:
                 "checkpoint, so step 0 with a fresh optimizer, schedule and data order"
             )
         return None if path is None else str(path)
+
+    def _adopt_restored_best(self) -> None:
+        """The restored best tracking, as this run judges and finds it: forgotten (with a notice) when another
+        metric or direction judged it, and its checkpoint looked up in this run's directory, since the state
+        saved the path it had then (the run directory may have moved, or a relative run_dir be read from
+        another directory)."""
+        state = self.state
+        forgotten = self.tracker.take_over(state) if self.tracker is not None else None
+        if forgotten is not None and self.dist.is_main:
+            console.notice(
+                f"metric_for_best: the checkpoint's best was judged by {forgotten}, this run by "
+                f"{self.tracker.judged_by}; best tracking and early stopping start over"
+            )
+        best_step = step_of(Path(state.best_checkpoint).name) if state.best_checkpoint else None
+        if best_step is not None:
+            state.best_checkpoint = str(self.checkpoints.path_for(best_step))
 
     def _fast_dev_run_dir(self) -> str:
         """A scratch run directory for ``fast_dev_run`` (removed at the end): a debugging run never touches
