@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import shutil
 import sys
+import time
 import warnings
 
 import pytest
@@ -353,7 +354,13 @@ def test_wandb_records_the_command_line_masked(tmp_path, monkeypatch):
     (logger,) = build_loggers(["wandb"], str(tmp_path), CONFIG)
     logger.close()
     assert sys.argv == argv, "the process's own argv is given back"
-    records = b"".join(path.read_bytes() for path in tmp_path.glob("wandb/offline-run-*/*.wandb"))
+    # W&B's own process writes the run's metadata record, possibly after finish() returned: wait for it.
+    deadline = time.monotonic() + 60
+    while True:
+        records = b"".join(path.read_bytes() for path in tmp_path.glob("wandb/offline-run-*/*.wandb"))
+        if b"run_dir=" in records or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert b"run_dir=https://bob:***@host/x" in records, "the command line is recorded, masked"
     assert find_secrets_in_files(tmp_path, ["hf_ArgvToken1234567", "ArgvPassw0rd"]) == []
 
