@@ -1,7 +1,7 @@
 """The experiment a checkpoint belongs to: its fingerprint, and the one comparison a resume makes.
 
-Every checkpoint records the config fields that shape the trajectory, the model's parameter names and
-shapes, the optimizer, the data's length and the global batch. ``resume=auto`` continues only a checkpoint
+Every checkpoint records the config fields that shape the trajectory, the model's parameter names, shapes and
+dtypes, the optimizer, the data's length and the global batch. ``resume=auto`` continues only a checkpoint
 whose fingerprint matches this run; anything else is another experiment, refused before a step is taken
 (``ExperimentChanged``, a ``ConfigError``: exit 2), naming every differing field. The fields in
 ``MAY_CHANGE_ON_RESUME`` are free to change: they say how long to train, what to log and when to save, not
@@ -133,6 +133,7 @@ class RunIdentity:
     def state_dict(self) -> dict[str, Any]:
         config = self.config
         fields = {name: getattr(config, name) for name in TRAJECTORY_FIELDS if name != "batch_size"}
+        model_state = self.model.state_dict()
         return {
             # A JSON round trip, so a tuple compares equal to the list a checkpoint gives back.
             "config": json.loads(json.dumps(fields)),
@@ -140,7 +141,9 @@ class RunIdentity:
             "world_size": self.dist.world_size,
             "dataset_length": dataset_length(self.train_data),
             "ema": self.has_ema,
-            "parameters": {name: list(t.shape) for name, t in self.model.state_dict().items()},
+            "parameters": {name: list(t.shape) for name, t in model_state.items()},
+            # A model cast to another dtype computes other updates, though the weights still load (cast).
+            "dtypes": {name: _dtype_name(t) for name, t in model_state.items()},
             "optimizer": type(self.optimizer).__name__,
             "param_groups": [len(group["params"]) for group in self.optimizer.param_groups],
         }
@@ -152,8 +155,9 @@ class RunIdentity:
         now = self.state_dict()
         model_change = _parameter_changes(saved.get("parameters"), now["parameters"])
         changes = self._changes(saved, now)
-        if model_change:
-            changes.insert(0, f"model: {model_change}")
+        recast = "" if model_change else _dtype_changes(saved.get("dtypes"), now["dtypes"])
+        if model_change or recast:
+            changes.insert(0, f"model: {model_change or recast}")
         if changes:
             raise ExperimentChanged("; ".join(changes), weights_fit=not model_change)
 
@@ -211,6 +215,25 @@ class RunIdentity:
 def _differs(saved: Any, now: Any) -> bool:
     """Whether a fingerprinted value changed; 1 and 1.0 differ (one batch, or the whole epoch)."""
     return saved != now or type(saved) is not type(now)
+
+
+def _dtype_name(tensor: Any) -> str:
+    """``float32`` for a tensor, or for anything else a state dict may hold (an HF model's extra state)."""
+    dtype = getattr(tensor, "dtype", None)
+    return str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else type(tensor).__name__
+
+
+def _dtype_changes(saved: Any, now: dict[str, str]) -> str:
+    """Which of this model's tensors have another dtype than the saved ones ('' when none; names match)."""
+    if saved is None:
+        return ""  # a checkpoint from before dtypes were fingerprinted
+    if not isinstance(saved, dict):
+        raise ValueError("identity: 'dtypes' is not a mapping")
+    recast = sorted(name for name in now.keys() & saved.keys() if saved[name] != now[name])
+    if not recast:
+        return ""
+    more = f" and {len(recast) - 5} more" if len(recast) > 5 else ""
+    return "other dtypes: " + ", ".join(f"{name} {saved[name]} -> {now[name]}" for name in recast[:5]) + more
 
 
 def _parameter_changes(saved: Any, now: dict[str, list[int]]) -> str:

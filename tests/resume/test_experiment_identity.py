@@ -172,6 +172,16 @@ def test_a_changed_model_is_refused_naming_its_parameters_without_a_fine_tune(fi
         _fit(_config(tmp_path, run_dir=str(tmp_path / "other"), resume=str(checkpoint)), model=wider)
 
 
+def test_a_model_cast_to_another_dtype_is_another_experiment(finished_run, tmp_path):
+    # load_state_dict would cast the saved float32 weights silently: the run would go on in float64.
+    _copy(finished_run, tmp_path)
+    with pytest.raises(ConfigError) as refused:
+        _fit(_config(tmp_path, max_steps=8), model=make_mlp().double())
+    message = str(refused.value)
+    assert "model: other dtypes: 0.bias float32 -> float64" in message, message
+    assert "fine-tunes from its weights" in message  # the names and shapes fit: a cast fine-tune may start
+
+
 def test_resume_path_of_another_experiment_fine_tunes_from_its_weights(finished_run, tmp_path, capfd):
     checkpoint = _copy(finished_run, tmp_path) / "checkpoints" / "step-00000004"
     other = tmp_path / "finetune"
