@@ -27,6 +27,7 @@ __all__ = [
     "cosine_factor",
     "linear_factor",
     "onecycle_factor",
+    "reapply_schedule",
     "resolve_scheduler",
     "step_factor",
     "steps_from_ratio",
@@ -238,6 +239,32 @@ def build_scheduler(
         [0.1]
     """
     return LambdaLR(optimizer, build_factor(config, total_steps))
+
+
+def reapply_schedule(scheduler: LRScheduler) -> None:
+    """Set the groups' learning rates to what this run's schedule gives at the scheduler's restored step.
+
+    A restored optimizer holds the learning rates the saved run's schedule set. When the horizon changed
+    on resume (a longer ``max_steps`` or ``max_epochs``), this run's factor gives another value at the
+    same step, and the first step after the resume would run at the old schedule's rate. Applied to a
+    ``LambdaLR`` only, with the same product its ``step`` computes (``base_lr * factor(step)``), so an
+    unchanged schedule gets back exactly the rates it had; another scheduler keeps its own.
+
+    Example:
+        >>> optimizer = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+        >>> scheduler = build_scheduler(optimizer, TrainConfig(scheduler="linear"), total_steps=4)
+        >>> scheduler.last_epoch = 2  # restored: two steps taken
+        >>> reapply_schedule(scheduler)
+        >>> optimizer.param_groups[0]["lr"]
+        0.05
+    """
+    if type(scheduler) is not LambdaLR:
+        return
+    step = scheduler.last_epoch
+    lrs = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports, as LambdaLR.step() would have set it
 
 
 def resolve_scheduler(

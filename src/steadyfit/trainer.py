@@ -82,7 +82,7 @@ from steadyfit.precision import Precision
 from steadyfit.recompute import enable_gradient_checkpointing
 from steadyfit.rng import seed_everything, set_deterministic
 from steadyfit.rundir import RunDirectory
-from steadyfit.schedules import resolve_scheduler
+from steadyfit.schedules import reapply_schedule, resolve_scheduler
 from steadyfit.secrets import redact, secret_env_values
 from steadyfit.signals import Preempted, PreemptionFlag, preemption_vote, voted_signal
 from steadyfit.startup import format_start, start_row
@@ -771,6 +771,7 @@ class Trainer:
             self.run_directory.cut_back()
             self.last_metrics = self.run_directory.last_eval_scores()
             self._adopt_restored_best()
+            reapply_schedule(self.scheduler)  # this run's horizon from the restored step on
         self.run_directory.open_loggers()
         show = self.config.progress and self.dist.is_main
         self.progress = Progress(show, self.horizons.total_steps, initial_step=self.state.step)

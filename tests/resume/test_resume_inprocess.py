@@ -18,6 +18,7 @@ from helpers import (
     metric_rows,
 )
 from steadyfit import Callback, Trainer, accuracy, seed_everything
+from steadyfit.schedules import linear_factor
 
 CE = torch.nn.functional.cross_entropy
 
@@ -97,6 +98,42 @@ def test_extending_max_epochs_continues_the_run(tmp_path):
     full = _run(tmp_path / "b", max_epochs=3)
     for key, value in full.model.state_dict().items():
         assert torch.equal(value, longer.model.state_dict()[key]), key
+
+
+class LearningRatesUsed(Callback):
+    """The first group's lr as each optimizer step reads it (a float on the host path, a device view on
+    the fused path)."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def on_fit_start(self, trainer, state):
+        trainer.optimizer.register_step_pre_hook(
+            lambda optimizer, args, kwargs: self.lrs.append(float(optimizer.param_groups[0]["lr"]))
+        )
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])  # the host path, and the fused device path
+def test_a_longer_max_steps_applies_the_new_schedule_from_the_first_resumed_step(tmp_path, optimizer):
+    # The restored optimizer holds the old schedule's lr after step 8 (0 at the end of a linear decay).
+    def fit(max_steps):
+        used = LearningRatesUsed()
+        config = base_config(
+            tmp_path,
+            optimizer=optimizer,
+            lr=0.1,
+            scheduler="linear",
+            max_steps=max_steps,
+            max_epochs=None,
+            batch_size=8,
+        )
+        Trainer(make_mlp(), config, train_data=make_regression(90), loss_fn=CE, callbacks=[used]).fit()
+        return used.lrs
+
+    fit(8)
+    extended = fit(12)
+    expected = [0.1 * linear_factor(step, 0, 12, 0.0) for step in range(8, 12)]
+    assert extended == pytest.approx(expected, rel=1e-6, abs=0.0)
 
 
 class Stream(torch.utils.data.IterableDataset):
