@@ -10,6 +10,7 @@ from typing import Any
 __all__ = [
     "FOREIGN_NAMES",
     "HF_OPTIMIZERS",
+    "HF_OPTIMIZERS_REFUSED",
     "HF_SCHEDULERS",
     "LIGHTNING_PRECISION",
     "MIGRATING_DOC",
@@ -145,7 +146,17 @@ HF_OPTIMIZERS: dict[str, str] = {
     "adamw_torch": "adamw",
     "adamw_torch_fused": "adamw",
     "sgd": "sgd",
-    "adafactor": "adafactor",
+}
+# Hugging Face optimizers that share a name with ours but not its arithmetic -> why, and what to do.
+HF_OPTIMIZERS_REFUSED: dict[str, str] = {
+    "adafactor": (
+        "the Hugging Face Trainer builds transformers' Adafactor with a fixed lr (scale_parameter=False, "
+        "relative_step=False); steadyfit's adafactor is torch.optim.Adafactor, whose step is "
+        "min(lr, 1/sqrt(t)) scaled by each parameter's RMS: other updates. Keep Hugging Face's with "
+        "Trainer(optimizer=functools.partial(transformers.optimization.Adafactor, lr=..., "
+        "scale_parameter=False, relative_step=False)), or take torch's with the override "
+        "optimizer='adafactor'"
+    ),
 }
 HF_SCHEDULERS: dict[str, str] = {
     "linear": "linear",

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from steadyfit.config import ConfigError
-from steadyfit.foreign_names import HF_OPTIMIZERS, HF_SCHEDULERS, MIGRATING_DOC
+from steadyfit.foreign_names import HF_OPTIMIZERS, HF_OPTIMIZERS_REFUSED, HF_SCHEDULERS, MIGRATING_DOC
 from steadyfit.horizons import steps_from_ratio
 from steadyfit.secrets import redact, secret_env_values
 
@@ -246,6 +246,8 @@ class _Translation:
         optim = self.take("optim")
         if optim in HF_OPTIMIZERS:
             self.values["optimizer"] = HF_OPTIMIZERS[optim]
+        elif optim in HF_OPTIMIZERS_REFUSED:
+            self.refuse("optim", optim, HF_OPTIMIZERS_REFUSED[optim])
         else:
             self.refuse("optim", optim, f"steadyfit translates {', '.join(HF_OPTIMIZERS)}")
 

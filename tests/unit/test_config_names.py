@@ -360,7 +360,6 @@ def test_from_hf_carries_hugging_faces_defaults_over(hf_defaults):
         ({"warmup_ratio": 0.1}, {"warmup_steps": 0, "warmup_ratio": 0.1}),  # a transformers 4 dict
         ({"optim": "adamw_torch"}, {"optimizer": "adamw"}),
         ({"optim": "adamw_torch_fused"}, {"optimizer": "adamw"}),
-        ({"optim": "adafactor"}, {"optimizer": "adafactor"}),
         ({"lr_scheduler_type": "cosine"}, {"scheduler": "cosine"}),
         ({"lr_scheduler_type": "constant", "warmup_steps": 10}, {"scheduler": "constant", "warmup_steps": 0}),
         (
@@ -480,6 +479,22 @@ def test_from_hf_refuses_a_wsd_it_would_run_differently(hf_defaults):
     assert "lr_scheduler_kwargs.decay_type='cosine' (steadyfit's wsd decays as 1-sqrt" in message
     assert "lr_scheduler_kwargs.num_decay_steps=None (decay_ratio needs it and max_steps > 0)" in message
     assert "lr_scheduler_kwargs.num_cycles=1" in message
+
+
+def test_from_hf_refuses_adafactor_whose_arithmetic_differs_and_names_hugging_faces(training_arguments):
+    # The HF Trainer's adafactor runs at a fixed lr; torch's (ours) caps and scales it: other updates.
+    transformers = pytest.importorskip("transformers")
+    args = training_arguments(output_dir="out", optim="adafactor")
+    with pytest.raises(ConfigError) as refused:
+        TrainConfig.from_hf(args)
+    message = str(refused.value)
+    optimizer_class, kwargs = transformers.Trainer.get_optimizer_cls_and_kwargs(args)
+    assert optimizer_class is transformers.optimization.Adafactor
+    built = f"{optimizer_class.__module__}.{optimizer_class.__name__}"
+    assert built in message, "the message names the optimizer the HF Trainer builds"
+    for key, value in kwargs.items():
+        assert key == "lr" or f"{key}={value}" in message, f"{key}={value} is how the HF Trainer builds it"
+    assert "optimizer='adafactor'" in message
 
 
 def test_from_hf_without_transformers_says_what_to_install(monkeypatch):
