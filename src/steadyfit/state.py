@@ -71,6 +71,7 @@ class TrainState:
             "best_metric": self.best_metric,
             "best_step": self.best_step,
             "nonfinite_skips": self.nonfinite_skips,
+            "scaler_skips": self.scaler_skips,
             "stop_reason": self.stop_reason,
         }
 
@@ -120,6 +121,12 @@ class FitResult:
             evaluated yet (a rerun of a finished run), the last ones metrics.jsonl holds.
         best_metric: best value of ``metric_for_best`` seen, or None without evaluation.
         best_checkpoint: path of the checkpoint holding the best weights, when one was written.
+        best_step: the step of the best evaluation, or None.
+        nonfinite_skips: optimizer steps skipped for a non-finite loss or gradient (``on_nonfinite=skip``).
+        stop_reason: why training stopped early (early stopping, a callback or diagnostic asking), or None.
+        run_dir: the run directory.
+        scaler_skips: fp16 steps the loss scaler skipped to lower its scale (gradients over float16's range
+            at a scale of at least 1; 0 in other precisions).
     """
 
     global_step: int
@@ -132,3 +139,4 @@ class FitResult:
     nonfinite_skips: int = 0
     stop_reason: str | None = None
     run_dir: str | None = None
+    scaler_skips: int = 0

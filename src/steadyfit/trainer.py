@@ -432,9 +432,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         record.applied = False
         if self.precision.uses_scaler:
+            scale = self.precision.loss_scale()  # the scale this step ran at (this path has synced already)
             self.precision.update()  # records the overflow: the scale goes down
-            # fp16 overflow with a finite loss is the scaler's normal skip, not a fault.
-            record.scaler_skip = bool(torch.isfinite(record.loss))
+            # fp16 overflow with a finite loss is the scaler's normal skip, not a fault, while the scale is
+            # at least 1. Below it the gradient overflows float16 unscaled, which no scale fixes: a
+            # non-finite gradient for on_nonfinite and max_consecutive_skips, or the run never ends.
+            record.scaler_skip = bool(torch.isfinite(record.loss)) and scale >= 1
         self._unbooked.append(record)
 
     def _at_boundary(self, preemption: PreemptionFlag, epoch_ended: bool) -> None:
@@ -845,6 +848,7 @@ class Trainer:
             best_checkpoint=state.best_checkpoint if self._scratch_dir is None else None,
             best_step=state.best_step,
             nonfinite_skips=state.nonfinite_skips,
+            scaler_skips=state.scaler_skips,
             stop_reason=state.stop_reason,
             run_dir=str(Path(self.config.run_dir)),
         )

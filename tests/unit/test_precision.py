@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from steadyfit import TrainConfig, Trainer, seed_everything
+from steadyfit import NonFiniteError, TrainConfig, Trainer, seed_everything
 from steadyfit.recipes import digits
 
 
@@ -47,7 +49,7 @@ def test_bf16_and_fp16_reach_95_percent_of_fp32(tmp_path):
 
 
 def test_fp16_overflow_is_a_counted_scaler_skip(tmp_path):
-    from helpers import base_config, make_mlp, make_regression
+    from helpers import base_config, make_mlp, make_regression, metric_rows
 
     data = make_regression(40)
     model = make_mlp()
@@ -63,6 +65,31 @@ def test_fp16_overflow_is_a_counted_scaler_skip(tmp_path):
     scale_before = trainer.precision.loss_scale()
     result = trainer.fit()
     assert trainer.state.scaler_skips == 1 and result.global_step == 9
+    summary = metric_rows(Path(config.run_dir))[-1]
+    assert result.scaler_skips == 1 and summary["kind"] == "summary" and summary["scaler_skips"] == 1
     assert trainer.precision.loss_scale() == scale_before / 2  # halved once, never grown in 9 steps
     for value in model.state_dict().values():
         assert torch.isfinite(value).all()
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_fp16_overflow_below_a_loss_scale_of_1_is_a_non_finite_gradient(tmp_path, policy):
+    # A gradient that overflows at every scale: the scaler halves 65536 down to 1 (17 skips), then no
+    # scale can help. Counted as scaler skips forever, the run would train nothing and end "done".
+    from helpers import base_config, make_mlp, make_regression
+
+    model = make_mlp()
+    model[0].weight.register_hook(lambda grad: grad * float("inf"))
+    config = base_config(
+        tmp_path, precision="fp16", batch_size=2, max_epochs=2, on_nonfinite=policy, max_consecutive_skips=2
+    )
+    trainer = Trainer(
+        model, config, train_data=make_regression(40), loss_fn=torch.nn.functional.cross_entropy
+    )
+    with pytest.raises(NonFiniteError) as stopped:
+        trainer.fit()
+    assert trainer.state.scaler_skips == 17 and trainer.state.step == 0
+    assert trainer.state.nonfinite_skips == (3 if policy == "skip" else 0)
+    assert ("3 consecutive" if policy == "skip" else "non-finite loss or gradient at step 1") in str(
+        stopped.value
+    )
