@@ -779,28 +779,50 @@ def _skip(loader: Iterable[Any], count: int) -> Iterator[Any]:
 
 def count_samples(batch: Any) -> int:
     """Samples in a batch: the first dimension of its targets (pair) or of its first tensor (a dict, or any
-    mapping such as a transformers ``BatchEncoding``)."""
+    mapping such as a transformers ``BatchEncoding``), searched into nested tuples, lists and dicts (default
+    collation of ``(x, (y1, y2))`` gives ``[X, [Y1, Y2]]``: B samples, not 2). A list that holds no tensor
+    (strings, numbers) counts its items.
+
+    Example:
+        >>> count_samples([torch.zeros(4, 3), [torch.zeros(4), torch.zeros(4, 2)]])
+        4
+    """
+    count = _samples_in(batch)
+    if count is not None:
+        return count
     if isinstance(batch, Mapping):
-        for key in ("labels", "label", "input_ids"):
-            value = batch.get(key)
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                return int(value.shape[0])
-        for value in batch.values():
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                return int(value.shape[0])
         raise ValueError(
             "cannot count the samples of a dict batch: it holds no tensor (a Hugging Face dataset needs "
             "dataset.with_format('torch'), or a collate_fn that makes tensors)"
         )
-    if isinstance(batch, (tuple, list)) and batch:
-        for item in reversed(batch):
-            if isinstance(item, torch.Tensor) and item.dim() > 0:
-                return int(item.shape[0])
-            if isinstance(item, (tuple, list)) and item:
-                return len(item)
-    if isinstance(batch, torch.Tensor) and batch.dim() > 0:
-        return int(batch.shape[0])
-    raise ValueError(f"cannot count the samples of a batch of type {type(batch).__name__}")
+    raise ValueError(
+        f"cannot count the samples of a batch of type {type(batch).__name__}: it holds no tensor with a "
+        "first dimension"
+    )
+
+
+def _samples_in(value: Any) -> int | None:
+    """The first dimension of the tensor :func:`count_samples` reads in ``value``; None when it has none."""
+    if isinstance(value, torch.Tensor):
+        return int(value.shape[0]) if value.dim() > 0 else None
+    if isinstance(value, (tuple, list)):
+        for item in reversed(value):  # the targets of a pair first: an input may be a scalar option
+            count = _samples_in(item)
+            if count is not None:
+                return count
+        if value and not any(isinstance(item, (torch.Tensor, tuple, list, Mapping)) for item in value):
+            return len(value)  # per-sample values a collate_fn left as a list (texts, ids)
+        return None
+    if isinstance(value, Mapping):
+        for key in ("labels", "label", "input_ids"):
+            count = _samples_in(value.get(key))
+            if count is not None:
+                return count
+        for item in value.values():
+            count = _samples_in(item)
+            if count is not None:
+                return count
+    return None
 
 
 def split_batch(batch: Any, size: int) -> list[Any]:
@@ -819,9 +841,19 @@ def split_batch(batch: Any, size: int) -> list[Any]:
             for i in range(count)
         ]
     if isinstance(batch, (tuple, list)):
+        if not any(_is_batched(item) for item in batch):  # per-sample values (texts, ids): slice them
+            return [_same_sequence(batch, list(batch[i : i + size])) for i in range(0, len(batch), size)]
         parts = [split_batch(item, size) for item in batch]
-        return [type(batch)(part[i] for part in parts) for i in range(len(parts[0]))]
+        return [_same_sequence(batch, [part[i] for part in parts]) for i in range(len(parts[0]))]
     raise ValueError(f"micro_batch_size: cannot split a batch of type {type(batch).__name__}")
+
+
+def _same_sequence(like: tuple | list, items: list[Any]) -> tuple | list:
+    """``items`` as the kind of sequence ``like`` is: a named tuple takes its fields as arguments."""
+    kind = type(like)
+    if kind is tuple or kind is list or not hasattr(like, "_fields"):
+        return kind(items)
+    return kind(*items)
 
 
 def _is_batched(value: Any) -> bool:
@@ -836,7 +868,7 @@ def move_to(batch: Any, device: torch.device, non_blocking: bool) -> Any:
         # Already there (data on the CPU for a CPU run): no dispatch at all, it is on every step.
         return batch if batch.device == device else batch.to(device, non_blocking=non_blocking)
     if isinstance(batch, (tuple, list)):
-        return type(batch)(move_to(value, device, non_blocking) for value in batch)
+        return _same_sequence(batch, [move_to(value, device, non_blocking) for value in batch])
     if isinstance(batch, Mapping):  # after the cheap checks: an ABC check costs more, on every step
         # A plain dict from here on, also of a transformers BatchEncoding (a UserDict, not a dict): the
         # step, the loss and evaluation then meet one kind of dict batch.
