@@ -44,6 +44,7 @@ def interrupt_on_cue(
     timeout_s: float,
     cwd: Path | None = None,
     stdin: int | None = None,
+    new_session: bool = False,
 ) -> tuple[int, str]:
     """Start ``command``; when a printed line satisfies ``is_cue``, call ``act(process, lines so far)``.
 
@@ -53,7 +54,14 @@ def interrupt_on_cue(
     # Unbuffered bytes, read a line at a time: a buffered reader reads ahead of the cue, and communicate()
     # then reads the pipe itself, so lines printed right after the cue (a later "step N") would be lost.
     process = subprocess.Popen(
-        command, env=env, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0, cwd=cwd
+        command,
+        env=env,
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        bufsize=0,
+        cwd=cwd,
+        start_new_session=new_session,
     )
     seen: list[str] = []
     try:

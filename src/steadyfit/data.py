@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import signal
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -181,7 +182,39 @@ class _PositionSeeded(torch.utils.data.Dataset):
         return getitems(indices) if getitems else [self.dataset[index] for index in indices]
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A worker's start: SIGTERM and SIGINT are the training process's to handle.
+
+    A scheduler (Slurm's scancel, a terminal's Ctrl-C) signals the whole process group. A worker that died
+    of it would fail the training process's next fetch before it could finish its step and write the
+    preemption checkpoint; it stops instead when the training process shuts its loader down, or exits.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class _StartWithoutStopSignals:
+    """A user DataLoader's ``worker_init_fn``, run after :func:`_ignore_stop_signals` (picklable, for
+    workers that spawn)."""
+
+    def __init__(self, worker_init_fn: Callable[[int], None] | None) -> None:
+        self.worker_init_fn = worker_init_fn
+
+    def __call__(self, worker_id: int) -> None:
+        _ignore_stop_signals(worker_id)
+        if self.worker_init_fn is not None:
+            self.worker_init_fn(worker_id)
+
+
+def keep_workers_through_stop_signals(loader: DataLoader) -> None:
+    """Make a user DataLoader's workers leave SIGTERM and SIGINT to the training process (see
+    :func:`_ignore_stop_signals`); its own ``worker_init_fn`` still runs, after. Once per loader."""
+    if loader.num_workers and not isinstance(loader.worker_init_fn, _StartWithoutStopSignals):
+        loader.worker_init_fn = _StartWithoutStopSignals(loader.worker_init_fn)
+
+
 def _seed_worker(worker_id: int) -> None:
+    _ignore_stop_signals(worker_id)
     # Derive python/numpy seeds from torch's per-worker seed, itself derived from the loader's generator
     # (seeded by seed and epoch), never from wall-clock state.
     worker_seed = torch.initial_seed() % 2**32
@@ -485,12 +518,23 @@ def check_every_sample_read(data: Any, what: str) -> None:
 def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     """Tell a user DataLoader's sampler and batch sampler the epoch (``DistributedSampler.set_epoch``), as the
     Hugging Face Trainer and Lightning do: their order is then a function of (their seed, epoch), so every
-    epoch draws a new order and a resume mid-epoch replays the same one."""
+    epoch draws a new order and a resume mid-epoch replays the same one. An IterableDataset behind it is
+    told too."""
     samplers = [loader.sampler, loader.batch_sampler, getattr(loader.batch_sampler, "sampler", None)]
     for sampler in {id(s): s for s in samplers if s is not None}.values():
         set_epoch = getattr(sampler, "set_epoch", None)
         if callable(set_epoch):
             set_epoch(epoch)
+    if isinstance(loader.dataset, IterableDataset):
+        _set_dataset_epoch(loader.dataset, epoch)
+
+
+def _set_dataset_epoch(data: IterableDataset, epoch: int) -> None:
+    """Tell an IterableDataset the epoch, when it listens (a Hugging Face streaming dataset's ``shuffle``
+    draws each epoch's order from its seed and the epoch, as the Hugging Face Trainer tells it)."""
+    set_epoch = getattr(data, "set_epoch", None)
+    if callable(set_epoch):
+        set_epoch(epoch)
 
 
 class TrainBatches:
@@ -535,17 +579,12 @@ class TrainBatches:
         """
         data, spec = self.data, self.spec
         if isinstance(data, DataLoader):
+            keep_workers_through_stop_signals(data)
             set_loader_epoch(data, epoch)
             return self._started(data, start_batch)
         if isinstance(data, IterableDataset):
-            loader = DataLoader(
-                data,
-                batch_size=spec.batch_size,
-                num_workers=spec.num_workers,
-                collate_fn=_collate_fn(spec),
-                pin_memory=spec.pin_memory,
-            )
-            return self._started(loader, start_batch)
+            _set_dataset_epoch(data, epoch)
+            return self._started(_iterable_loader(data, spec.batch_size, spec), start_batch)
         sampler = ResumableBatchSampler(
             len(data),
             spec.batch_size,
@@ -693,15 +732,10 @@ def eval_batches(data: Any, spec: LoaderSpec, max_batches: int | None = None) ->
     map-style dataset's batches there, so its workers prefetch none past them (other data is cut by the
     caller)."""
     if isinstance(data, DataLoader):
+        keep_workers_through_stop_signals(data)
         return data
     if isinstance(data, IterableDataset):
-        return DataLoader(
-            data,
-            batch_size=spec.eval_batch_size,
-            num_workers=spec.num_workers,
-            collate_fn=_collate_fn(spec),
-            pin_memory=spec.pin_memory,
-        )
+        return _iterable_loader(data, spec.eval_batch_size, spec)
     return _map_style_loader(data, _eval_sampler(data, spec, max_batches), spec, epoch=0)
 
 
@@ -715,6 +749,18 @@ def _eval_sampler(data: Any, spec: LoaderSpec, max_batches: int | None) -> Resum
         stop_batch=max_batches,
         rank=spec.rank,
         world_size=spec.world_size,
+    )
+
+
+def _iterable_loader(data: IterableDataset, batch_size: int, spec: LoaderSpec) -> DataLoader:
+    """A plain loader over an IterableDataset: its order and its workers' sharding are the dataset's."""
+    return DataLoader(
+        data,
+        batch_size=batch_size,
+        num_workers=spec.num_workers,
+        collate_fn=_collate_fn(spec),
+        pin_memory=spec.pin_memory,
+        worker_init_fn=_ignore_stop_signals if spec.num_workers else None,
     )
 
 

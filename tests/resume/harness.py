@@ -31,15 +31,21 @@ def run_to_end(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess[st
     return completed
 
 
-def run_until(run_dir: Path, line: str, sig: int, *overrides: str, release: bool = False) -> tuple[int, str]:
+def run_until(
+    run_dir: Path, line: str, sig: int, *overrides: str, release: bool = False, group: bool = False
+) -> tuple[int, str]:
     """Start a run, send ``sig`` once it prints ``line``; returns (exit status, everything it printed).
 
     ``release``: the run holds after ``line`` (``hold=N``) until a line on its stdin, written once the
-    signal is sent.
+    signal is sent. ``group``: the run leads a process group of its own, and the signal goes to the whole
+    group (its DataLoader workers too), as Slurm's scancel and a terminal's Ctrl-C send it.
     """
 
     def signal_then_release(process: subprocess.Popen[bytes], _: list[str]) -> None:
-        process.send_signal(sig)
+        if group:
+            os.killpg(process.pid, sig)
+        else:
+            process.send_signal(sig)
         if release:
             assert process.stdin is not None
             process.stdin.write(b"\n")
@@ -52,6 +58,7 @@ def run_until(run_dir: Path, line: str, sig: int, *overrides: str, release: bool
         signal_then_release,
         TIMEOUT_S,
         stdin=subprocess.PIPE if release else None,
+        new_session=group,
     )
 
 

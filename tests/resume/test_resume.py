@@ -74,6 +74,19 @@ def test_preemption_checkpoints_and_exits(tmp_path, reference, sig, code):
     assert_bitwise_equal(final_weights(tmp_path), reference[0])
 
 
+@pytest.mark.parametrize("loader", ["ours", "user"])
+def test_sigterm_to_the_process_group_with_workers_checkpoints_and_exits_143(tmp_path, loader):
+    # The workers get the signal too (Slurm's scancel): one that died of it would fail the next fetch.
+    overrides = ("num_workers=2", f"loader={loader}")
+    run_to_end(tmp_path / "reference", *overrides)
+    status, output = run_until(tmp_path / "preempted", "step 5", TERM, *overrides, group=True)
+    assert status == 143, output
+    assert "preempted by signal 15" in output
+    assert list((tmp_path / "preempted" / "checkpoints").iterdir())
+    run_to_end(tmp_path / "preempted", *overrides)
+    assert_bitwise_equal(final_weights(tmp_path / "preempted"), final_weights(tmp_path / "reference"))
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, reference):
     status, _ = run_until(tmp_path, "saved " + str(tmp_path / "checkpoints" / "step-00000012"), KILL)
     assert status == -KILL

@@ -9,7 +9,8 @@ training forward instead of `step N` (a step callback would make every step a re
 device-side check defers); `hold=N` (with `announce=forward`) waits after printing `forward N` until a line
 arrives on stdin, so a test's signal lands in that micro-batch however slowly the test reacts; `augment=1`
 trains on a dataset whose `__getitem__` draws from the torch, numpy and python RNGs (an augmentation),
-through the DataLoader.
+through the DataLoader; `loader=user` passes the training data as the user's own shuffling DataLoader
+(with `num_workers` workers of its own).
 """
 
 from __future__ import annotations
@@ -102,11 +103,16 @@ def main() -> None:
     announce = values.pop("announce", "step")
     augment = int(values.pop("augment", 0))  # 1: the training data draws noise; 2: the eval data too
     hold = int(values.pop("hold", 0))
+    user_loader = values.pop("loader", "ours") == "user"
     config = make_config(values)
     seed_everything(config.seed)
     torch.set_num_threads(1)
     model, data = build(width)
     train = AugmentedData(data) if augment else ListData(data) if config.num_workers else data
+    if user_loader:
+        train = torch.utils.data.DataLoader(
+            train, batch_size=config.batch_size, shuffle=True, num_workers=config.num_workers
+        )
     callbacks = [AnnounceCheckpoints()]
     if announce == "forward":
         model.register_forward_pre_hook(AnnounceForwards(hold))

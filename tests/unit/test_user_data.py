@@ -63,6 +63,36 @@ def test_a_distributed_sampler_is_told_each_epoch_like_a_hand_written_loop(tmp_p
         assert torch.allclose(tensor, reference_model.state_dict()[name], atol=1e-6), name
 
 
+class ShuffledStream(torch.utils.data.IterableDataset):
+    """An IterableDataset whose order is drawn from its seed and the epoch it is told, as a Hugging Face
+    streaming dataset's ``shuffle`` draws it (``set_epoch``)."""
+
+    def __init__(self, data: TensorDataset) -> None:
+        self.data = data
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(3 + self.epoch))
+        return (self.data[index] for index in order.tolist())
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_an_iterable_dataset_is_told_each_epoch(tmp_path, wrapped):
+    data = _indexed_data()
+    model = make_mlp()
+    seen = SeenInputs(model)
+    stream = ShuffledStream(data)
+    train = DataLoader(stream, batch_size=4) if wrapped else stream
+    config = base_config(tmp_path, max_epochs=3, max_steps=12, batch_size=4, optimizer="sgd", lr=0.1)
+    Trainer(model, config, train_data=train, loss_fn=F.cross_entropy).fit()
+    epochs = [[index for batch in seen.seen[i * 4 : (i + 1) * 4] for index in batch] for i in range(3)]
+    expected = [torch.randperm(16, generator=torch.Generator().manual_seed(3 + e)).tolist() for e in range(3)]
+    assert epochs == [[float(index) for index in order] for order in expected]
+
+
 class CrashAt(Callback):
     def __init__(self, step: int) -> None:
         self.step = step
