@@ -93,6 +93,19 @@ def test_an_iterable_dataset_is_told_each_epoch(tmp_path, wrapped):
     assert epochs == [[float(index) for index in order] for order in expected]
 
 
+def test_a_user_loader_with_persistent_workers_is_warned_about_resume(tmp_path, capfd):
+    # Its workers' random streams run on across epochs; a resumed run starts new ones.
+    data = make_regression(16)
+    kept = DataLoader(data, batch_size=4, num_workers=1, persistent_workers=True)
+    Trainer(make_mlp(), base_config(tmp_path), train_data=kept, eval_data=kept, loss_fn=F.cross_entropy)
+    err = capfd.readouterr().err
+    assert "train_data: the DataLoader's persistent_workers=True" in err and "after the first epoch" in err
+    assert "eval_data: the DataLoader's persistent_workers=True" in err and "after an evaluation" in err
+    fresh = DataLoader(data, batch_size=4, num_workers=1)
+    Trainer(make_mlp(), base_config(tmp_path), train_data=fresh, loss_fn=F.cross_entropy)
+    assert "persistent_workers" not in capfd.readouterr().err
+
+
 class CrashAt(Callback):
     def __init__(self, step: int) -> None:
         self.step = step
