@@ -753,14 +753,21 @@ class Trainer:
         max_steps decide alone, so say it once, on rank 0, before training."""
         config, total = self.config, self.horizons.total_steps
         explicit = config.model_fields_set
-        if (
+        if not (
             self.dist.is_main
             and config.max_steps is not None
-            and total is not None
-            and total < config.max_steps
+            and config.max_epochs is not None
             and "max_steps" in explicit
             and "max_epochs" not in explicit
         ):
+            return
+        if self.horizons.steps_per_epoch is None:  # data without a length: its epochs end when it runs out
+            console.warn(
+                f"max_steps={config.max_steps}, but max_epochs={config.max_epochs} (its default) also ends "
+                f"the run, after {config.max_epochs} passes over train_data, which has no length: the "
+                "schedule is planned over max_steps; set max_epochs=null to train for max_steps"
+            )
+        elif total < config.max_steps:
             console.warn(
                 f"max_steps={config.max_steps}, but max_epochs={config.max_epochs} (its default) ends the "
                 f"run at step {total}; set max_epochs=null to train for max_steps"

@@ -233,6 +233,27 @@ def test_a_max_steps_that_the_default_max_epochs_cuts_short_is_warned_about(tmp_
     assert "max_steps=" not in capsys.readouterr().err
 
 
+class Stream(torch.utils.data.IterableDataset):
+    def __init__(self, data):
+        self.data = data
+
+    def __iter__(self):
+        return iter(self.data)
+
+
+def test_a_max_steps_over_data_without_a_length_is_warned_about_the_default_max_epochs(tmp_path, capsys):
+    # 64 samples in batches of 16: 4 steps a pass, so the default 3 passes end the run at step 12 of 100.
+    config = TrainConfig(run_dir=str(tmp_path / "a"), max_steps=100, batch_size=16, progress=False)
+    trainer = Trainer(make_mlp(), config, train_data=Stream(make_regression(64)), loss_fn=CE)
+    assert trainer.fit().global_step == 12
+    assert "max_steps=100, but max_epochs=3 (its default) also ends the run" in capsys.readouterr().err
+    config = config.model_copy(update={"run_dir": str(tmp_path / "b"), "max_epochs": None})
+    assert (
+        Trainer(make_mlp(), config, train_data=Stream(make_regression(64)), loss_fn=CE).fit().global_step
+        == 100
+    )
+
+
 def test_overfit_batches_refuses_a_shuffling_dataloader(tmp_path):
     loader = torch.utils.data.DataLoader(make_regression(64), batch_size=8, shuffle=True)
     with pytest.raises(ConfigError, match="overfit_batches: the DataLoader passed as train_data shuffles"):
