@@ -289,8 +289,8 @@ def describe_batch(batch: Any) -> str:
         >>> describe_batch((torch.zeros(8, 6), torch.zeros(8, dtype=torch.long)))
         'inputs float32[8, 6], targets int64[8]'
     """
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        parts: list[tuple[str, Any]] = list(zip(("inputs", "targets"), batch, strict=True))
+    if isinstance(batch, (tuple, list)) and len(batch) in (1, 2):  # a pair, or inputs alone (predict)
+        parts: list[tuple[str, Any]] = list(zip(("inputs", "targets"), batch, strict=False))
     elif hasattr(batch, "keys") and hasattr(batch, "__getitem__"):
         parts = [(str(key), batch[key]) for key in batch]
     else:

@@ -140,11 +140,20 @@ def predict(model: torch.nn.Module, data: Any, spec: data_mod.LoaderSpec, precis
     model.eval()
     try:
         with torch.no_grad(), preserved_rng():
-            for batch in data_mod.eval_batches(data, whole):
+            batches = data_mod.loading_errors_named(data_mod.eval_batches(data, whole), "predict", data)
+            for index, batch in enumerate(batches):
                 batch = data_mod.move_to(batch, device, device.type == "cuda")
                 inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-                with precision.autocast():
-                    outputs.append(model(**inputs) if isinstance(inputs, Mapping) else model(inputs))
+                try:
+                    with precision.autocast():
+                        outputs.append(model(**inputs) if isinstance(inputs, Mapping) else model(inputs))
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as exc:
+                    raise data_mod.BatchError(
+                        f"predict: batch {index}: the forward raised {data_mod.one_line(exc)}; the batch "
+                        f"holds {data_mod.describe_batch(batch)}"
+                    ) from exc
     finally:
         model.train(was_training)
     return concatenate_outputs(outputs)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler, TensorDataset
 
 from helpers import assert_bitwise_equal, base_config, final_weights, make_mlp, make_regression
 from steadyfit import BatchError, Callback, ConfigError, TrainConfig, Trainer
@@ -297,6 +297,15 @@ def test_a_label_out_of_range_names_its_step_and_batch(tmp_path):
         BatchError, match=r"eval_data: batch 2: the forward, loss or a metric raised .*out of bounds"
     ):
         _fit(tmp_path / "eval", make_regression(12), eval_data=TensorDataset(inputs, targets))
+
+
+def test_predict_names_the_batch_that_failed_to_load_or_to_run(tmp_path):
+    inputs = make_regression(12).tensors[0]
+    trainer = Trainer(make_mlp(), base_config(tmp_path, batch_size=4), train_data=make_regression(12))
+    with pytest.raises(BatchError, match=r"^predict: batch 1: the forward raised .*float64\[4, 6\]"):
+        trainer.predict(ConcatDataset([TensorDataset(inputs[:4]), TensorDataset(inputs[4:].double())]))
+    with pytest.raises(BatchError, match=r"^predict: batch 1 could not be loaded: .*needs a collate_fn"):
+        trainer.predict(Ragged())
 
 
 class Ragged(torch.utils.data.Dataset):
