@@ -680,10 +680,14 @@ class TrainBatches:
 
 
 def _loader_generators(loader: DataLoader) -> list[torch.Generator]:
-    """The torch generators a DataLoader draws its base seed and its order from, each once."""
+    """The torch generators a DataLoader draws its base seed and its order from, each once: its own
+    ``generator``, and every generator its sampler and batch sampler hold (a custom sampler may keep one
+    under any name)."""
     batch_sampler = loader.batch_sampler
-    owners = (loader, loader.sampler, batch_sampler, getattr(batch_sampler, "sampler", None))
-    found = [getattr(owner, "generator", None) for owner in owners]
+    samplers = (loader.sampler, batch_sampler, getattr(batch_sampler, "sampler", None))
+    found = [loader.generator]
+    for sampler in samplers:
+        found.extend(value for value in getattr(sampler, "__dict__", {}).values())
     unique = {id(g): g for g in found if isinstance(g, torch.Generator)}
     return list(unique.values())
 

@@ -144,6 +144,21 @@ class _AugmentedStream(torch.utils.data.IterableDataset):
             yield inputs + 0.1 * torch.randn_like(inputs), target
 
 
+class BucketBatches(torch.utils.data.Sampler):
+    """A custom batch sampler that draws each epoch's order from a generator of its own, named as it likes."""
+
+    def __init__(self, n: int, batch_size: int) -> None:
+        self.n, self.batch_size = n, batch_size
+        self.rng = torch.Generator().manual_seed(0)
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=self.rng).tolist()
+        return iter([order[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)])
+
+
 _ORDERS_NOT_OURS = {
     "shuffling DataLoader": lambda data: DataLoader(data, batch_size=4, shuffle=True),
     "shuffling DataLoader with a generator": lambda data: DataLoader(
@@ -152,6 +167,9 @@ _ORDERS_NOT_OURS = {
     "DataLoader with a DistributedSampler": _loader,
     "shuffling DataLoader with a worker": lambda data: DataLoader(
         data, batch_size=4, shuffle=True, num_workers=1
+    ),
+    "batch sampler with a generator of its own": lambda data: DataLoader(
+        data, batch_sampler=BucketBatches(len(data), 4)
     ),
     "augmenting IterableDataset": _AugmentedStream,
     "augmenting IterableDataset, 2 workers": _AugmentedStream,  # each worker streams all of it
