@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from steadyfit.config import ConfigError
 from steadyfit.hf import IGNORE_INDEX, predictions_of
 from steadyfit.loss import as_sum_and_count
 
@@ -72,6 +73,11 @@ class MetricAccumulator:
         if reduce is not None:
             stacked = reduce(stacked)
         sums, counts = stacked.tolist()
+        if not counts[0]:
+            raise ConfigError(
+                "eval_data: the evaluation read no sample (an IterableDataset that yielded nothing, or "
+                "targets that are all ignored), so there is no mean to report; pass data with samples"
+            )
         results = {
             f"eval_{name}": (total / count if count else float("nan"))
             for name, total, count in zip(self.names, sums, counts, strict=True)

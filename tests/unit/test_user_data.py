@@ -317,6 +317,14 @@ def test_a_label_out_of_range_names_its_step_and_batch(tmp_path):
         _fit(tmp_path / "eval", make_regression(12), eval_data=TensorDataset(inputs, targets))
 
 
+def test_an_eval_stream_that_yields_nothing_is_an_error_not_a_nan(tmp_path):
+    trainer = Trainer(
+        make_mlp(), base_config(tmp_path), train_data=make_regression(8), loss_fn=F.cross_entropy
+    )
+    with pytest.raises(ConfigError, match=r"^eval_data: the evaluation read no sample"):
+        trainer.evaluate(ShuffledStream(TensorDataset(torch.zeros(0, 6), torch.zeros(0, dtype=torch.long))))
+
+
 def test_predict_names_the_batch_that_failed_to_load_or_to_run(tmp_path):
     inputs = make_regression(12).tensors[0]
     trainer = Trainer(make_mlp(), base_config(tmp_path, batch_size=4), train_data=make_regression(12))
