@@ -45,25 +45,37 @@ def _adam_kernel(groups: ParamGroups) -> dict[str, bool]:
     return {"fused": True} if fused else {"foreach": True}
 
 
+def _adam_defaults(config: TrainConfig) -> dict[str, Any]:
+    """The config's values as the optimizer's defaults. The groups carry their own weight decay; the
+    defaults are what a group added later (an unfreezing callback's ``add_param_group``) gets, so none of
+    them may be the optimizer's hidden own (AdamW's 0.01)."""
+    return {"lr": config.lr, "betas": config.betas, "eps": config.eps, "weight_decay": config.weight_decay}
+
+
 def _sgd(groups: ParamGroups, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(
-        groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, foreach=True
+        groups,
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+        foreach=True,
     )
 
 
 def _adam(groups: ParamGroups, config: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(groups, lr=config.lr, betas=config.betas, eps=config.eps, **_adam_kernel(groups))
+    return torch.optim.Adam(groups, **_adam_defaults(config), **_adam_kernel(groups))
 
 
 def _adamw(groups: ParamGroups, config: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, **_adam_kernel(groups))
+    return torch.optim.AdamW(groups, **_adam_defaults(config), **_adam_kernel(groups))
 
 
 def _adafactor(groups: ParamGroups, config: TrainConfig) -> torch.optim.Optimizer:
     # foreach is left to torch here: on CPU its foreach Adafactor is not bitwise equal to the default
     # one, and every built-in optimizer must match its plain torch counterpart on the same device.
     # betas and eps are Adam's and have no meaning for Adafactor (its decay is beta2_decay, its eps a pair).
-    return torch.optim.Adafactor(groups, lr=config.lr)
+    return torch.optim.Adafactor(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def _import_pytorch_optimizer(name: str) -> Any:
@@ -78,12 +90,12 @@ def _import_pytorch_optimizer(name: str) -> Any:
 
 def _lamb(groups: ParamGroups, config: TrainConfig) -> torch.optim.Optimizer:
     lamb = _import_pytorch_optimizer("lamb").Lamb
-    return lamb(groups, lr=config.lr, betas=config.betas, eps=config.eps, foreach=True)
+    return lamb(groups, **_adam_defaults(config), foreach=True)
 
 
 def _lion(groups: ParamGroups, config: TrainConfig) -> torch.optim.Optimizer:
     lion = _import_pytorch_optimizer("lion").Lion
-    return lion(groups, lr=config.lr, betas=config.betas, foreach=True)
+    return lion(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, foreach=True)
 
 
 OPTIMIZER_FACTORIES: dict[str, OptimizerFactory] = {

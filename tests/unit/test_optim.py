@@ -189,6 +189,22 @@ def test_weight_decay_leaves_biases_and_norm_weights_alone(name: str) -> None:
             assert new.norm() < old.norm(), f"{name} did not decay a {new.ndim}-dim parameter"
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.3])
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_a_group_added_later_gets_the_configs_values_not_the_optimizers_own(name: str, weight_decay: float):
+    # An unfreezing callback's add_param_group takes the defaults: AdamW's own weight decay is 0.01.
+    _require_extra(name)
+    config = TrainConfig(optimizer=name, lr=0.1, weight_decay=weight_decay, betas=(0.8, 0.9), eps=1e-6)
+    optimizer = build_optimizer(_model(), config)
+    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2, 2))]})
+    added = optimizer.param_groups[-1]
+    assert added["weight_decay"] == weight_decay and added["lr"] == 0.1
+    if name not in ("sgd", "adafactor"):  # Adafactor's decay and eps are its own
+        assert tuple(added["betas"]) == (0.8, 0.9)
+    if name in ("adam", "adamw", "lamb"):
+        assert added["eps"] == 1e-6
+
+
 def test_frozen_parameters_are_left_out() -> None:
     model = _model()
     model[0].requires_grad_(False)
