@@ -179,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"steadyfit: error: {exc}", sys.stderr)
         return EXIT_USAGE
     except Preempted as exc:
-        _say(f"steadyfit: preempted; rerun the same command to resume from {exc.checkpoint}", sys.stderr)
+        if exc.checkpoint is None:  # a run with nothing to resume (lr-find's sweep)
+            _say(f"steadyfit: stopped by signal {exc.signum}; nothing to resume", sys.stderr)
+        else:
+            _say(f"steadyfit: preempted; rerun the same command to resume from {exc.checkpoint}", sys.stderr)
         return int(exc.code)
     except KeyboardInterrupt:
         print("steadyfit: interrupted", file=sys.stderr)

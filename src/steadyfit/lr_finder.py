@@ -18,13 +18,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils.data import DataLoader
 
+from steadyfit import data as data_mod
 from steadyfit.callbacks import Callback
 from steadyfit.config import ConfigError, TrainConfig, make_config
 from steadyfit.guard import NonFiniteError
 from steadyfit.layout import LR_FIND_FILE
 from steadyfit.loggers.base import Logger
 from steadyfit.rng import capture_rng, restore_rng
+from steadyfit.signals import Preempted
 
 if TYPE_CHECKING:
     from steadyfit.state import TrainState
@@ -190,7 +193,22 @@ def find_lr(
 
     from steadyfit.trainer import Trainer
 
-    rng_state = capture_rng()  # fit() reseeds the global generators; the caller's stream must not change
+    def sweep_schedule(built: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        # Every group starts at min_lr, whatever lr a user's factory gave it (as Lightning's finder does):
+        # the schedule multiplies the groups' lrs, and the lrs reported are min_lr's sweep.
+        for group in built.param_groups:
+            group["lr"] = min_lr
+        return torch.optim.lr_scheduler.LambdaLR(built, exponential)
+
+    # fit() reseeds the global generators and draws from a user DataLoader's own; deterministic=true turns
+    # torch's deterministic algorithms on. The caller's streams and settings must not change.
+    streams = data_mod.capture_streams(train_data) if isinstance(train_data, DataLoader) else None
+    rng_state = capture_rng()
+    deterministic = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+    )
     try:
         with tempfile.TemporaryDirectory(prefix="steadyfit-lr-find-") as run_dir:
             sweep_config = make_config(
@@ -210,14 +228,21 @@ def find_lr(
                 collate_fn=collate_fn,
                 callbacks=[recorder],
                 optimizer=optimizer,
-                scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, exponential),
+                scheduler=sweep_schedule,
             )
             try:
                 trainer.fit()
             except NonFiniteError:
                 recorder.diverged = True  # a non-finite loss or gradient ends the sweep like divergence
+            except Preempted as exc:
+                # Its checkpoint lies in the directory about to be removed: there is nothing to resume.
+                raise Preempted(exc.signum, None) from None
     finally:
         restore_rng(rng_state)
+        if streams is not None:
+            data_mod.restore_streams(train_data, streams)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        torch.backends.cudnn.benchmark = deterministic[2]
     lrs = [min_lr * exponential(step) for step in range(len(recorder.losses))]
     suggestion = suggest_lr(lrs, recorder.smoothed)
     written = None

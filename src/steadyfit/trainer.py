@@ -145,6 +145,14 @@ class Trainer:
             config.model_fields_set, config.model_dump(), train_data, eval_data
         )
         recorded.update(fast_dev_run_settings(config))  # recorded too: config.yaml says what ran
+        # A model the user compiled (torch.compile(model)) trains compiled, as with compile=true; everything
+        # else (checkpoints, final/, the fingerprint, evaluation) sees the module inside, so the weights'
+        # names carry no "_orig_mod." prefix and load into the plain model.
+        self._user_compiled: torch.nn.Module | None = None
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, torch.nn.Module):
+            self._user_compiled, model = model, inner
+            recorded["compile"] = True
         self.config = config.model_copy(update=recorded) if recorded else config
         data_mod.check_overfit_loader(self.config, train_data)
         data_mod.check_persistent_workers(self.config, eval_data)
@@ -688,7 +696,11 @@ class Trainer:
         self.scheduler = resolve_scheduler(
             self.optimizer, config, self.horizons.total_steps, self._user_scheduler
         )
-        train_model = torch.compile(wrapped) if config.compile else wrapped
+        train_model = wrapped
+        if self._user_compiled is not None and wrapped is self.model:
+            train_model = self._user_compiled  # the user's own compile options, over the same module
+        elif config.compile:
+            train_model = torch.compile(wrapped)
         self.backward = WindowBackward(
             train_model,
             self.loss_fn,

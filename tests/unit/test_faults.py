@@ -7,8 +7,9 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from helpers import base_config, make_mlp, make_regression
+from helpers import base_config, final_weights, make_mlp, make_regression
 from steadyfit import CheckpointError, Trainer
 from steadyfit.checkpoint import CheckpointStore
 
@@ -75,3 +76,25 @@ def test_compiled_training_matches_eager(tmp_path):
         weights.append(model.state_dict())
     for key in weights[0]:
         torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_the_user_compiled_trains_compiled_and_saves_plain_weight_names(tmp_path):
+    # torch.compile(model) names its weights "_orig_mod.*": saved so, they would not load into the model.
+    # The eager backend traces with dynamo and generates no code: no C compiler needed.
+    plain = make_mlp()
+    config = base_config(tmp_path / "plain", optimizer="sgd", lr=0.1, save_every=2)
+    Trainer(plain, config, train_data=make_regression(32), loss_fn=CE).fit()
+    model = make_mlp()
+    compiled = torch.compile(model, backend="eager")
+    config = base_config(tmp_path / "compiled", optimizer="sgd", lr=0.1, save_every=2)
+    trainer = Trainer(compiled, config, train_data=make_regression(32), loss_fn=CE)
+    trainer.fit()
+    assert trainer.model is model and trainer.config.compile
+    run_dir = tmp_path / "compiled" / "run"
+    final = final_weights(run_dir)
+    assert final.keys() == plain.state_dict().keys()
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(final[key], value, msg=key)
+    for checkpoint in (run_dir / "checkpoints").iterdir():
+        assert load_file(str(checkpoint / "model.safetensors")).keys() == plain.state_dict().keys()
+    assert "compile: true" in (run_dir / "config.yaml").read_text()

@@ -112,3 +112,42 @@ def test_suggestion_falls_back_to_a_tenth_of_the_minimum():
     assert suggest_lr(lrs, [1.0, 0.5, 2.0, 9.0]) == pytest.approx(1e-3)
     assert suggest_lr([], []) is None
     assert suggest_lr(lrs, [math.nan] * 4) is None
+
+
+def _regression():
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(64, 6, generator=generator)
+    return TensorDataset(inputs, inputs.sum(dim=1, keepdim=True))
+
+
+def _sweep(train_data, **arguments):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 1)
+    config = TrainConfig(batch_size=8, optimizer="sgd", **arguments.pop("config", {}))
+    return find_lr(
+        model,
+        train_data,
+        loss_fn=torch.nn.functional.mse_loss,
+        config=config,
+        num_steps=12,
+        max_lr=0.1,
+        **arguments,
+    )
+
+
+def test_an_optimizer_factory_sweeps_from_min_lr_whatever_lr_it_builds_with():
+    # A factory's own lr (SGD's 1e-3 here) must not multiply the sweep: the reported lrs are what ran.
+    from_config = _sweep(_regression())
+    from_factory = _sweep(_regression(), optimizer=torch.optim.SGD)
+    assert from_factory.losses == from_config.losses
+    assert from_factory.lrs == from_config.lrs
+
+
+def test_the_sweep_leaves_a_user_loaders_generator_and_deterministic_mode_as_it_found_them():
+    generator = torch.Generator().manual_seed(5)
+    loader = torch.utils.data.DataLoader(_regression(), batch_size=8, shuffle=True, generator=generator)
+    before = generator.get_state()
+    assert not torch.are_deterministic_algorithms_enabled()
+    _sweep(loader, config={"deterministic": True})
+    assert torch.equal(generator.get_state(), before), "the loader's next epoch would draw another order"
+    assert not torch.are_deterministic_algorithms_enabled()
