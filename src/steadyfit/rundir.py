@@ -221,19 +221,21 @@ class RunDirectory:
         restored, self._restored = self._restored, None
         if restored is None:
             return
-        if "after_step" in restored:
-            kept = truncate_history(self.path, restored["after_step"]) if self.dist.is_main else 0
-            self.rows = kept
-            return
+        kept = None
         if self.dist.is_main:
-            truncate_rows(self.path, restored["rows"])
-        self.rows = restored["rows"]
+            if "after_step" in restored:
+                kept = truncate_history(self.path, restored["after_step"])
+            else:
+                kept = truncate_rows(self.path, restored["rows"])
+        # Every rank counts the same rows: the count decides, alike everywhere, whether to save again.
+        self.rows = self.dist.broadcast_object(kept)
 
     def last_eval_scores(self) -> dict[str, float]:
         """The scores of the last eval row of metrics.jsonl (cut back to a checkpoint's rows), on every rank:
         what a resumed run, a rerun of a finished one included, reports until it evaluates again."""
         scores: dict[str, float] = {}
-        if self.dist.is_main:
+        # No metrics.jsonl: a new run directory resuming another run's checkpoint (resume=PATH).
+        if self.dist.is_main and (self.path / METRICS_FILE).exists():
             from steadyfit.report import read_metrics  # imported here: report builds on the loggers
 
             last = next((row for row in reversed(read_metrics(self.path)) if row.get("kind") == "eval"), {})

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import base_config, make_mlp, make_regression
+from helpers import assert_bitwise_equal, base_config, final_weights, make_mlp, make_regression, metric_rows
 from steadyfit import Callback, ConfigError, Trainer
 from steadyfit.config import TrainConfig
 from steadyfit.identity import MAY_CHANGE_ON_RESUME, TRAJECTORY_FIELDS
@@ -200,6 +200,19 @@ def test_resume_path_of_another_experiment_fine_tunes_from_its_weights(finished_
     _fit(config.model_copy(update={"max_steps": 6}), callbacks=[again])
     assert again.step == 4
     assert "holds this run's own checkpoints" in capfd.readouterr().err
+
+
+def test_resume_path_of_the_same_experiment_continues_it_in_a_new_run_dir(finished_run, tmp_path):
+    # The new directory has no metrics.jsonl for the checkpoint's row count to cut back to.
+    checkpoint = _copy(finished_run, tmp_path) / "checkpoints" / "step-00000002"
+    start = StartStep()
+    _, result = _fit(
+        _config(tmp_path, run_dir=str(tmp_path / "new"), resume=str(checkpoint)), callbacks=[start]
+    )
+    assert start.step == 2 and result.global_step == 4
+    assert_bitwise_equal(final_weights(tmp_path / "new"), final_weights(finished_run))
+    kinds = [row["kind"] for row in metric_rows(tmp_path / "new")]
+    assert kinds[0] == "start" and kinds[-1] == "summary" and kinds.count("start") == 1
 
 
 def test_an_optimizer_of_another_class_passed_to_the_trainer_is_another_experiment(finished_run, tmp_path):

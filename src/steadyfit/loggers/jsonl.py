@@ -53,10 +53,11 @@ class JsonlLogger(Logger):
             self._file.close()
 
 
-def truncate_rows(run_dir: str | os.PathLike[str], rows: int) -> None:
+def truncate_rows(run_dir: str | os.PathLike[str], rows: int) -> int:
     """Keep the first ``rows`` complete rows of metrics.jsonl (what a checkpoint recorded), so that a resumed
-    run writes every later row exactly once; a torn last line goes too."""
-    _rewrite(run_dir, lambda position, row: position < rows)
+    run writes every later row exactly once; a torn last line goes too. Returns the rows kept: fewer when
+    the file holds fewer (none in a new run directory resuming another run's checkpoint)."""
+    return _rewrite(run_dir, lambda position, row: position < rows)
 
 
 def truncate_history(run_dir: str | os.PathLike[str], after_step: int) -> int:
