@@ -48,6 +48,9 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
     "warmup_missing.grad_factor": 20.0,
 }
 
+# The thresholds that count logged rows or evaluations.
+_COUNTS = (".window", ".evals", ".min_history")
+
 CHECKS: tuple[str, ...] = tuple(dict.fromkeys(key.split(".")[0] for key in DEFAULT_THRESHOLDS))
 
 # Running medians look at this many recent values: enough to be robust, bounded in checkpoint size.
@@ -76,7 +79,15 @@ def validate_diagnostics(stop_on: Iterable[str], thresholds: dict[str, float]) -
             raise ConfigError(
                 f"diagnostic_thresholds: unknown key {key!r}; allowed keys: {', '.join(DEFAULT_THRESHOLDS)}"
             )
-        if not math.isfinite(value) or value < 0:
+        if key.endswith(_COUNTS):
+            # A count of rows or evaluations: 0 (or a fraction) would fire on the first row.
+            if isinstance(value, bool) or not float(value).is_integer() or value < 1:
+                raise ConfigError(
+                    f"diagnostic_thresholds: {key} is a count (of logged rows or evaluations): a whole "
+                    f"number >= 1, got {value!r}"
+                )
+            value = int(value)
+        elif not math.isfinite(value) or value < 0:
             raise ConfigError(f"diagnostic_thresholds: {key} must be a finite number >= 0, got {value!r}")
         merged[key] = value
     return merged

@@ -4,6 +4,7 @@ healthy run, and the same findings after a state_dict round trip."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -53,6 +54,15 @@ def read_findings(run_dir: Path) -> list[dict]:
 def test_unknown_threshold_key_names_it_and_the_allowed_keys():
     with pytest.raises(ConfigError, match=r"'divergence\.windw'.*divergence\.window"):
         diagnostics(diagnostic_thresholds={"divergence.windw": 4})
+
+
+@pytest.mark.parametrize("key", ["divergence.window", "at_chance.evals", "grad_spike.min_history"])
+@pytest.mark.parametrize("value", [0, 0.5])
+def test_a_count_threshold_must_be_a_whole_number_of_at_least_one(key, value):
+    # A window of 0 rows fired on the first row and stopped a healthy run (stop_on).
+    expected = f"{key} is a count (of logged rows or evaluations): a whole number >= 1"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        diagnostics(diagnostic_thresholds={key: value})
 
 
 def test_unknown_stop_on_name_is_refused_by_the_trainer(tmp_path):
