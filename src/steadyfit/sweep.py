@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
 import shlex
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +33,8 @@ from steadyfit.config import (
     parse_scalar,
     read_yaml,
 )
+from steadyfit.recipes import build_recipe
+from steadyfit.signals import Preempted
 from steadyfit.tracking import infer_greater_is_better, metric_key
 
 if TYPE_CHECKING:
@@ -47,6 +51,13 @@ PLOT_FILE = "sweep.png"
 STUDY_NAME = "steadyfit-sweep"
 RUN_DIR_ATTR = "run_dir"
 PARAM_TYPES = ("float", "int", "categorical")
+# Fields a trial may not draw -> why.
+_NOT_SWEPT = {
+    "run_dir": "each trial has its own",
+    "resume": "each trial resumes its own run",
+    "metric_for_best": "it is the objective every trial is ranked by: set it with an override",
+    "greater_is_better": "it is the objective's direction: set it with an override",
+}
 # Median pruning compares a trial with the trials before it: it needs a couple of finished ones first.
 PRUNER_STARTUP_TRIALS = 2
 
@@ -84,8 +95,8 @@ def read_space(path: str | Path) -> dict[str, dict[str, Any]]:
         where = f"{path}: {name}"
         if name not in TrainConfig.model_fields:
             raise ConfigError(f"{path}: {describe_unknown_field(name)}")
-        if name in ("run_dir", "resume"):
-            raise ConfigError(f"{where}: not a TrainConfig field that a sweep can vary")
+        if name in _NOT_SWEPT:
+            raise ConfigError(f"{where}: not a TrainConfig field that a sweep can vary ({_NOT_SWEPT[name]})")
         if not isinstance(spec, dict) or spec.get("type") not in PARAM_TYPES:
             raise ConfigError(f"{where}: expected a mapping with type: {' | '.join(PARAM_TYPES)}")
         if spec["type"] == "categorical":
@@ -105,6 +116,12 @@ def read_space(path: str | Path) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"{where}: needs numbers low < high (got low={low!r}, high={high!r})")
         if spec.get("log") and low <= 0:
             raise ConfigError(f"{where}: log: true needs low > 0")
+        if spec.get("step") is not None:
+            step = spec["step"]
+            if spec.get("log"):
+                raise ConfigError(f"{where}: log: true and step exclude each other (Optuna); keep one")
+            if isinstance(step, bool) or not isinstance(step, (int, float)) or not step > 0:
+                raise ConfigError(f"{where}: step must be a number > 0 (got {step!r})")
         unknown = set(spec) - {"type", "low", "high", "log", "step"}
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; allowed: type, low, high, log, step")
@@ -264,12 +281,14 @@ def run_sweep(
         raise ConfigError(f"--workers: must be at least 1 (got {workers})")
     space = read_space(space_path)
     fixed = parse_overrides(list(overrides))
-    _, config = prepare(config_source, fixed)
+    recipe_name, config = prepare(config_source, fixed)
+    _check_evaluates(recipe_name, config)
     default_name = Path(config_source).stem if config_source else "digits"
     root = Path(sweep_dir or Path("sweeps") / default_name)
+    direction = "maximize" if is_greater_better(config) else "minimize"
+    _check_same_objective(root, objective_metric(config), direction)
     root.mkdir(parents=True, exist_ok=True)
     (root / SPACE_FILE).write_text(yaml.safe_dump(space, sort_keys=False), encoding="utf-8")
-    direction = "maximize" if is_greater_better(config) else "minimize"
     storage = _storage_url(root)
     study = optuna.create_study(
         storage=storage,
@@ -301,13 +320,38 @@ def run_sweep(
         if len(shares) == 1:
             _optimize(storage, seed, 0, objective, shares[0])
         else:
-            _run_workers(storage, seed, objective, shares)
+            _run_workers(storage, seed, objective, shares, root)
     study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
     best = best_trial_lines(study, config_source, list(overrides), root, objective_metric(config))
     write_results(study, root, objective_metric(config), best)
     for line in best:
         print(f"sweep: {line}", flush=True)
     return study
+
+
+def _check_evaluates(recipe_name: str, config: TrainConfig) -> None:
+    """Every trial is ranked by an evaluation: refuse a sweep that would train every trial to the end and
+    then fail it for having none."""
+    if build_recipe(recipe_name, config).eval_data is None:
+        raise ConfigError(
+            f"sweep: the recipe {recipe_name} has no eval data, and every trial is ranked by its evaluation "
+            f"({objective_metric(config)})"
+        )
+
+
+def _check_same_objective(root: Path, metric: str, direction: str) -> None:
+    """A sweep directory ranks its trials by one objective: values of another metric or direction would be
+    ranked with them, the stored study keeping its first direction."""
+    settings = read_yaml(root / SWEEP_FILE) if (root / SWEEP_FILE).exists() else None
+    if not isinstance(settings, dict):
+        return
+    before = (settings.get("metric"), settings.get("direction"))
+    if before != (metric, direction):
+        raise ConfigError(
+            f"sweep: {root} ranks its trials by {before[0]} ({before[1]}), this command by {metric} "
+            f"({direction}); trials of both cannot be ranked together: pass another --dir, or the "
+            "metric_for_best and greater_is_better of that sweep"
+        )
 
 
 def best_trial_lines(
@@ -391,17 +435,44 @@ def _optimize(storage: str, seed: int, worker: int, objective: Objective, count:
     study.optimize(objective, n_trials=count, catch=(Exception,))
 
 
-def _run_workers(storage: str, seed: int, objective: Objective, shares: list[int]) -> None:
+def _worker_main(storage: str, seed: int, worker: int, objective: Objective, count: int) -> None:
+    # A process group of its own: a terminal's Ctrl-C reaches the parent alone, which passes it on once (a
+    # second SIGINT would abort the trial without its checkpoint).
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()
+    _optimize(storage, seed, worker, objective, count)
+
+
+def _run_workers(storage: str, seed: int, objective: Objective, shares: list[int], root: Path) -> None:
+    """Run the shares in worker processes. SIGTERM or SIGINT reaching this process is passed on to each
+    worker, whose trial then writes its checkpoint and stops; once all have stopped, this process exits
+    as preempted too (the rerun queues their trials again)."""
     # 'spawn': a fresh interpreter per worker, safe with threads and CUDA in the parent.
     context = multiprocessing.get_context("spawn")
     processes = [
-        context.Process(target=_optimize, args=(storage, seed, worker, objective, count))
+        context.Process(target=_worker_main, args=(storage, seed, worker, objective, count))
         for worker, count in enumerate(shares)
     ]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join()
+    received: list[int] = []
+
+    def pass_on(signum: int, frame: Any) -> None:
+        received.append(signum)
+        for process in processes:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signum)
+
+    previous = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        first = signal.SIGTERM if signal.SIGTERM in received else received[0]
+        raise Preempted(first, f"{root} (its interrupted trials are queued again)")
     failed = [p.exitcode for p in processes if p.exitcode != 0]
     if failed:
         raise RuntimeError(f"sweep: {len(failed)} worker process(es) failed (exit codes {failed})")

@@ -62,8 +62,101 @@ def test_space_errors_name_the_file_and_parameter(tmp_path):
         read_space(write_space(tmp_path, {"lr": {"type": "float", "low": 0.1, "high": 0.01}}))
     with pytest.raises(ConfigError, match=r"batch_size: categorical needs a non-empty 'choices' list"):
         read_space(write_space(tmp_path, {"batch_size": {"type": "categorical"}}))
+    with pytest.raises(ConfigError, match=r"metric_for_best: not a TrainConfig field .* the objective"):
+        read_space(write_space(tmp_path, {"metric_for_best": {"type": "categorical", "choices": ["a"]}}))
+    with pytest.raises(ConfigError, match=r"greater_is_better: not a TrainConfig field .* direction"):
+        read_space(write_space(tmp_path, {"greater_is_better": {"type": "categorical", "choices": [True]}}))
+    with pytest.raises(ConfigError, match=r"lr: log: true and step exclude each other"):
+        read_space(
+            write_space(
+                tmp_path, {"lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True, "step": 0.01}}
+            )
+        )
+    with pytest.raises(ConfigError, match=r"batch_size: step must be a number > 0 \(got 0\)"):
+        read_space(write_space(tmp_path, {"batch_size": {"type": "int", "low": 8, "high": 64, "step": 0}}))
     (tmp_path / "yaml11.yaml").write_text("lr: {type: float, low: 1e-4, high: 1e-1, log: true}\n")
     assert read_space(tmp_path / "yaml11.yaml")["lr"]["low"] == 1e-4  # '1e-4' is a number, not a string
+
+
+def test_a_sweep_directory_refuses_another_objective_before_anything_runs(tmp_path):
+    # Optuna's stored study keeps its first direction: values of another metric would be ranked with it.
+    sweep_dir = tmp_path / "sw"
+    sweep_dir.mkdir()
+    (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump({"metric": "eval_loss", "direction": "minimize"}))
+    with pytest.raises(
+        ConfigError, match=r"ranks its trials by eval_loss \(minimize\), this command by eval_acc"
+    ):
+        run_sweep("digits", str(write_space(tmp_path, SPACE)), 2, str(sweep_dir))
+    assert sorted(path.name for path in sweep_dir.iterdir()) == ["sweep.yaml"]
+
+
+def test_a_recipe_without_eval_data_is_refused_before_the_first_trial(tmp_path, monkeypatch):
+    import steadyfit.sweep as sweep_module
+    from steadyfit.recipes import build_recipe
+
+    def without_eval(name, config):
+        recipe = build_recipe(name, config)
+        recipe.eval_data = None
+        return recipe
+
+    monkeypatch.setattr(sweep_module, "build_recipe", without_eval)
+    with pytest.raises(ConfigError, match="has no eval data, and every trial is ranked by its evaluation"):
+        run_sweep("digits", str(write_space(tmp_path, SPACE)), 2, str(tmp_path / "sw"))
+    assert not (tmp_path / "sw").exists()
+
+
+def _processes_with(marker: str) -> list[int]:
+    """The live processes whose environment holds ``marker`` (a test's own children and theirs)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find the workers")
+def test_sigterm_to_a_sweep_with_workers_stops_them_with_checkpoints_and_the_rerun_resumes(tmp_path):
+    space = write_space(tmp_path, {"lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True}})
+    marker = f"STEADYFIT_SWEEP_TEST={os.getpid()}-{tmp_path.name}"
+    env = os.environ | {"PYTHONPATH": str(ROOT / "src"), marker.split("=")[0]: marker.split("=")[1]}
+    args = [
+        sys.executable,
+        "-m",
+        "steadyfit",
+        "sweep",
+        "digits",
+        "--space",
+        str(space),
+        "--trials",
+        "2",
+        "--workers",
+        "2",
+        "--dir",
+        str(tmp_path / "sw"),
+        "max_steps=200",
+        "eval_every=0",
+        "save_every=5",
+        "load_best_at_end=false",
+    ]
+    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen = []
+    for line in child.stdout:
+        seen.append(line)
+        if " checkpoint " in line:
+            child.send_signal(signal.SIGTERM)  # the parent alone, as a scheduler signals the main process
+            break
+    rest, _ = child.communicate(timeout=120)
+    output = "".join(seen) + rest
+    assert child.returncode == 143, output
+    assert "queued again" in output
+    assert _processes_with(marker) == [], "a worker outlived the sweep"
+    rerun = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "resumed its run at step" in rerun.stdout
 
 
 @pytest.mark.slow
