@@ -132,10 +132,15 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argpars
         >>> args = parse_arguments(build_parser(), ["fit", "lr=0.1", "digits", "max_steps=30"])
         >>> args.source, args.overrides
         ('digits', ['lr=0.1', 'max_steps=30'])
+        >>> argv = ["sweep", "lr=0.1", "--space", "s.yaml", "--trials", "2", "digits"]
+        >>> args = parse_arguments(build_parser(), argv)
+        >>> args.source, args.overrides
+        ('digits', ['lr=0.1'])
     """
     args, extras = parser.parse_known_args(argv)
     if extras:
-        stray = [item for item in extras if item.startswith("-") or "=" not in item]
+        # Positionals after an option (an override or the recipe) come back as extras; options do not.
+        stray = [item for item in extras if item.startswith("-")]
         if stray or not hasattr(args, "overrides"):
             parser.error(f"unrecognized arguments: {' '.join(stray or extras)}")
         args.overrides.extend(extras)

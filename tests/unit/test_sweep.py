@@ -284,6 +284,12 @@ def test_overrides_are_taken_before_and_after_the_options():
     )
     assert after.source == before.source == first.source == "digits"
     assert after.overrides == before.overrides == first.overrides == ["lr=0.1", "seed=3"]
+    last = parse_arguments(
+        parser, ["sweep", "lr=0.1", "--space", "s.yaml", "--trials", "2", "digits", "seed=3"]
+    )
+    assert (last.source, last.overrides) == ("digits", ["lr=0.1", "seed=3"])
+    lr_find = parse_arguments(parser, ["lr-find", "run_dir=x", "--num-steps", "5", "tinylm"])
+    assert (lr_find.source, lr_find.overrides) == ("tinylm", ["run_dir=x"])
     fit = parse_arguments(parser, ["fit", "max_steps=3", "digits", "seed=1"])
     assert (fit.source, fit.overrides) == ("digits", ["max_steps=3", "seed=1"])
     assert parse_arguments(parser, ["fit", "max_steps=3"]).source is None
