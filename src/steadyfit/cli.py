@@ -82,8 +82,11 @@ def run_report(run_dir: str, compare: list[str], out: str | None) -> int:
     if not Path(run_dir, METRICS_FILE).exists():
         raise ConfigError(f"{run_dir}: no metrics.jsonl here; is it a steadyfit run directory?")
     _say(format_summary(summarize(run_dir)))
-    for path in write_report(run_dir, compare=compare, out=out):
+    written = write_report(run_dir, compare=compare, out=out)
+    for path in written:
         _say(f"steadyfit: wrote {path}")
+    if not written:  # a run that has just started: not an error for a script that polls it
+        _say("steadyfit: no train or eval row to plot yet; no figure written")
     return EXIT_OK
 
 

@@ -327,11 +327,11 @@ def write_report(
         out: the PNG path; default ``RUN_DIR/report.png``, or ``RUN_DIR/compare.png`` with ``compare``.
 
     Returns:
-        The paths written (one PNG).
+        The paths written: one PNG, or none while no run has a row to plot yet (a run just started).
 
     Raises:
-        ConfigError: when matplotlib is missing (``pip install steadyfit[plot]``), a run directory has
-            no metrics.jsonl, or no run has a row to plot yet.
+        ConfigError: when matplotlib is missing (``pip install steadyfit[plot]``), or a run directory has
+            no metrics.jsonl.
 
     Example:
         >>> write_report("runs/demo")  # doctest: +SKIP
@@ -344,7 +344,7 @@ def write_report(
     runs = [_Run.load(path) for path in (run_dir, *compare)]
     panels = [panel for panel in _panels(runs) if any(curve.steps for curve in panel.curves)]
     if not panels:
-        raise ConfigError(f"{Path(run_dir) / METRICS_FILE}: no metrics rows to plot yet")
+        return []
     ncols = 1 if len(panels) == 1 else 2
     nrows = math.ceil(len(panels) / ncols)
     figure = Figure(figsize=(_PANEL_WIDTH_IN * ncols, _PANEL_HEIGHT_IN * nrows + 0.7), layout="constrained")

@@ -220,13 +220,23 @@ def test_report_compares_two_runs_into_compare_png(tmp_path):
     assert png.stat().st_size > 10_000 and _png_size(png)[1] >= 1000
 
 
+def test_the_report_command_on_a_run_that_just_started_exits_0(tmp_path, capsys):
+    # A script polling a run must not read "nothing logged yet" as a usage error (exit 2).
+    pytest.importorskip("matplotlib")
+    from steadyfit.cli import EXIT_OK, main
+
+    run = _write_run(tmp_path / "started", [{"kind": "start", "step": 0, "epoch": 0}])
+    assert main(["report", str(run)]) == EXIT_OK
+    assert "no train or eval row to plot yet" in capsys.readouterr().out
+
+
 def test_report_errors_name_the_problem(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     with pytest.raises(ConfigError, match=r"metrics\.jsonl: not found"):
         write_report(tmp_path)
     empty = _write_run(tmp_path / "empty", [], tail='{"kind": "tr')
-    with pytest.raises(ConfigError, match="no metrics rows to plot yet"):
-        write_report(empty)
+    assert write_report(empty) == [], "a run that just started: nothing to plot, not an error"
+    assert not list(empty.glob("*.png"))
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ConfigError, match=r"pip install steadyfit\[plot\]"):
         write_report(empty)
