@@ -142,6 +142,14 @@ MUTANTS = (
         ("tests/unit/test_guard.py",),
     ),
     Mutant(
+        "resumed-lr",
+        "2. exact resume: with a longer max_steps, the first resumed step runs at the old schedule's lr",
+        "src/steadyfit/trainer.py",
+        "reapply_schedule(self.scheduler)  # this run's horizon from the restored step on",
+        "pass",
+        ("tests/resume/test_resume_inprocess.py",),
+    ),
+    Mutant(
         "content-damage",
         "3. a checkpoint whose content does not fit the run is loaded anyway, not skipped",
         "src/steadyfit/checkpoint/manager.py",
@@ -156,6 +164,14 @@ MUTANTS = (
         "            raise KeyboardInterrupt\n        self.signum = signum",
         "            raise KeyboardInterrupt",
         ("tests/resume/test_preempt_anywhere.py",),
+    ),
+    Mutant(
+        "worker-signals",
+        "4. preemption: DataLoader workers die of a SIGTERM sent to the process group (the fetch fails)",
+        "src/steadyfit/data.py",
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)",
+        "pass",
+        ("tests/resume/test_resume.py", "-k", "process_group"),
     ),
     Mutant(
         "verify-before-parse",
@@ -196,6 +212,14 @@ MUTANTS = (
         "torch.ne(check, self._zero, out=self._found_inf)",
         "self._found_inf.zero_()",
         ("tests/unit/test_sync.py",),
+    ),
+    Mutant(
+        "scaler-floor",
+        "7. non-finite values: fp16 overflow below a loss scale of 1 skipped forever, never counted",
+        "src/steadyfit/trainer.py",
+        "record.scaler_skip = bool(torch.isfinite(record.loss)) and scale >= 1",
+        "record.scaler_skip = bool(torch.isfinite(record.loss))",
+        ("tests/unit/test_precision.py",),
     ),
     Mutant(
         "horizon",
