@@ -200,6 +200,7 @@ class Trainer:
         # (diagnostic rows, rank 0's alone, do not count), so every rank decides alike to save again.
         self._saved_at: tuple[str, int] | None = None
         self._rows_logged = 0
+        self._trained_before = False
 
     # ----------------------------------------------------------------------------------------- public
     def fit(self) -> FitResult:
@@ -217,6 +218,11 @@ class Trainer:
         if self.train_data is None:
             raise ConfigError("train_data: fit() needs training data; pass train_data=... to the Trainer")
         config = self.config
+        # An earlier fit() of this Trainer that raised left its loop behind: steps taken on the device but
+        # never booked, and weights trained past step 0. This fit books none of them; it continues from a
+        # checkpoint, or refuses to start over from those weights (see _resume).
+        self._trained_before = self.state.step > 0 or bool(self._unbooked)
+        self._unbooked, self._preempt_votes, self._saved_at = [], None, None
         seed_everything(config.seed)
         set_deterministic(config.deterministic)
         self._prepare()
@@ -789,6 +795,13 @@ class Trainer:
         """Restore every component from a checkpoint (``resume``), or start fresh; say which. Returns the
         checkpoint restored, or None (the start row's ``resumed_from``, see :meth:`_log_start`)."""
         path = self.checkpoints.restore(self._checkpointed, self.config.resume, upgrade=upgrade_legacy_states)
+        if path is None and self._trained_before and self.checkpoints.started_from is None:
+            raise ConfigError(
+                f"fit(): an earlier fit() of this Trainer trained its model to step {self.state.step} and "
+                f"stopped, and no checkpoint in {self.config.run_dir} holds it to continue from; build a "
+                "new model and Trainer to start over (with save_every, a rerun continues from the last "
+                "checkpoint instead)"
+            )
         if path is None:
             self.run_directory.start_fresh()
         else:

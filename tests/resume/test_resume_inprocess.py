@@ -17,7 +17,7 @@ from helpers import (
     make_regression,
     metric_rows,
 )
-from steadyfit import Callback, Trainer, accuracy, seed_everything
+from steadyfit import Callback, ConfigError, Trainer, accuracy, seed_everything
 from steadyfit.schedules import linear_factor
 
 CE = torch.nn.functional.cross_entropy
@@ -98,6 +98,50 @@ def test_extending_max_epochs_continues_the_run(tmp_path):
     full = _run(tmp_path / "b", max_epochs=3)
     for key, value in full.model.state_dict().items():
         assert torch.equal(value, longer.model.state_dict()[key]), key
+
+
+class FailsOnce(torch.utils.data.Dataset):
+    """A dataset whose ``fail_at``-th read raises once (a transient I/O error), as a notebook user then
+    calls fit() again on the same Trainer."""
+
+    def __init__(self, data, fail_at):
+        self.data, self.fail_at, self.reads = data, fail_at, 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, index):
+        self.reads += 1
+        if self.reads == self.fail_at:
+            raise OSError("transient read error")
+        return self.data[index]
+
+
+def test_fit_again_after_an_error_continues_from_the_checkpoint_booking_no_stale_step(tmp_path):
+    # The default fused AdamW decides steps on the device and books them at read points: the error lands
+    # between two, with steps taken and not booked. The second fit must book none of them.
+    def config(run_dir):
+        return base_config(run_dir, max_steps=12, max_epochs=None, batch_size=8, save_every=4, log_every=0)
+
+    reference = Trainer(make_mlp(), config(tmp_path / "a"), train_data=make_regression(64), loss_fn=CE)
+    reference.fit()
+    trainer = Trainer(
+        make_mlp(), config(tmp_path / "b"), train_data=FailsOnce(make_regression(64), 50), loss_fn=CE
+    )
+    with pytest.raises(Exception, match="transient read error"):
+        trainer.fit()
+    assert trainer.fit().global_step == 12
+    assert_bitwise_equal(trainer.model.state_dict(), reference.model.state_dict())
+
+
+def test_fit_again_after_an_error_with_no_checkpoint_refuses_to_start_over_from_trained_weights(tmp_path):
+    config = base_config(tmp_path, max_steps=12, max_epochs=None, batch_size=8, save_every=0, log_every=1)
+    trainer = Trainer(make_mlp(), config, train_data=make_regression(64), loss_fn=CE, callbacks=[CrashAt(3)])
+    with pytest.raises(Crash):
+        trainer.fit()
+    trainer.callbacks = type(trainer.callbacks)([])
+    with pytest.raises(ConfigError, match=r"an earlier fit\(\) of this Trainer trained its model to step 3"):
+        trainer.fit()
 
 
 class LearningRatesUsed(Callback):
