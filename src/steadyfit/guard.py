@@ -163,6 +163,7 @@ class DeviceSkip:
         self.scheduler = scheduler
         self.device = device
         self.horizon = 1
+        self._set_lrs: list[float | None] = []
         self._planned = False
         # torch's CUDA kernels read a tensor lr as float32; the CPU kernel reads it as a double, the same
         # value the host-side step passes (so on CPU both paths are bitwise equal, tested).
@@ -205,13 +206,24 @@ class DeviceSkip:
     def plan(self, horizon: int) -> None:
         """Learning rates for up to ``horizon`` steps from the scheduler's position, the same Python
         products ``LambdaLR`` computes. Called at the first step after a read, so a callback that changed
-        the schedule or the base lrs at the read point is honoured."""
+        the schedule or the base lrs at the read point is honoured; so is one that set a group's lr: it
+        applies to the next step, and the schedule's own value to the steps after it, as on the host,
+        where the scheduler's next step overwrites it."""
         scheduler = self.scheduler
         start = scheduler.last_epoch
         rows = [
             [base * factor(start + k) for k in range(horizon)]
             for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
         ]
+        scheduled = scheduler.get_last_lr()
+        # A group lr set since the read (release() left the scheduler's value), until a step applies.
+        self._set_lrs = [
+            float(group["lr"]) if group["lr"] != lr else None
+            for group, lr in zip(self.optimizer.param_groups, scheduled, strict=True)
+        ]
+        for row, set_lr in zip(rows, self._set_lrs, strict=True):
+            if set_lr is not None:
+                row[0] = set_lr
         self._table = torch.tensor(rows, dtype=self._lr_dtype, device=self.device)
         self._lrs = torch.empty((len(rows), 1), dtype=self._lr_dtype, device=self.device)
         self._applied.zero_()
@@ -241,14 +253,19 @@ class DeviceSkip:
         """Whether each step of ``checks`` was applied: one host read. The optimizer is handed back as the
         host knows it (see :meth:`release`); the caller then books each step."""
         outcomes = [value == 0 for value in torch.stack(checks).tolist()]
-        self.release()
+        self.release(any(outcomes))
         return outcomes
 
-    def release(self) -> None:
+    def release(self, applied: bool = True) -> None:
         """Give the groups their float lrs back (the scheduler's, as of the last read point) and drop
-        ``found_inf``: what checkpoints, logs, callbacks and a reused optimizer must see."""
+        ``found_inf``: what checkpoints, logs, callbacks and a reused optimizer must see. With no step
+        ``applied`` since :meth:`plan`, a group lr set before it still holds, as on the host, where only
+        the scheduler's step after an applied one overwrites it."""
         self._planned = False
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+        lrs = self.scheduler.get_last_lr()
+        if not applied and self._set_lrs:
+            lrs = [lr if set_lr is None else set_lr for lr, set_lr in zip(lrs, self._set_lrs, strict=True)]
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
         if hasattr(self.optimizer, "found_inf"):
             del self.optimizer.found_inf  # type: ignore[attr-defined]

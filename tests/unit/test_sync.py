@@ -185,6 +185,31 @@ def test_a_step_callback_sees_each_step_exactly(tmp_path, monkeypatch):
     assert isinstance(device_steps.seen[-1][2], float)
 
 
+class SetsGroupLr(Callback):
+    """Sets every group's lr after some steps, as a hand-made warm-up or a cool-down callback does."""
+
+    def on_step_end(self, trainer, state):
+        if state.step % 3 == 0:
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = 0.0 if state.step % 2 else group["lr"] * 0.25
+
+
+def test_a_callbacks_group_lr_applies_to_the_next_step_on_both_paths(tmp_path, monkeypatch):
+    # On the host the scheduler's next step overwrites it; the device-side table must do the same.
+    data = _poisoned_data()
+    device_model, _, _, device_rows = _run(
+        tmp_path, monkeypatch, "device", device_side=True, data=data, callbacks=[SetsGroupLr()]
+    )
+    host_model, _, _, host_rows = _run(
+        tmp_path, monkeypatch, "host", device_side=False, data=data, callbacks=[SetsGroupLr()]
+    )
+    assert device_rows == host_rows
+    for ours, theirs in zip(
+        device_model.state_dict().values(), host_model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(ours, theirs)
+
+
 def test_too_many_consecutive_skips_stop_with_the_same_message(tmp_path, monkeypatch):
     device_steps = []
     original_arm = DeviceSkip.arm
