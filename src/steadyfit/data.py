@@ -848,15 +848,22 @@ def _skip(loader: Iterable[Any], count: int) -> Iterator[Any]:
 
 def count_samples(batch: Any) -> int:
     """Samples in a batch: the first dimension of its targets (pair) or of its first tensor (a dict, or any
-    mapping such as a transformers ``BatchEncoding``), searched into nested tuples, lists and dicts (default
-    collation of ``(x, (y1, y2))`` gives ``[X, [Y1, Y2]]``: B samples, not 2). A list that holds no tensor
-    (strings, numbers) counts its items.
+    mapping such as a transformers ``BatchEncoding``).
+
+    A tensor at the top of the batch (or of a dict) decides; only without one are nested containers read.
+    There a sequence whose items are one tensor per field of the batch, all with the same first dimension
+    (default collation of ``(x, (y1, y2))`` gives ``[X, [Y1, Y2]]``), counts that dimension; one of
+    per-sample items (dicts, tensors of different lengths, strings, numbers: a detection collate's
+    targets, a list of texts) counts its items.
 
     Example:
         >>> count_samples([torch.zeros(4, 3), [torch.zeros(4), torch.zeros(4, 2)]])
         4
+        >>> targets = ({"boxes": torch.zeros(5, 4)}, {"boxes": torch.zeros(1, 4)})  # detection, 2 images
+        >>> count_samples((torch.zeros(2, 3, 8, 8), targets)), count_samples(([], targets))
+        (2, 2)
     """
-    count = _samples_in(batch)
+    count = _samples_in(batch, top=True)
     if count is not None:
         return count
     if isinstance(batch, Mapping):
@@ -870,28 +877,35 @@ def count_samples(batch: Any) -> int:
     )
 
 
-def _samples_in(value: Any) -> int | None:
-    """The first dimension of the tensor :func:`count_samples` reads in ``value``; None when it has none."""
+def _samples_in(value: Any, top: bool) -> int | None:
+    """The samples :func:`count_samples` reads in ``value``; None when it finds none. ``top``: ``value`` is
+    the batch itself, a sequence of fields (a pair), never of samples."""
     if isinstance(value, torch.Tensor):
         return int(value.shape[0]) if value.dim() > 0 else None
-    if isinstance(value, (tuple, list)):
-        for item in reversed(value):  # the targets of a pair first: an input may be a scalar option
-            count = _samples_in(item)
-            if count is not None:
-                return count
-        if value and not any(isinstance(item, (torch.Tensor, tuple, list, Mapping)) for item in value):
-            return len(value)  # per-sample values a collate_fn left as a list (texts, ids)
-        return None
     if isinstance(value, Mapping):
-        for key in ("labels", "label", "input_ids"):
-            count = _samples_in(value.get(key))
-            if count is not None:
-                return count
-        for item in value.values():
-            count = _samples_in(item)
-            if count is not None:
-                return count
-    return None
+        tensors = [value.get(key) for key in ("labels", "label", "input_ids")] + list(value.values())
+        items = [item for item in tensors if isinstance(item, torch.Tensor) and item.dim() > 0]
+        if items:
+            return int(items[0].shape[0])
+        return next((n for item in value.values() if (n := _samples_in(item, top=False)) is not None), None)
+    if not isinstance(value, (tuple, list)) or not value:
+        return None
+    if top:
+        last = value[-1]
+        if isinstance(last, torch.Tensor) and last.dim() > 0:  # an (inputs, targets) pair: every step
+            return int(last.shape[0])
+        # The targets of a pair first (an input may be a scalar option); a tensor before any container.
+        items = list(reversed(value))
+        tensor = next((item for item in items if isinstance(item, torch.Tensor) and item.dim() > 0), None)
+        if tensor is not None:
+            return int(tensor.shape[0])
+        if len(value) != 2 and all(isinstance(item, Mapping) for item in value):
+            return len(value)  # a list of per-sample dicts a collate_fn left as it is
+        return next((n for item in items if (n := _samples_in(item, top=False)) is not None), None)
+    if all(isinstance(item, torch.Tensor) and item.dim() > 0 for item in value):
+        firsts = {int(item.shape[0]) for item in value}
+        return firsts.pop() if len(firsts) == 1 and len(value) > 1 else len(value)
+    return len(value)
 
 
 def split_batch(batch: Any, size: int) -> list[Any]:

@@ -92,6 +92,17 @@ def test_a_pair_of_dicts_is_counted_by_its_targets():
         count_samples(({"x": 1}, {"y": 2}))
 
 
+def test_lists_of_per_sample_items_count_their_items_not_an_items_length():
+    # A detection collate (tuple(zip(*batch))): images of one channel count, targets one dict per image.
+    images = tuple(torch.zeros(3, 8 + k, 8) for k in range(4))
+    targets = tuple({"boxes": torch.zeros(k, 4), "labels": torch.zeros(k)} for k in (2, 9, 1, 5))
+    assert count_samples((images, targets)) == 4
+    variable = [torch.zeros(k) for k in (3, 5, 2, 3)]  # unpadded sequences, one per sample
+    assert count_samples(({"x": torch.zeros(4, 6)}, variable)) == 4
+    assert count_samples({"input_values": torch.zeros(4, 100), "labels": variable}) == 4
+    assert count_samples([{"x": torch.zeros(5)} for _ in range(10)]) == 10
+
+
 def with_texts(n: int) -> Samples:
     """Dict samples with a string field, which default collation leaves as a list of strings."""
     return Samples(n, lambda index, x, y: {"x": x, "labels": y, "text": f"sample {index}"})
