@@ -215,9 +215,9 @@ MUTANTS = (
     ),
     Mutant(
         "scaler-floor",
-        "7. non-finite values: fp16 overflow below a loss scale of 1 skipped forever, never counted",
+        "7. non-finite values: fp16 overflow at the smallest loss scale skipped forever, never counted",
         "src/steadyfit/trainer.py",
-        "record.scaler_skip = bool(torch.isfinite(record.loss)) and scale >= 1",
+        "record.scaler_skip = bool(torch.isfinite(record.loss)) and scale >= SMALLEST_LOSS_SCALE",
         "record.scaler_skip = bool(torch.isfinite(record.loss))",
         ("tests/unit/test_precision.py",),
     ),

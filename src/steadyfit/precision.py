@@ -8,6 +8,9 @@ from typing import Any
 import torch
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The smallest loss scale whose overflows are the GradScaler's business (float16's smallest normal number,
+# 2**-14): a gradient that still overflows float16 below it exceeds 65504 / 2**-14, about 1e9.
+SMALLEST_LOSS_SCALE = float(torch.finfo(torch.float16).tiny)
 
 
 class Precision:

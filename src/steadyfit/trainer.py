@@ -78,7 +78,7 @@ from steadyfit.log_window import LogWindow, memory_mb
 from steadyfit.loggers.progress import Progress
 from steadyfit.loss import ModelLoss
 from steadyfit.optim import resolve_optimizer
-from steadyfit.precision import Precision
+from steadyfit.precision import SMALLEST_LOSS_SCALE, Precision
 from steadyfit.recompute import enable_gradient_checkpointing
 from steadyfit.rng import seed_everything, set_deterministic
 from steadyfit.rundir import RunDirectory
@@ -451,9 +451,10 @@ class Trainer:
             scale = self.precision.loss_scale()  # the scale this step ran at (this path has synced already)
             self.precision.update()  # records the overflow: the scale goes down
             # fp16 overflow with a finite loss is the scaler's normal skip, not a fault, while the scale is
-            # at least 1. Below it the gradient overflows float16 unscaled, which no scale fixes: a
-            # non-finite gradient for on_nonfinite and max_consecutive_skips, or the run never ends.
-            record.scaler_skip = bool(torch.isfinite(record.loss)) and scale >= 1
+            # at least float16's smallest normal number. An overflow below it means gradients beyond about
+            # 1e9, or infinite ones, which halving cannot end: a non-finite gradient for on_nonfinite and
+            # max_consecutive_skips, or the run would halve its scale forever and train nothing.
+            record.scaler_skip = bool(torch.isfinite(record.loss)) and scale >= SMALLEST_LOSS_SCALE
         self._unbooked.append(record)
 
     def _at_boundary(self, preemption: PreemptionFlag, epoch_ended: bool) -> None:

@@ -73,23 +73,48 @@ def test_fp16_overflow_is_a_counted_scaler_skip(tmp_path):
 
 
 @pytest.mark.parametrize("policy", ["skip", "raise"])
-def test_fp16_overflow_below_a_loss_scale_of_1_is_a_non_finite_gradient(tmp_path, policy):
-    # A gradient that overflows at every scale: the scaler halves 65536 down to 1 (17 skips), then no
-    # scale can help. Counted as scaler skips forever, the run would train nothing and end "done".
+def test_fp16_overflow_at_the_smallest_loss_scale_is_a_non_finite_gradient(tmp_path, policy):
+    # A gradient that overflows at every scale: the scaler halves 65536 (2**16) down to float16's smallest
+    # normal number (2**-14), 31 skips, then halving cannot help. Counted as scaler skips forever, the run
+    # would train nothing and end "done".
     from helpers import base_config, make_mlp, make_regression
 
     model = make_mlp()
     model[0].weight.register_hook(lambda grad: grad * float("inf"))
     config = base_config(
-        tmp_path, precision="fp16", batch_size=2, max_epochs=2, on_nonfinite=policy, max_consecutive_skips=2
+        tmp_path, precision="fp16", batch_size=1, max_epochs=1, on_nonfinite=policy, max_consecutive_skips=2
     )
     trainer = Trainer(
         model, config, train_data=make_regression(40), loss_fn=torch.nn.functional.cross_entropy
     )
     with pytest.raises(NonFiniteError) as stopped:
         trainer.fit()
-    assert trainer.state.scaler_skips == 17 and trainer.state.step == 0
+    assert trainer.state.scaler_skips == 31 and trainer.state.step == 0
     assert trainer.state.nonfinite_skips == (3 if policy == "skip" else 0)
     assert ("3 consecutive" if policy == "skip" else "non-finite loss or gradient at step 1") in str(
         stopped.value
     )
+
+
+def test_fp16_overflow_that_a_loss_scale_below_1_fixes_is_the_scalers_skip(tmp_path):
+    # d loss / d weight is 2e5 in float16 terms: it overflows down to a scale of 0.5 and fits at 0.25.
+    from helpers import base_config
+
+    def loss_fn(outputs, targets):
+        return (outputs.float().squeeze(-1) * 1000).mean() + 0 * targets.sum()
+
+    data = torch.utils.data.TensorDataset(torch.full((64, 1), 200.0), torch.zeros(64))
+    config = base_config(
+        tmp_path,
+        precision="fp16",
+        batch_size=64,
+        max_steps=5,
+        max_epochs=None,
+        optimizer="sgd",
+        lr=1e-9,
+        on_nonfinite="raise",
+    )
+    trainer = Trainer(torch.nn.Linear(1, 1, bias=False), config, train_data=data, loss_fn=loss_fn)
+    result = trainer.fit()
+    assert result.global_step == 5 and result.nonfinite_skips == 0
+    assert result.scaler_skips == 18 and trainer.precision.loss_scale() == 0.25
