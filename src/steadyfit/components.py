@@ -20,6 +20,7 @@ import yaml
 from steadyfit.checkpoint.sharded import load_shards, split_state
 from steadyfit.data import TrainBatches
 from steadyfit.distributed import Distributed
+from steadyfit.identity import without_compile_prefix
 from steadyfit.layout import CONFIG_FILE
 from steadyfit.rng import capture_rng, restore_rng
 
@@ -50,7 +51,9 @@ class ModelWeights:
         Raises:
             ValueError: names or shapes differ (nothing is loaded).
         """
-        check_same_tensors(weights, self.model.state_dict(), what="model weights")
+        live = self.model.state_dict()
+        weights = without_compile_prefix(weights, live)  # written from a compiled model's wrapper
+        check_same_tensors(weights, live, what="model weights")
         self.dist.load_model_state(self.model, weights)
 
 

@@ -89,6 +89,28 @@ MAY_CHANGE_ON_RESUME = (
 )
 
 
+# What torch.compile's wrapper puts before every weight name. Checkpoints of a model the user compiled,
+# written before steadyfit trained the module inside, hold their names with it.
+COMPILE_PREFIX = "_orig_mod."
+
+
+def without_compile_prefix(named: dict[str, Any], live: Any) -> dict[str, Any]:
+    """``named`` (weights, shapes or dtypes by name) with the compile prefix dropped when every name has it
+    and the ``live`` names (the model now) have not; otherwise ``named`` itself.
+
+    Example:
+        >>> without_compile_prefix({"_orig_mod.weight": 1}, {"weight": 0})
+        {'weight': 1}
+    """
+    if (
+        named
+        and all(name.startswith(COMPILE_PREFIX) for name in named)
+        and not any(name.startswith(COMPILE_PREFIX) for name in live)
+    ):
+        return {name.removeprefix(COMPILE_PREFIX): value for name, value in named.items()}
+    return named
+
+
 class ExperimentChanged(ConfigError):
     """The checkpoint belongs to another experiment. ``weights_fit`` says whether this model could still
     start from its weights (``resume=PATH`` fine-tunes then)."""
@@ -153,9 +175,14 @@ class RunIdentity:
         if not isinstance(saved, dict):
             raise ValueError("identity: not a mapping")
         now = self.state_dict()
-        model_change = _parameter_changes(saved.get("parameters"), now["parameters"])
+        saved_parameters, saved_dtypes = saved.get("parameters"), saved.get("dtypes")
+        if isinstance(saved_parameters, dict):
+            saved_parameters = without_compile_prefix(saved_parameters, now["parameters"])
+        if isinstance(saved_dtypes, dict):
+            saved_dtypes = without_compile_prefix(saved_dtypes, now["dtypes"])
+        model_change = _parameter_changes(saved_parameters, now["parameters"])
         changes = self._changes(saved, now)
-        recast = "" if model_change else _dtype_changes(saved.get("dtypes"), now["dtypes"])
+        recast = "" if model_change else _dtype_changes(saved_dtypes, now["dtypes"])
         if model_change or recast:
             changes.insert(0, f"model: {model_change or recast}")
         if changes:

@@ -98,3 +98,24 @@ def test_a_model_the_user_compiled_trains_compiled_and_saves_plain_weight_names(
     for checkpoint in (run_dir / "checkpoints").iterdir():
         assert load_file(str(checkpoint / "model.safetensors")).keys() == plain.state_dict().keys()
     assert "compile: true" in (run_dir / "config.yaml").read_text()
+
+
+def test_a_checkpoint_of_a_compiled_models_wrapper_still_loads_into_the_module(tmp_path):
+    # Before steadyfit trained the module inside a compiled model, its checkpoints held "_orig_mod." names.
+    from steadyfit.components import ModelWeights
+    from steadyfit.config import TrainConfig
+    from steadyfit.distributed import Distributed
+    from steadyfit.identity import RunIdentity
+
+    one_process = Distributed("none", 0, 0, 1)
+    trained, model = make_mlp(seed=1), make_mlp(seed=0)
+    old_names = {f"_orig_mod.{name}": value for name, value in trained.state_dict().items()}
+    ModelWeights(one_process, model).load_state_dict(old_names)
+    for name, value in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    identity = RunIdentity(TrainConfig(), one_process, make_regression(8), model, optimizer, has_ema=False)
+    saved = identity.state_dict()
+    for record in ("parameters", "dtypes"):
+        saved[record] = {f"_orig_mod.{name}": value for name, value in saved[record].items()}
+    identity.load_state_dict(saved)  # the same experiment: no ExperimentChanged
