@@ -652,6 +652,7 @@ class TrainBatches:
         return {
             "epoch_start": self.epoch_start_streams,
             "generators": [generator.get_state() for generator in generators],
+            "generators_found": _GENERATORS_FOUND,
         }
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
@@ -659,7 +660,9 @@ class TrainBatches:
         if state is None:
             self.epoch_start_streams = None
             return
-        generators = _loader_generators(self.data) if isinstance(self.data, DataLoader) else []
+        # A checkpoint from before every sampler attribute was searched holds only the `.generator`s.
+        named_only = state.get("generators_found") != _GENERATORS_FOUND
+        generators = _loader_generators(self.data, named_only) if isinstance(self.data, DataLoader) else []
         epoch_start = state.get("epoch_start")
         saved = state.get("generators") or []
         counts = {len(saved)} | ({len(epoch_start["generators"])} if epoch_start is not None else set())
@@ -679,15 +682,23 @@ class TrainBatches:
         self._positioned = None
 
 
-def _loader_generators(loader: DataLoader) -> list[torch.Generator]:
+# How _loader_generators finds them, as checkpoints record it: every torch.Generator a sampler holds.
+# Checkpoints without the record found only the ``generator`` attributes.
+_GENERATORS_FOUND = "sampler attributes"
+
+
+def _loader_generators(loader: DataLoader, named_only: bool = False) -> list[torch.Generator]:
     """The torch generators a DataLoader draws its base seed and its order from, each once: its own
     ``generator``, and every generator its sampler and batch sampler hold (a custom sampler may keep one
-    under any name)."""
+    under any name); with ``named_only``, their ``generator`` attributes alone (older checkpoints)."""
     batch_sampler = loader.batch_sampler
     samplers = (loader.sampler, batch_sampler, getattr(batch_sampler, "sampler", None))
     found = [loader.generator]
     for sampler in samplers:
-        found.extend(value for value in getattr(sampler, "__dict__", {}).values())
+        if named_only:
+            found.append(getattr(sampler, "generator", None))
+        else:
+            found.extend(getattr(sampler, "__dict__", {}).values())
     unique = {id(g): g for g in found if isinstance(g, torch.Generator)}
     return list(unique.values())
 
@@ -697,13 +708,15 @@ def capture_streams(loader: DataLoader) -> dict[str, Any]:
     return {
         "global": capture_rng(),
         "generators": [generator.get_state() for generator in _loader_generators(loader)],
+        "generators_found": _GENERATORS_FOUND,
     }
 
 
 def restore_streams(loader: DataLoader, streams: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_streams`."""
+    """Inverse of :func:`capture_streams` (also of its older form, which found fewer generators)."""
     restore_rng(streams["global"])
-    for generator, state in zip(_loader_generators(loader), streams["generators"], strict=True):
+    named_only = streams.get("generators_found") != _GENERATORS_FOUND
+    for generator, state in zip(_loader_generators(loader, named_only), streams["generators"], strict=True):
         generator.set_state(state)
 
 

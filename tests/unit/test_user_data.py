@@ -159,6 +159,18 @@ class BucketBatches(torch.utils.data.Sampler):
         return iter([order[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)])
 
 
+def test_streams_kept_before_every_sampler_generator_was_found_still_restore():
+    # Checkpoints written before held the `.generator`s alone: the loader's own, not BucketBatches' rng.
+    from steadyfit.data import capture_streams, restore_streams
+
+    loader = DataLoader(
+        _indexed_data(24), batch_sampler=BucketBatches(24, 4), generator=torch.Generator().manual_seed(1)
+    )
+    streams = capture_streams(loader)
+    assert len(streams["generators"]) == 2
+    restore_streams(loader, {"global": streams["global"], "generators": streams["generators"][:1]})
+
+
 _ORDERS_NOT_OURS = {
     "shuffling DataLoader": lambda data: DataLoader(data, batch_size=4, shuffle=True),
     "shuffling DataLoader with a generator": lambda data: DataLoader(
