@@ -17,6 +17,8 @@ import multiprocessing
 import os
 import shlex
 import signal
+import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -437,16 +439,29 @@ def _optimize(storage: str, seed: int, worker: int, objective: Objective, count:
 
 def _worker_main(storage: str, seed: int, worker: int, objective: Objective, count: int) -> None:
     # A process group of its own: a terminal's Ctrl-C reaches the parent alone, which passes it on once (a
-    # second SIGINT would abort the trial without its checkpoint).
+    # second SIGINT would abort the trial without its checkpoint). On Linux the parent's death, however it
+    # comes (SIGKILL, SIGHUP), reaches the worker as SIGTERM: its trial checkpoints instead of training on.
     if hasattr(os, "setpgrp"):
         os.setpgrp()
+    _signal_on_parent_death(signal.SIGTERM)
     _optimize(storage, seed, worker, objective, count)
 
 
+def _signal_on_parent_death(signum: int) -> None:
+    """Linux's PR_SET_PDEATHSIG: ``signum`` to this process when its parent dies; elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signum), 0, 0, 0)
+
+
 def _run_workers(storage: str, seed: int, objective: Objective, shares: list[int], root: Path) -> None:
-    """Run the shares in worker processes. SIGTERM or SIGINT reaching this process is passed on to each
-    worker, whose trial then writes its checkpoint and stops; once all have stopped, this process exits
-    as preempted too (the rerun queues their trials again)."""
+    """Run the shares in worker processes. SIGTERM, SIGINT or SIGHUP reaching this process is passed on to
+    each worker once (SIGHUP as SIGTERM), whose trial then writes its checkpoint and stops; once all have
+    stopped, this process exits as preempted too (the rerun queues their trials again). Signals are
+    handled in the main thread only: from another thread the workers run as they are."""
     # 'spawn': a fresh interpreter per worker, safe with threads and CUDA in the parent.
     context = multiprocessing.get_context("spawn")
     processes = [
@@ -454,25 +469,33 @@ def _run_workers(storage: str, seed: int, objective: Objective, shares: list[int
         for worker, count in enumerate(shares)
     ]
     received: list[int] = []
+    told: set[int] = set()
+
+    def tell_workers() -> None:
+        for process in processes:
+            if received and process.pid is not None and process.pid not in told and process.is_alive():
+                told.add(process.pid)
+                os.kill(process.pid, received[0])
 
     def pass_on(signum: int, frame: Any) -> None:
-        received.append(signum)
-        for process in processes:
-            if process.pid is not None and process.is_alive():
-                os.kill(process.pid, signum)
+        if not received:
+            received.append(signal.SIGTERM if signum == getattr(signal, "SIGHUP", None) else signum)
+        tell_workers()
 
-    previous = {signum: signal.signal(signum, pass_on) for signum in (signal.SIGTERM, signal.SIGINT)}
+    handled = [signal.SIGTERM, signal.SIGINT, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {signum: signal.signal(signum, pass_on) for signum in handled} if in_main else {}
     try:
         for process in processes:
             process.start()
+        tell_workers()  # a signal that came while they started reaches them too
         for process in processes:
             process.join()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if received:
-        first = signal.SIGTERM if signal.SIGTERM in received else received[0]
-        raise Preempted(first, f"{root} (its interrupted trials are queued again)")
+        raise Preempted(received[0], f"{root} (its interrupted trials are queued again)")
     failed = [p.exitcode for p in processes if p.exitcode != 0]
     if failed:
         raise RuntimeError(f"sweep: {len(failed)} worker process(es) failed (exit codes {failed})")

@@ -105,6 +105,26 @@ def test_a_recipe_without_eval_data_is_refused_before_the_first_trial(tmp_path, 
     assert not (tmp_path / "sw").exists()
 
 
+def test_workers_run_from_another_thread_install_no_signal_handler(tmp_path):
+    # signal.signal works in the main thread alone: run_sweep(workers=2) from a thread must still run.
+    import threading
+
+    from steadyfit.sweep import _run_workers
+
+    errors = []
+
+    def run():
+        try:
+            _run_workers("sqlite:///unused.db", 0, None, [], tmp_path)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert errors == []
+
+
 def _processes_with(marker: str) -> list[int]:
     """The live processes whose environment holds ``marker`` (a test's own children and theirs)."""
     found = []
