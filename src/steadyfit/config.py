@@ -199,7 +199,7 @@ class TrainConfig(BaseModel):
         # Imported here: hf_arguments builds on this module.
         from steadyfit.hf_arguments import config_values_from_hf, fields_left_at_hf_default
 
-        config = cls(**{**config_values_from_hf(args), **overrides})
+        config = cls(**{**config_values_from_hf(args, overrides), **overrides})
         # A Hugging Face default the user never touched is not their choice: it must not overrule the
         # batch size or workers of a DataLoader they pass (data.loader_settings reads model_fields_set).
         # The values stay as validated above; only which fields count as set changes.

@@ -152,10 +152,10 @@ HF_OPTIMIZERS_REFUSED: dict[str, str] = {
     "adafactor": (
         "the Hugging Face Trainer builds transformers' Adafactor with a fixed lr (scale_parameter=False, "
         "relative_step=False); steadyfit's adafactor is torch.optim.Adafactor, whose step is "
-        "min(lr, 1/sqrt(t)) scaled by each parameter's RMS: other updates. Keep Hugging Face's with "
-        "Trainer(optimizer=functools.partial(transformers.optimization.Adafactor, lr=..., "
-        "scale_parameter=False, relative_step=False)), or take torch's with the override "
-        "optimizer='adafactor'"
+        "min(lr, 1/sqrt(t)) scaled by each parameter's RMS: other updates. Choose with an override: "
+        "from_hf(args, optimizer='adafactor') takes torch's; to keep Hugging Face's, from_hf(args, "
+        "optimizer='adamw') and Trainer(..., optimizer=functools.partial(transformers.optimization."
+        "Adafactor, lr=..., scale_parameter=False, relative_step=False)), which replaces the config's choice"
     ),
 }
 HF_SCHEDULERS: dict[str, str] = {

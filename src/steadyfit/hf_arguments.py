@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import reprlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from steadyfit.config import ConfigError
@@ -69,11 +69,13 @@ _IGNORED = frozenset(
 _LOGGERS = ("tensorboard", "mlflow", "wandb")
 
 
-def config_values_from_hf(args: Any) -> dict[str, Any]:
+def config_values_from_hf(args: Any, overridden: Iterable[str] = ()) -> dict[str, Any]:
     """TrainConfig values for a ``TrainingArguments`` (or its ``to_dict()``); :meth:`TrainConfig.from_hf`.
 
     Args:
         args: a ``transformers.TrainingArguments``, or the dict of its ``to_dict()``.
+        overridden: the TrainConfig fields the caller sets instead; ``optim`` is then not translated nor
+            refused when ``optimizer`` is among them (``optim='adafactor'`` with an ``optimizer`` override).
 
     Returns:
         Plain TrainConfig values, Hugging Face defaults translated too.
@@ -88,7 +90,7 @@ def config_values_from_hf(args: Any) -> dict[str, Any]:
         >>> values["lr"], values["precision"]  # doctest: +SKIP
         (0.0003, 'bf16')
     """
-    translation = _Translation(_given_settings(args), _hf_defaults())
+    translation = _Translation(_given_settings(args), _hf_defaults(), set(overridden))
     translation.translate()
     return translation.finish()
 
@@ -139,9 +141,10 @@ def _hf_defaults() -> dict[str, Any]:
 class _Translation:
     """One pass over the given settings: each is translated, refused, or compared with its default."""
 
-    def __init__(self, given: dict[str, Any], defaults: dict[str, Any]) -> None:
+    def __init__(self, given: dict[str, Any], defaults: dict[str, Any], overridden: set[str]) -> None:
         self.given = given
         self.defaults = defaults
+        self.overridden = overridden
         self.values: dict[str, Any] = {}
         self.refused: list[str] = []
         self.taken: set[str] = set()
@@ -244,6 +247,8 @@ class _Translation:
 
     def _optimizer(self) -> None:
         optim = self.take("optim")
+        if "optimizer" in self.overridden:
+            return  # the caller chose; whatever optim says is not translated
         if optim in HF_OPTIMIZERS:
             self.values["optimizer"] = HF_OPTIMIZERS[optim]
         elif optim in HF_OPTIMIZERS_REFUSED:

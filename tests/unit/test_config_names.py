@@ -495,6 +495,9 @@ def test_from_hf_refuses_adafactor_whose_arithmetic_differs_and_names_hugging_fa
     for key, value in kwargs.items():
         assert key == "lr" or f"{key}={value}" in message, f"{key}={value} is how the HF Trainer builds it"
     assert "optimizer='adafactor'" in message
+    # Both ways out the message names work.
+    assert TrainConfig.from_hf(args, optimizer="adafactor").optimizer == "adafactor"
+    assert TrainConfig.from_hf(args, optimizer="adamw").optimizer == "adamw"
 
 
 def test_from_hf_without_transformers_says_what_to_install(monkeypatch):
