@@ -486,23 +486,21 @@ def check_persistent_workers(config: Any, eval_data: Any) -> None:
         )
 
 
-def kept_worker_streams(train_data: Any, eval_data: Any) -> list[str]:
-    """Warnings for user DataLoaders whose workers persist (``persistent_workers=True``): their random
-    streams run on from one epoch (or evaluation) to the next, and a resumed run starts them afresh, so it
-    resumes exactly only if the dataset draws no random numbers. steadyfit's own loaders seed every batch
-    from its position instead (see ``_PositionSeeded``)."""
-    kept = [
-        (what, "epoch", "the first epoch") if what == "train_data" else (what, "evaluation", "an evaluation")
-        for what, data in (("train_data", train_data), ("eval_data", eval_data))
-        if isinstance(data, DataLoader) and data.num_workers and data.persistent_workers
-    ]
-    return [
-        f"{what}: the DataLoader's persistent_workers=True keeps its workers, and their random streams, from "
-        f"one {unit} to the next; a run resumed after {first} starts them afresh, so it repeats this run "
-        "only if the dataset draws no random numbers (augmentation). Pass the dataset itself: steadyfit's "
-        "workers (num_workers, persistent_workers) seed each batch from its position and resume exactly"
-        for what, unit, first in kept
-    ]
+def kept_worker_streams(train_data: Any) -> str | None:
+    """A warning for a user's training DataLoader whose workers persist (``persistent_workers=True``):
+    their random streams run on from one epoch to the next, and a run resumed after the first epoch starts
+    them afresh, so it repeats the uninterrupted run only if the dataset draws no random numbers.
+    steadyfit's own loaders seed every batch from its position instead (see ``_PositionSeeded``). (An eval
+    DataLoader's kept workers would matter only for an eval set that augments: not warned about.)"""
+    if not (isinstance(train_data, DataLoader) and train_data.num_workers and train_data.persistent_workers):
+        return None
+    return (
+        "train_data: the DataLoader's persistent_workers=True keeps its workers, and their random streams, "
+        "from one epoch to the next; a run resumed after the first epoch starts them afresh, so it repeats "
+        "this run only if the dataset draws no random numbers (augmentation). Pass the dataset itself: "
+        "steadyfit's workers (num_workers) live for the whole run, seed each batch from its position and "
+        "resume exactly"
+    )
 
 
 def check_every_sample_read(data: Any, what: str) -> None:

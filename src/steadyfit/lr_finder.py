@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -208,6 +209,7 @@ def find_lr(
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
         torch.backends.cudnn.benchmark,
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
     )
     try:
         with tempfile.TemporaryDirectory(prefix="steadyfit-lr-find-") as run_dir:
@@ -243,6 +245,8 @@ def find_lr(
             data_mod.restore_streams(train_data, streams)
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         torch.backends.cudnn.benchmark = deterministic[2]
+        if deterministic[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     lrs = [min_lr * exponential(step) for step in range(len(recorder.losses))]
     suggestion = suggest_lr(lrs, recorder.smoothed)
     written = None

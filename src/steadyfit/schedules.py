@@ -263,7 +263,10 @@ def reapply_schedule(scheduler: LRScheduler) -> None:
     step = scheduler.last_epoch
     lrs = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
     for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
-        group["lr"] = lr
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)  # a tensor lr stays one, as LambdaLR.step() keeps it
+        else:
+            group["lr"] = lr
     scheduler._last_lr = lrs  # what get_last_lr() reports, as LambdaLR.step() would have set it
 
 

@@ -163,8 +163,9 @@ class Trainer:
         self.eval_data = eval_data
         # Without loss_fn, the model's own loss: what it averages over is read here, before any wrapping.
         warn = console.warn if self.dist.is_main else None
-        for warning in data_mod.kept_worker_streams(train_data, eval_data) if warn else ():
-            warn(warning)
+        kept_streams = data_mod.kept_worker_streams(train_data)
+        if warn and kept_streams:
+            warn(kept_streams)
         self.loss_fn = loss_fn if loss_fn is not None else ModelLoss.of(self.model, warn)
         self.metrics = dict(metrics or {})
         if eval_data is not None:

@@ -100,7 +100,7 @@ def test_a_user_loader_with_persistent_workers_is_warned_about_resume(tmp_path, 
     Trainer(make_mlp(), base_config(tmp_path), train_data=kept, eval_data=kept, loss_fn=F.cross_entropy)
     err = capfd.readouterr().err
     assert "train_data: the DataLoader's persistent_workers=True" in err and "after the first epoch" in err
-    assert "eval_data: the DataLoader's persistent_workers=True" in err and "after an evaluation" in err
+    assert "eval_data" not in err, "an eval set rarely augments: no warning for every eval loader"
     fresh = DataLoader(data, batch_size=4, num_workers=1)
     Trainer(make_mlp(), base_config(tmp_path), train_data=fresh, loss_fn=F.cross_entropy)
     assert "persistent_workers" not in capfd.readouterr().err
