@@ -243,7 +243,8 @@ class RunDirectory:
             scores = {
                 key: float("nan") if value is None else value
                 for key, value in last.items()
-                if key.startswith("eval_") and (value is None or isinstance(value, (int, float)))
+                if key.startswith(("eval_", "ema_eval_"))
+                and (value is None or isinstance(value, (int, float)))
             }
         return self.dist.broadcast_object(scores)
 

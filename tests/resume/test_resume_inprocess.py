@@ -89,6 +89,10 @@ def test_ema_resumes_exactly(tmp_path):
     first, resumed = _assert_resume_exact(tmp_path, ema_decay=0.9)
     for key, value in first.ema.state_dict().items():
         assert torch.equal(value, resumed.ema.state_dict()[key]), key
+    # A rerun of the finished run reports the last evaluation's scores, the EMA's too.
+    rerun = _run(tmp_path / "a", ema_decay=0.9)
+    assert "ema_eval_loss" in rerun._result().metrics
+    assert rerun._result().metrics == first._result().metrics
 
 
 def test_extending_max_epochs_continues_the_run(tmp_path):
