@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -84,8 +84,25 @@ class MetricAccumulator:
         }
         for name, metric in self.torchmetrics.items():
             value = metric.compute()
-            results[f"eval_{name}"] = float(value) if isinstance(value, torch.Tensor) else value
+            # A MetricCollection computes a dict: one score per member, eval_<name>_<member>.
+            parts = value.items() if isinstance(value, Mapping) else [("", value)]
+            for part, score in parts:
+                key = f"{name}_{part}" if part else name
+                results[f"eval_{key}"] = _one_number(key, score)
         return results
+
+
+def _one_number(name: str, score: Any) -> float:
+    """A torchmetrics score as the one float a metrics row holds."""
+    if isinstance(score, torch.Tensor) and score.numel() == 1:
+        return float(score)
+    if isinstance(score, numbers.Real) and not isinstance(score, bool):
+        return float(score)
+    shape = list(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
+    raise ConfigError(
+        f"metrics: {name!r} computes {shape}, not one number (a per-class score, say average=None); make it "
+        "one (average='macro' or 'micro'), or compute per-class scores in a callback's on_evaluate"
+    )
 
 
 def _host_numbers_as_tensors(value: Any) -> Any:

@@ -77,6 +77,7 @@ from steadyfit.layout import CONFIG_FILE, step_of
 from steadyfit.log_window import LogWindow, memory_mb
 from steadyfit.loggers.progress import Progress
 from steadyfit.loss import ModelLoss
+from steadyfit.metrics import is_torchmetric
 from steadyfit.optim import resolve_optimizer
 from steadyfit.precision import SMALLEST_LOSS_SCALE, Precision
 from steadyfit.recompute import enable_gradient_checkpointing
@@ -127,7 +128,7 @@ class Trainer:
         eval_data: Any = None,
         loss_fn: Callable[..., Any] | None = None,
         metrics: dict[str, Callable[..., Any]] | None = None,
-        callbacks: Iterable[Callback] = (),
+        callbacks: Iterable[Callback] | Callback = (),
         optimizer: Any = None,
         scheduler: Any = None,
         collate_fn: Callable[..., Any] | None = None,
@@ -136,6 +137,13 @@ class Trainer:
         if foreign:  # the Hugging Face Trainer's or Lightning's names: answered with ours
             raise ConfigError("; ".join(foreign_argument_hint(name) for name in foreign))
         config = _as_train_config(config)
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise ConfigError(
+                f"loss_fn: expected a function loss_fn(outputs, targets) (torch.nn.functional.cross_entropy, "
+                f"say) or None for the model's own loss, got {type(loss_fn).__name__} {loss_fn!r}"
+            )
         _check_metrics(metrics)
         check_eval_settings(config, eval_data)
         if eval_data is not None:
@@ -170,7 +178,8 @@ class Trainer:
         self.metrics = dict(metrics or {})
         if eval_data is not None:
             check_metrics_meet_every_rank(self.metrics, eval_data, self.dist.world_size, "eval_data")
-        self.callbacks = CallbackList(callbacks)
+        # One callback alone, as Lightning takes it, or any iterable of them.
+        self.callbacks = CallbackList([callbacks] if isinstance(callbacks, Callback) else callbacks)
         self.state = TrainState()
         self.precision = Precision(self.config.precision, self.device)
         self.guard = NonFiniteGuard(self.config.on_nonfinite, self.config.max_consecutive_skips)
@@ -920,6 +929,14 @@ def _as_train_config(config: Any) -> TrainConfig:
 def _check_metrics(metrics: Any) -> None:
     """``metrics`` is a dict of name to metric; a single function (a Hugging Face ``compute_metrics``, say)
     is refused with what to pass instead."""
+    if isinstance(metrics, Mapping):
+        for name, metric in metrics.items():
+            if not (callable(metric) or is_torchmetric(metric)):
+                raise ConfigError(
+                    f"metrics: {name!r} is a {type(metric).__name__}, not a metric; pass a function "
+                    "fn(outputs, targets) returning a mean or (sum, count) (steadyfit.accuracy, say) or a "
+                    "torchmetrics Metric"
+                )
     if metrics is None or isinstance(metrics, Mapping):
         return
     raise ConfigError(

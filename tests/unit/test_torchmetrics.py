@@ -13,6 +13,8 @@ from steadyfit import ConfigError, TrainConfig, Trainer  # noqa: E402
 from steadyfit.evaluation import check_metrics_meet_every_rank  # noqa: E402
 from steadyfit.metrics import accuracy  # noqa: E402
 
+F_CE = torch.nn.functional.cross_entropy
+
 
 def classification_data(num_samples: int, seed: int, label_noise: float) -> TensorDataset:
     """Labels mostly follow a fixed linear rule, so a model's accuracy differs from set to set."""
@@ -110,3 +112,50 @@ def test_list_state_metrics_over_fewer_samples_than_ranks_are_refused_on_every_r
     check_metrics_meet_every_rank({"acc": fixed_size, "mine": accuracy}, one_sample, 2, "eval_data")
     check_metrics_meet_every_rank({"auroc": auroc}, classification_data(2, 0, 0.0), 2, "eval_data")
     check_metrics_meet_every_rank({"auroc": auroc}, one_sample, 1, "eval_data")
+
+
+def _evaluate_with(tmp_path, metrics):
+    config = TrainConfig(run_dir=str(tmp_path / "run"), progress=False, device="cpu", eval_batch_size=16)
+    trainer = Trainer(
+        torch.nn.Linear(8, 5),
+        config,
+        train_data=classification_data(32, seed=1, label_noise=0.0),
+        loss_fn=torch.nn.functional.cross_entropy,
+        metrics=metrics,
+    )
+    return trainer.evaluate(classification_data(40, seed=2, label_noise=0.2))
+
+
+def test_a_metric_collection_gives_one_score_per_member(tmp_path):
+    collection = torchmetrics.MetricCollection(
+        {
+            "acc": torchmetrics.Accuracy(task="multiclass", num_classes=5),
+            "f1": torchmetrics.F1Score(task="multiclass", num_classes=5, average="macro"),
+        }
+    )
+    scores = _evaluate_with(tmp_path, {"cls": collection, "accuracy": accuracy})
+    assert scores["eval_cls_acc"] == pytest.approx(scores["eval_accuracy"], rel=1e-6)
+    assert 0.0 <= scores["eval_cls_f1"] <= 1.0
+
+
+def test_a_torchmetric_that_computes_more_than_one_number_names_itself(tmp_path):
+    # average=None: one score per class; a row holds numbers (it crashed the run, losing its training).
+    per_class = torchmetrics.Accuracy(task="multiclass", num_classes=5, average=None)
+    with pytest.raises(ConfigError, match=r"metrics: 'per_class' computes \[5\], not one number"):
+        _evaluate_with(tmp_path, {"per_class": per_class})
+
+
+def test_a_metric_or_loss_that_is_not_a_function_is_refused_at_construction(tmp_path):
+    data = classification_data(32, seed=1, label_noise=0.0)
+    config = TrainConfig(run_dir=str(tmp_path / "run"), progress=False)
+    with pytest.raises(ConfigError, match=r"metrics: 'acc' is a str, not a metric"):
+        Trainer(torch.nn.Linear(8, 5), config, train_data=data, metrics={"acc": "accuracy"})
+    with pytest.raises(ConfigError, match=r"loss_fn: expected a function"):
+        Trainer(torch.nn.Linear(8, 5), config, train_data=data, loss_fn="cross_entropy")
+    with pytest.raises(ConfigError, match=r"model: expected a torch.nn.Module, got function"):
+        Trainer(lambda x: x, config, train_data=data)
+    # One callback alone is taken, as Lightning takes it.
+    from steadyfit import Callback
+
+    one = Trainer(torch.nn.Linear(8, 5), config, train_data=data, loss_fn=F_CE, callbacks=Callback())
+    assert len(one.callbacks.callbacks) == 1
