@@ -10,16 +10,24 @@ Where the events fire (see trainer.py for the loop itself)::
             [on_log: the train row]         (at logging steps)
             on_step_end
             [evaluate -> on_log: the eval row -> on_evaluate]   (best tracking, early stopping: the loop's)
+            [on_epoch_end]                  (after the epoch's last step)
             [save -> on_checkpoint_saved]
-        on_epoch_end
     [on_log: the final train and eval rows, then the summary row]
     on_fit_end                              (on_exception instead, if anything raised)
+
+``state.epoch`` counts completed epochs: ``on_epoch_end`` and the last ``on_step_end`` of an epoch see
+the epoch just ended counted (1 after the first; Lightning's ``current_epoch`` there is 0).
 
 ``on_log`` receives every row written to metrics.jsonl, in file order, each diagnostic finding right after
 the row that showed it. It fires where rows are written: on rank 0 only.
 
 A callback stops training with ``trainer.request_stop(reason)`` (or ``state.should_stop = True``); the
-loop stops at the next step boundary, after the step's own evaluation and checkpoint.
+loop stops at the next step boundary, after the step's own evaluation and checkpoint. The stop is part of
+the run's state: a rerun of a stopped run finds it stopped.
+
+A callback that defines ``state_dict()`` and ``load_state_dict(state)`` (as Lightning's callbacks do) has
+its state saved with every checkpoint and restored on resume (see
+:class:`steadyfit.components.CallbackState`); any other callback starts afresh in a resumed run.
 """
 
 from __future__ import annotations

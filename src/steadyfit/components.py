@@ -173,6 +173,42 @@ class RankDataStreams:
         self.batches.load_state_dict(_this_ranks(state, self.dist, "data_streams: no per-rank data streams"))
 
 
+class CallbackState:
+    """A callback's own state, for a callback that defines ``state_dict()`` and ``load_state_dict(state)``
+    (as Lightning's do): saved with every checkpoint (rank 0's: every rank's callbacks are given the same
+    state back) and restored on resume. Plain data (JSON: numbers, strings, lists, dicts) and tensors.
+    Absent from a checkpoint (written before the callback was added), the callback keeps its own state.
+
+    Example:
+        >>> from steadyfit import Callback
+        >>> class Count(Callback):
+        ...     def __init__(self): self.steps = 0
+        ...     def state_dict(self): return {"steps": self.steps}
+        ...     def load_state_dict(self, state): self.steps = state["steps"]
+        >>> CallbackState(Count()).state_dict()
+        {'steps': 0}
+    """
+
+    optional_in_checkpoint = True
+
+    def __init__(self, callback: Any) -> None:
+        self.callback = callback
+
+    @staticmethod
+    def keeps_state(callback: Any) -> bool:
+        """Whether ``callback`` defines both ``state_dict`` and ``load_state_dict``."""
+        return callable(getattr(callback, "state_dict", None)) and callable(
+            getattr(callback, "load_state_dict", None)
+        )
+
+    def state_dict(self) -> Any:
+        return self.callback.state_dict()
+
+    def load_state_dict(self, state: Any) -> None:
+        if state is not None:
+            self.callback.load_state_dict(state)
+
+
 def _this_ranks(state: Any, dist: Distributed, missing: str) -> dict[str, Any]:
     """This rank's entry of a ``{"ranks": [...]}`` state gathered from every rank; rank 0's for a rank that
     did not exist when it was saved (another world size).

@@ -52,6 +52,7 @@ from steadyfit.accumulation import WindowBackward
 from steadyfit.callbacks import Callback, CallbackList
 from steadyfit.checkpoint.manager import CheckpointManager, Stateful
 from steadyfit.components import (
+    CallbackState,
     ModelWeights,
     OptimizerState,
     RankDataStreams,
@@ -773,6 +774,13 @@ class Trainer:
             components["ema"] = self.ema
         if self.diagnostics is not None:
             components["diagnostics"] = self.diagnostics
+        stateful = [cb for cb in self.callbacks.callbacks if CallbackState.keeps_state(cb)]
+        for callback in stateful:
+            name = f"callback {type(callback).__qualname__}"
+            same_kind = [cb for cb in stateful if type(cb) is type(callback)]
+            if len(same_kind) > 1:
+                name += f" {same_kind.index(callback)}"
+            components[name] = CallbackState(callback)
         # The row count of metrics.jsonl, cut back to it once every rank restored everything (_resume).
         components["metrics"] = self.run_directory
         return components

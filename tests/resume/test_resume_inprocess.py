@@ -148,6 +148,46 @@ def test_fit_again_after_an_error_with_no_checkpoint_refuses_to_start_over_from_
         trainer.fit()
 
 
+class CountSteps(Callback):
+    """A Lightning-style callback with state of its own (state_dict / load_state_dict)."""
+
+    def __init__(self):
+        self.steps = 0
+        self.losses = []
+
+    def on_step_end(self, trainer, state):
+        self.steps += 1
+
+    def on_log(self, trainer, state, row):
+        if row["kind"] == "train":
+            self.losses.append(row["loss"])
+
+    def state_dict(self):
+        return {"steps": self.steps, "losses": list(self.losses)}
+
+    def load_state_dict(self, state):
+        self.steps, self.losses = state["steps"], list(state["losses"])
+
+
+def test_a_callbacks_own_state_is_saved_and_restored_with_the_checkpoint(tmp_path):
+    uninterrupted = CountSteps()
+    config = base_config(tmp_path / "a", batch_size=8, max_epochs=2, save_every=4)
+    Trainer(make_mlp(), config, train_data=make_regression(90), loss_fn=CE, callbacks=[uninterrupted]).fit()
+    config = base_config(tmp_path / "b", batch_size=8, max_epochs=2, save_every=4)
+    with pytest.raises(Crash):
+        Trainer(
+            make_mlp(),
+            config,
+            train_data=make_regression(90),
+            loss_fn=CE,
+            callbacks=[CountSteps(), CrashAt(10)],
+        ).fit()
+    resumed = CountSteps()  # a new process's callback starts at 0; the checkpoint at step 8 holds 8
+    Trainer(make_mlp(), config, train_data=make_regression(90), loss_fn=CE, callbacks=[resumed]).fit()
+    assert resumed.steps == uninterrupted.steps == 24
+    assert resumed.losses == uninterrupted.losses
+
+
 class LearningRatesUsed(Callback):
     """The first group's lr as each optimizer step reads it (a float on the host path, a device view on
     the fused path)."""
