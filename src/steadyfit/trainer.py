@@ -834,6 +834,11 @@ class Trainer:
         self.backward.on_out_of_memory = self.progress.message
         if self.dist.is_main and path is not None:
             self.progress.notice(f"resumed from {path} at step {self.state.step}")
+            if self.state.should_stop:  # a stop is part of the run's state: say why nothing trains
+                self.progress.notice(
+                    f"the run had stopped early ({self.state.stop_reason or 'a stop request'}) and stays "
+                    "stopped: this fit trains no further"
+                )
         elif self.dist.is_main and self.checkpoints.started_from is not None:
             self.progress.notice(
                 f"fine-tuning from the weights of {self.checkpoints.started_from}: another experiment's "

@@ -188,6 +188,25 @@ def test_a_callbacks_own_state_is_saved_and_restored_with_the_checkpoint(tmp_pat
     assert resumed.losses == uninterrupted.losses
 
 
+class StopAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, state):
+        if state.step == self.step:
+            trainer.request_stop("time budget")
+
+
+def test_a_stopped_run_stays_stopped_on_rerun_and_says_why(tmp_path, capfd):
+    config = base_config(tmp_path, batch_size=8, max_steps=8, max_epochs=None)
+    first = Trainer(make_mlp(), config, train_data=make_regression(64), loss_fn=CE, callbacks=[StopAt(3)])
+    assert first.fit().global_step == 3
+    capfd.readouterr()
+    again = Trainer(make_mlp(), config, train_data=make_regression(64), loss_fn=CE).fit()
+    assert again.global_step == 3 and again.stop_reason == "time budget"
+    assert "the run had stopped early (time budget) and stays stopped" in capfd.readouterr().err
+
+
 class LearningRatesUsed(Callback):
     """The first group's lr as each optimizer step reads it (a float on the host path, a device view on
     the fused path)."""
