@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -201,16 +200,10 @@ def find_lr(
             group["lr"] = min_lr
         return torch.optim.lr_scheduler.LambdaLR(built, exponential)
 
-    # fit() reseeds the global generators and draws from a user DataLoader's own; deterministic=true turns
-    # torch's deterministic algorithms on. The caller's streams and settings must not change.
+    # fit() reseeds the global generators and draws from a user DataLoader's own: the caller's streams
+    # must not change (fit() itself leaves torch's deterministic settings as it found them).
     streams = data_mod.capture_streams(train_data) if isinstance(train_data, DataLoader) else None
     rng_state = capture_rng()
-    deterministic = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-        torch.backends.cudnn.benchmark,
-        os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
-    )
     try:
         with tempfile.TemporaryDirectory(prefix="steadyfit-lr-find-") as run_dir:
             sweep_config = make_config(
@@ -243,10 +236,7 @@ def find_lr(
         restore_rng(rng_state)
         if streams is not None:
             data_mod.restore_streams(train_data, streams)
-        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
-        torch.backends.cudnn.benchmark = deterministic[2]
-        if deterministic[3] is None:
-            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
     lrs = [min_lr * exponential(step) for step in range(len(recorder.losses))]
     suggestion = suggest_lr(lrs, recorder.smoothed)
     written = None

@@ -82,7 +82,7 @@ from steadyfit.metrics import is_torchmetric
 from steadyfit.optim import resolve_optimizer
 from steadyfit.precision import SMALLEST_LOSS_SCALE, Precision
 from steadyfit.recompute import enable_gradient_checkpointing
-from steadyfit.rng import seed_everything, set_deterministic
+from steadyfit.rng import deterministic_algorithms, seed_everything
 from steadyfit.rundir import RunDirectory
 from steadyfit.schedules import reapply_schedule, resolve_scheduler
 from steadyfit.secrets import redact, secret_env_values
@@ -235,7 +235,6 @@ class Trainer:
         self._trained_before = self.state.step > 0 or bool(self._unbooked)
         self._unbooked, self._preempt_votes, self._saved_at = [], None, None
         seed_everything(config.seed)
-        set_deterministic(config.deterministic)
         self._prepare()
         self._train_batches = data_mod.TrainBatches(self.train_data, self.spec)
         if self.eval_data is not None:
@@ -246,7 +245,12 @@ class Trainer:
         self.run_directory = RunDirectory(run_dir, self.dist, self._config_yaml, config_data, config.loggers)
         self.checkpoints = CheckpointManager(run_dir, self.dist, keep_last=config.keep_last)
         self._checkpointed = self._components()
-        with self._scratch_removed(), self.run_directory, PreemptionFlag() as preemption:
+        with (
+            deterministic_algorithms(config.deterministic),
+            self._scratch_removed(),
+            self.run_directory,
+            PreemptionFlag() as preemption,
+        ):
             try:
                 # Inside the try: whatever ends the fit stops its eval workers (_close_loaders).
                 self._eval_batches = data_mod.EvalBatches(

@@ -361,3 +361,16 @@ def test_gradient_checkpointing_of_hugging_face_blocks_turns_the_cache_off(tmp_p
         weights.append(model.state_dict())
     # The same dropout masks (the recomputed forward replays the RNG); the backward's sums may round apart.
     torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=1e-6)
+
+
+def test_deterministic_holds_during_fit_and_not_after(tmp_path):
+    seen = []
+
+    class Watch(Callback):
+        def on_step_end(self, trainer, state):
+            seen.append(torch.are_deterministic_algorithms_enabled())
+
+    config = base_config(tmp_path, deterministic=True, max_steps=2, max_epochs=None, batch_size=8)
+    Trainer(make_mlp(), config, train_data=make_regression(32), loss_fn=CE, callbacks=[Watch()]).fit()
+    assert seen == [True, True]
+    assert not torch.are_deterministic_algorithms_enabled(), "a later Trainer or the user's code inherits it"
