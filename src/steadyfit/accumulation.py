@@ -20,7 +20,7 @@ import torch
 from steadyfit import data as data_mod
 from steadyfit.config import ConfigError
 from steadyfit.distributed import Distributed, full_tensor, local_tensor
-from steadyfit.loss import LossContractError, as_weighted_loss, forward_batch
+from steadyfit.loss import LossContractError, ModelLoss, as_weighted_loss, forward_batch
 from steadyfit.precision import Precision
 
 
@@ -188,6 +188,13 @@ class WindowBackward:
             else:
                 # The micro-batch's share of the window's samples (the last one may be short).
                 backward_loss = value * (num_samples / window_samples)
+            if not backward_loss.requires_grad:  # an attribute read: no device work
+                source = "the model's outputs.loss" if isinstance(self.loss_fn, ModelLoss) else "loss_fn"
+                raise LossContractError(
+                    f"{source}: the loss does not require grad ({_tensor_kind(backward_loss)}): it was "
+                    "detached (.item(), .detach(), torch.no_grad) or computed from values without gradients "
+                    "(integer tensors, the targets alone); return a loss computed from the model's outputs"
+                )
             self.precision.scale(backward_loss).backward()
         return loss, weight, count, counts_tokens
 
@@ -257,3 +264,8 @@ class WindowBackward:
         if clip_value is not None:
             torch.nn.utils.clip_grad_value_(self.params, clip_value, foreach=True)
         return grad_norm
+
+
+def _tensor_kind(tensor: torch.Tensor) -> str:
+    """``float32[]`` for error messages."""
+    return f"{str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)}"

@@ -58,7 +58,12 @@ class MetricAccumulator:
     def add_batch(self, outputs: Any, targets: Any, num_samples: int) -> None:
         outputs = predictions_of(outputs)  # a ModelOutput's logits
         for position, (name, fn) in enumerate(self.functions.items(), start=1):
-            value = _host_numbers_as_tensors(fn(outputs, targets))
+            try:
+                value = _host_numbers_as_tensors(fn(outputs, targets))
+            except (torch.OutOfMemoryError, ConfigError):
+                raise
+            except Exception as exc:  # the evaluation names the batch; this says which metric
+                raise RuntimeError(f"metric {name!r} raised {type(exc).__name__}: {exc}") from exc
             total, count, _ = as_sum_and_count(value, num_samples, name=f"metric {name!r}")
             self.sums[position] += total.detach().to(torch.float64)
             self.counts[position] += count

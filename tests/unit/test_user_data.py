@@ -18,6 +18,7 @@ from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler, Tens
 
 from helpers import assert_bitwise_equal, base_config, final_weights, make_mlp, make_regression
 from steadyfit import BatchError, Callback, ConfigError, TrainConfig, Trainer
+from steadyfit.loss import LossContractError
 
 
 class SeenInputs:
@@ -315,6 +316,31 @@ def test_a_forward_that_raises_names_step_epoch_batch_and_shapes(tmp_path):
     )
     assert "inputs float64[4, 6], targets int64[4]" in message
     assert isinstance(raised.value.__cause__, RuntimeError), "the original error is chained"
+
+
+def test_a_detached_loss_names_loss_fn_and_what_to_return(tmp_path):
+    def detached(outputs, targets):
+        return F.cross_entropy(outputs, targets).detach()
+
+    config = base_config(tmp_path, batch_size=4)
+    trainer = Trainer(make_mlp(), config, train_data=make_regression(12), loss_fn=detached)
+    with pytest.raises(LossContractError, match=r"^loss_fn: the loss does not require grad \(float32\[\]\)"):
+        trainer.fit()
+
+
+def test_a_metric_that_raises_is_named_with_its_batch(tmp_path):
+    def broken(outputs, targets):
+        return outputs[:, 99].mean()
+
+    trainer = Trainer(
+        make_mlp(),
+        base_config(tmp_path),
+        train_data=make_regression(12),
+        loss_fn=F.cross_entropy,
+        metrics={"broken": broken},
+    )
+    with pytest.raises(BatchError, match=r"eval_data: batch 0: .*metric 'broken' raised IndexError"):
+        trainer.evaluate(make_regression(12))
 
 
 def test_a_label_out_of_range_names_its_step_and_batch(tmp_path):
