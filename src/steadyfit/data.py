@@ -183,19 +183,17 @@ class _PositionSeeded(torch.utils.data.Dataset):
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """A worker's start: the first SIGTERM and SIGINT are the training process's to handle.
+    """A worker's start: SIGTERM and SIGINT are the training process's to handle.
 
-    A scheduler (Slurm's scancel, a terminal's Ctrl-C) signals the whole process group. A worker that died
-    of it would fail the training process's next fetch before it could finish its step and write the
-    preemption checkpoint; it stops instead when the training process shuts its loader down, or exits.
-    A second one still ends it: torch's loader terminates a worker that does not stop (SIGTERM).
+    A scheduler (Slurm's scancel, a terminal's Ctrl-C) signals the whole process group, and torchrun's agent
+    signals its workers' groups again: a worker that died of either would fail the training process's next
+    fetch before it could finish its step and write the preemption checkpoint. Ignored (inherited by what a
+    worker starts, a decoder say), the signals leave it to stop when the training process shuts its loader
+    down, or exits. The cost: torch's shutdown cannot end a worker stuck in a fetch with SIGTERM; the
+    training process then waits for that fetch at its exit.
     """
-    signal.signal(signal.SIGTERM, _ignore_once)
-    signal.signal(signal.SIGINT, _ignore_once)
-
-
-def _ignore_once(signum: int, frame: Any) -> None:
-    signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _StartWithoutStopSignals:
