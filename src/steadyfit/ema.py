@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from steadyfit.identity import without_compile_prefix
+
 
 class WeightEMA:
     """``ema = decay * ema + (1 - decay) * weights`` after every optimizer step (the first copies).
@@ -40,4 +42,5 @@ class WeightEMA:
         return self.averaged.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.averaged.load_state_dict(state)
+        # Checkpoints of a compiled model's wrapper named the averaged weights module._orig_mod.*.
+        self.averaged.load_state_dict(without_compile_prefix(state, self.averaged.state_dict()))

@@ -95,20 +95,28 @@ COMPILE_PREFIX = "_orig_mod."
 
 
 def without_compile_prefix(named: dict[str, Any], live: Any) -> dict[str, Any]:
-    """``named`` (weights, shapes or dtypes by name) with the compile prefix dropped when every name has it
-    and the ``live`` names (the model now) have not; otherwise ``named`` itself.
+    """``named`` (weights, shapes or dtypes by name) with the compile prefix dropped when that gives exactly
+    the ``live`` names (the model now) and ``named`` are not those already; otherwise ``named`` itself. The
+    prefix may follow another (an EMA's ``module.``; its counter ``n_averaged`` keeps its name).
 
     Example:
         >>> without_compile_prefix({"_orig_mod.weight": 1}, {"weight": 0})
         {'weight': 1}
+        >>> without_compile_prefix({"module._orig_mod.w": 1, "n": 2}, {"module.w": 0, "n": 0})
+        {'module.w': 1, 'n': 2}
     """
-    if (
-        named
-        and all(name.startswith(COMPILE_PREFIX) for name in named)
-        and not any(name.startswith(COMPILE_PREFIX) for name in live)
-    ):
-        return {name.removeprefix(COMPILE_PREFIX): value for name, value in named.items()}
+    dropped = {_drop_compile_prefix(name): value for name, value in named.items()}
+    if dropped.keys() != named.keys() and dropped.keys() == set(live):
+        return dropped
     return named
+
+
+def _drop_compile_prefix(name: str) -> str:
+    """``name`` without its first ``_orig_mod.`` segment (at the start, or after a dot)."""
+    if name.startswith(COMPILE_PREFIX):
+        return name.removeprefix(COMPILE_PREFIX)
+    head, found, tail = name.partition("." + COMPILE_PREFIX)
+    return f"{head}.{tail}" if found else name
 
 
 class ExperimentChanged(ConfigError):

@@ -119,3 +119,8 @@ def test_a_checkpoint_of_a_compiled_models_wrapper_still_loads_into_the_module(t
     for record in ("parameters", "dtypes"):
         saved[record] = {f"_orig_mod.{name}": value for name, value in saved[record].items()}
     identity.load_state_dict(saved)  # the same experiment: no ExperimentChanged
+    from steadyfit.ema import WeightEMA
+
+    ema = WeightEMA(model, decay=0.9)
+    old_ema = {name.replace("module.", "module._orig_mod.", 1): v for name, v in ema.state_dict().items()}
+    ema.load_state_dict(old_ema)  # the averaged weights were module._orig_mod.*
