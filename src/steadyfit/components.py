@@ -18,6 +18,8 @@ import torch
 import yaml
 
 from steadyfit.checkpoint.sharded import load_shards, split_state
+from steadyfit.config import ConfigError
+from steadyfit.console import warn
 from steadyfit.data import TrainBatches
 from steadyfit.distributed import Distributed
 from steadyfit.identity import without_compile_prefix
@@ -191,8 +193,9 @@ class CallbackState:
 
     optional_in_checkpoint = True
 
-    def __init__(self, callback: Any) -> None:
+    def __init__(self, callback: Any, warns: bool = True) -> None:
         self.callback = callback
+        self._warned = not warns  # one warning, from rank 0
 
     @staticmethod
     def keeps_state(callback: Any) -> bool:
@@ -202,11 +205,44 @@ class CallbackState:
         )
 
     def state_dict(self) -> Any:
-        return self.callback.state_dict()
+        state = self.callback.state_dict()
+        unstorable = _unstorable(state)
+        if unstorable is None:
+            return state
+        if not self._warned:  # a Lightning callback's state may hold what torch.save pickles
+            self._warned = True
+            warn(
+                f"callback {type(self.callback).__name__}: its state_dict() holds a {unstorable}, which a "
+                "checkpoint stores only as JSON or tensors; its state is not saved, and a resumed run "
+                "starts it afresh"
+            )
+        return None
 
     def load_state_dict(self, state: Any) -> None:
-        if state is not None:
+        if state is None:
+            return
+        try:
             self.callback.load_state_dict(state)
+        except Exception as exc:
+            # The callback's code, not the checkpoint: no older checkpoint would do better.
+            raise ConfigError(
+                f"callback {type(self.callback).__name__}: its load_state_dict raised "
+                f"{type(exc).__name__}: {exc}; fix it, or leave the callback out to resume"
+            ) from exc
+
+
+def _unstorable(value: Any) -> str | None:
+    """The first type in ``value`` that a checkpoint's state cannot hold (it holds JSON and tensors), or
+    None."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return None
+    if isinstance(value, (list, tuple)):
+        return next((found for item in value if (found := _unstorable(item)) is not None), None)
+    if isinstance(value, Mapping):
+        if not all(isinstance(key, str) for key in value):
+            return "dict with keys that are not strings"
+        return next((found for item in value.values() if (found := _unstorable(item)) is not None), None)
+    return type(value).__name__
 
 
 def _this_ranks(state: Any, dist: Distributed, missing: str) -> dict[str, Any]:

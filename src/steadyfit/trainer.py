@@ -780,11 +780,12 @@ class Trainer:
             components["diagnostics"] = self.diagnostics
         stateful = [cb for cb in self.callbacks.callbacks if CallbackState.keeps_state(cb)]
         for callback in stateful:
-            name = f"callback {type(callback).__qualname__}"
-            same_kind = [cb for cb in stateful if type(cb) is type(callback)]
+            kind = type(callback)
+            name = f"callback {kind.__module__}.{kind.__qualname__}"
+            same_kind = [cb for cb in stateful if type(cb) is kind]
             if len(same_kind) > 1:
                 name += f" {same_kind.index(callback)}"
-            components[name] = CallbackState(callback)
+            components[name] = CallbackState(callback, warns=self.dist.is_main)
         # The row count of metrics.jsonl, cut back to it once every rank restored everything (_resume).
         components["metrics"] = self.run_directory
         return components

@@ -188,6 +188,34 @@ def test_a_callbacks_own_state_is_saved_and_restored_with_the_checkpoint(tmp_pat
     assert resumed.losses == uninterrupted.losses
 
 
+class KeepsASet(Callback):
+    def __init__(self, fails_to_load=False):
+        self.seen = {1, 2}
+        self.fails_to_load = fails_to_load
+
+    def state_dict(self):
+        return {"seen": self.seen} if not self.fails_to_load else {"seen": sorted(self.seen)}
+
+    def load_state_dict(self, state):
+        raise KeyError("a bug in the callback")
+
+
+def test_a_callback_state_a_checkpoint_cannot_hold_is_warned_about_and_a_failing_load_is_named(
+    tmp_path, capfd
+):
+    config = base_config(tmp_path, batch_size=8, max_steps=4, max_epochs=None, save_every=2)
+    Trainer(make_mlp(), config, train_data=make_regression(64), loss_fn=CE, callbacks=[KeepsASet()]).fit()
+    assert "callback KeepsASet: its state_dict() holds a set" in capfd.readouterr().err
+    config = base_config(tmp_path / "b", batch_size=8, max_steps=4, max_epochs=None, save_every=2)
+    Trainer(make_mlp(), config, train_data=make_regression(64), loss_fn=CE, callbacks=[KeepsASet(True)]).fit()
+    again = config.model_copy(update={"max_steps": 6})
+    trainer = Trainer(
+        make_mlp(), again, train_data=make_regression(64), loss_fn=CE, callbacks=[KeepsASet(True)]
+    )
+    with pytest.raises(ConfigError, match=r"callback KeepsASet: its load_state_dict raised KeyError"):
+        trainer.fit()
+
+
 class StopAt(Callback):
     def __init__(self, step):
         self.step = step
