@@ -865,10 +865,12 @@ def count_samples(batch: Any) -> int:
     mapping such as a transformers ``BatchEncoding``).
 
     A tensor at the top of the batch (or of a dict) decides; only without one are nested containers read.
-    There a sequence whose items are one tensor per field of the batch, all with the same first dimension
-    (default collation of ``(x, (y1, y2))`` gives ``[X, [Y1, Y2]]``), counts that dimension; one of
-    per-sample items (dicts, tensors of different lengths, strings, numbers: a detection collate's
-    targets, a list of texts) counts its items.
+    There lists of tensors are one tensor per field when every tensor in them has the same first dimension
+    (default collation of ``(x, (y1, y2))`` gives ``[X, [Y1, Y2]]``) and count that dimension; otherwise,
+    and for lists of per-sample items (dicts, strings, numbers: a detection collate's targets, texts), a
+    list counts its items. Ambiguous only when per-sample tensors happen to share their first dimension
+    with each other across inputs and targets (images of 3 channels with 3 boxes each): pad them into
+    tensors, or return ``(sum, count)`` from the loss.
 
     Example:
         >>> count_samples([torch.zeros(4, 3), [torch.zeros(4), torch.zeros(4, 2)]])
@@ -915,6 +917,13 @@ def _samples_in(value: Any, top: bool) -> int | None:
             return int(tensor.shape[0])
         if len(value) != 2 and all(isinstance(item, Mapping) for item in value):
             return len(value)  # a list of per-sample dicts a collate_fn left as it is
+        # Lists of tensors are one tensor per field when every tensor in all of them has the same first
+        # dimension (that is the batch), else one per sample: ([images], [boxes]) with 3 boxes per image.
+        lists = [item for item in value if isinstance(item, (tuple, list)) and item]
+        tensors = [t for seq in lists for t in seq if isinstance(t, torch.Tensor) and t.dim() > 0]
+        firsts = {int(t.shape[0]) for t in tensors}
+        if len(firsts) > 1:
+            return len(next(seq for seq in reversed(lists) if any(isinstance(t, torch.Tensor) for t in seq)))
         return next((n for item in items if (n := _samples_in(item, top=False)) is not None), None)
     if all(isinstance(item, torch.Tensor) and item.dim() > 0 for item in value):
         firsts = {int(item.shape[0]) for item in value}

@@ -101,6 +101,10 @@ def test_lists_of_per_sample_items_count_their_items_not_an_items_length():
     assert count_samples(({"x": torch.zeros(4, 6)}, variable)) == 4
     assert count_samples({"input_values": torch.zeros(4, 100), "labels": variable}) == 4
     assert count_samples([{"x": torch.zeros(5)} for _ in range(10)]) == 10
+    # The same number of boxes in every image: the lists disagree on a first dimension, so per sample.
+    assert count_samples(([torch.zeros(3, 8, 8)] * 5, [torch.zeros(2, 4)] * 5)) == 5
+    # Default-collated two-field inputs and targets: every tensor has the batch's first dimension.
+    assert count_samples(([torch.zeros(4, 3), torch.zeros(4)], [torch.zeros(4), torch.zeros(4, 2)])) == 4
 
 
 def with_texts(n: int) -> Samples:
