@@ -215,7 +215,7 @@ MUTANTS = (
     ),
     Mutant(
         "scaler-floor",
-        "7. non-finite values: fp16 overflow at the smallest loss scale skipped forever, never counted",
+        "7. non-finite values: fp16 overflow below the smallest loss scale skipped forever, never counted",
         "src/steadyfit/trainer.py",
         "record.scaler_skip = bool(torch.isfinite(record.loss)) and scale >= SMALLEST_LOSS_SCALE",
         "record.scaler_skip = bool(torch.isfinite(record.loss))",

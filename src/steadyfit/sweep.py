@@ -437,13 +437,15 @@ def _optimize(storage: str, seed: int, worker: int, objective: Objective, count:
     study.optimize(objective, n_trials=count, catch=(Exception,))
 
 
-def _worker_main(storage: str, seed: int, worker: int, objective: Objective, count: int) -> None:
+def _worker_main(storage: str, seed: int, worker: int, objective: Objective, count: int, parent: int) -> None:
     # A process group of its own: a terminal's Ctrl-C reaches the parent alone, which passes it on once (a
     # second SIGINT would abort the trial without its checkpoint). On Linux the parent's death, however it
     # comes (SIGKILL, SIGHUP), reaches the worker as SIGTERM: its trial checkpoints instead of training on.
     if hasattr(os, "setpgrp"):
         os.setpgrp()
     _signal_on_parent_death(signal.SIGTERM)
+    if os.getppid() != parent:  # it died while this one started, before the signal was asked for
+        return
     _optimize(storage, seed, worker, objective, count)
 
 
@@ -465,7 +467,7 @@ def _run_workers(storage: str, seed: int, objective: Objective, shares: list[int
     # 'spawn': a fresh interpreter per worker, safe with threads and CUDA in the parent.
     context = multiprocessing.get_context("spawn")
     processes = [
-        context.Process(target=_worker_main, args=(storage, seed, worker, objective, count))
+        context.Process(target=_worker_main, args=(storage, seed, worker, objective, count, os.getpid()))
         for worker, count in enumerate(shares)
     ]
     received: list[int] = []

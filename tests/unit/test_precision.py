@@ -73,7 +73,7 @@ def test_fp16_overflow_is_a_counted_scaler_skip(tmp_path):
 
 
 @pytest.mark.parametrize("policy", ["skip", "raise"])
-def test_fp16_overflow_at_the_smallest_loss_scale_is_a_non_finite_gradient(tmp_path, policy):
+def test_fp16_overflow_below_the_smallest_loss_scale_is_a_non_finite_gradient(tmp_path, policy):
     # A gradient that overflows at every scale: the scaler halves 65536 (2**16) down to float16's smallest
     # normal number (2**-14), 31 skips, then halving cannot help. Counted as scaler skips forever, the run
     # would train nothing and end "done".
