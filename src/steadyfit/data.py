@@ -879,6 +879,10 @@ def count_samples(batch: Any) -> int:
         >>> count_samples((torch.zeros(2, 3, 8, 8), targets)), count_samples(([], targets))
         (2, 2)
     """
+    if type(batch) is tuple or type(batch) is list:  # an (inputs, targets) pair: every step, fast
+        last = batch[-1] if batch else None
+        if isinstance(last, torch.Tensor) and last.dim() > 0:
+            return int(last.shape[0])
     count = _samples_in(batch, top=True)
     if count is not None:
         return count
@@ -896,20 +900,25 @@ def count_samples(batch: Any) -> int:
 def _samples_in(value: Any, top: bool) -> int | None:
     """The samples :func:`count_samples` reads in ``value``; None when it finds none. ``top``: ``value`` is
     the batch itself, a sequence of fields (a pair), never of samples."""
+    if isinstance(value, Mapping):  # every step of a Hugging Face model: tensors first, no list built
+        for key in ("labels", "label", "input_ids"):
+            item = value.get(key)
+            if isinstance(item, torch.Tensor) and item.dim() > 0:
+                return int(item.shape[0])
+        for item in value.values():
+            if isinstance(item, torch.Tensor) and item.dim() > 0:
+                return int(item.shape[0])
+        return next((n for item in value.values() if (n := _samples_in(item, top=False)) is not None), None)
     if isinstance(value, torch.Tensor):
         return int(value.shape[0]) if value.dim() > 0 else None
-    if isinstance(value, Mapping):
-        tensors = [value.get(key) for key in ("labels", "label", "input_ids")] + list(value.values())
-        items = [item for item in tensors if isinstance(item, torch.Tensor) and item.dim() > 0]
-        if items:
-            return int(items[0].shape[0])
-        return next((n for item in value.values() if (n := _samples_in(item, top=False)) is not None), None)
-    if not isinstance(value, (tuple, list)) or not value:
-        return None
+    if isinstance(value, (tuple, list)):
+        return _samples_in_sequence(value, top) if value else None
+    return None
+
+
+def _samples_in_sequence(value: tuple | list, top: bool) -> int | None:
+    """:func:`_samples_in` of a non-empty tuple or list."""
     if top:
-        last = value[-1]
-        if isinstance(last, torch.Tensor) and last.dim() > 0:  # an (inputs, targets) pair: every step
-            return int(last.shape[0])
         # The targets of a pair first (an input may be a scalar option); a tensor before any container.
         items = list(reversed(value))
         tensor = next((item for item in items if isinstance(item, torch.Tensor) and item.dim() > 0), None)
@@ -921,8 +930,7 @@ def _samples_in(value: Any, top: bool) -> int | None:
         # dimension (that is the batch), else one per sample: ([images], [boxes]) with 3 boxes per image.
         lists = [item for item in value if isinstance(item, (tuple, list)) and item]
         tensors = [t for seq in lists for t in seq if isinstance(t, torch.Tensor) and t.dim() > 0]
-        firsts = {int(t.shape[0]) for t in tensors}
-        if len(firsts) > 1:
+        if len({int(t.shape[0]) for t in tensors}) > 1:
             return len(next(seq for seq in reversed(lists) if any(isinstance(t, torch.Tensor) for t in seq)))
         return next((n for item in items if (n := _samples_in(item, top=False)) is not None), None)
     if all(isinstance(item, torch.Tensor) and item.dim() > 0 for item in value):
