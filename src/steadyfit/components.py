@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import yaml
 
+from steadyfit.checkpoint.errors import UnstorableValue
+from steadyfit.checkpoint.payload import flatten
 from steadyfit.checkpoint.sharded import load_shards, split_state
 from steadyfit.config import ConfigError
 from steadyfit.console import warn
@@ -206,17 +208,18 @@ class CallbackState:
 
     def state_dict(self) -> Any:
         state = self.callback.state_dict()
-        unstorable = _unstorable(state)
-        if unstorable is None:
-            return state
-        if not self._warned:  # a Lightning callback's state may hold what torch.save pickles
-            self._warned = True
-            warn(
-                f"callback {type(self.callback).__name__}: its state_dict() holds a {unstorable}, which a "
-                "checkpoint stores only as JSON or tensors; its state is not saved, and a resumed run "
-                "starts it afresh"
-            )
-        return None
+        try:
+            flatten(state)  # what the checkpoint's own store will do with it, tried first
+        except UnstorableValue as exc:
+            if not self._warned:  # a Lightning callback's state may hold what torch.save pickles
+                self._warned = True
+                warn(
+                    f"callback {type(self.callback).__name__}: its state_dict() holds a {exc.kind}, which a "
+                    "checkpoint stores only as JSON or tensors; its state is not saved, and a resumed run "
+                    "starts it afresh"
+                )
+            return None
+        return state
 
     def load_state_dict(self, state: Any) -> None:
         if state is None:
@@ -229,20 +232,6 @@ class CallbackState:
                 f"callback {type(self.callback).__name__}: its load_state_dict raised "
                 f"{type(exc).__name__}: {exc}; fix it, or leave the callback out to resume"
             ) from exc
-
-
-def _unstorable(value: Any) -> str | None:
-    """The first type in ``value`` that a checkpoint's state cannot hold (it holds JSON and tensors), or
-    None."""
-    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
-        return None
-    if isinstance(value, (list, tuple)):
-        return next((found for item in value if (found := _unstorable(item)) is not None), None)
-    if isinstance(value, Mapping):
-        if not all(isinstance(key, str) for key in value):
-            return "dict with keys that are not strings"
-        return next((found for item in value.values() if (found := _unstorable(item)) is not None), None)
-    return type(value).__name__
 
 
 def _this_ranks(state: Any, dist: Distributed, missing: str) -> dict[str, Any]:

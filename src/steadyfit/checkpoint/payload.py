@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from steadyfit.checkpoint.errors import CheckpointError
+from steadyfit.checkpoint.errors import CheckpointError, UnstorableValue
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -129,9 +129,10 @@ def flatten(state: Any, *, where: str = "state", prepare: bool = True) -> tuple[
                     [_encode_key(key, path), encode(item, f"{path}.{key}")] for key, item in value.items()
                 ]
             }
-        raise CheckpointError(
+        raise UnstorableValue(
             f"cannot store {path}: values of type {type(value).__name__} are not supported (use tensors, "
-            "numbers, strings, bytes, None, and dicts, lists and tuples of them)"
+            "numbers, strings, bytes, None, and dicts, lists and tuples of them)",
+            type(value).__name__,
         )
 
     structure = encode(state, where)
@@ -330,8 +331,9 @@ def _encode_key(key: Any, path: str) -> Any:
         return _encode_float(key)
     if isinstance(key, tuple):
         return {_TUPLE: [_encode_key(item, path) for item in key]}
-    raise CheckpointError(
-        f"cannot store {path}: dict key {key!r} of type {type(key).__name__} is not supported"
+    raise UnstorableValue(
+        f"cannot store {path}: dict key {key!r} of type {type(key).__name__} is not supported",
+        f"dict key of type {type(key).__name__}",
     )
 
 
@@ -357,10 +359,13 @@ def _prepare_tensor(tensor: torch.Tensor, path: str, seen_storages: set[tuple[st
 def _check_storable(tensor: torch.Tensor, path: str) -> None:
     """Refuse, before anything is written, a tensor no checkpoint file can hold."""
     if tensor.layout != torch.strided or tensor.device.type == "meta":
-        raise CheckpointError(f"cannot store {path}: only dense tensors with data can be saved")
+        raise UnstorableValue(
+            f"cannot store {path}: only dense tensors with data can be saved", "sparse or meta tensor"
+        )
     if tensor.dtype not in _STORABLE_DTYPES:
-        raise CheckpointError(
-            f"cannot store {path}: dtype {tensor.dtype} has no safetensors name (convert it, e.g. .float())"
+        raise UnstorableValue(
+            f"cannot store {path}: dtype {tensor.dtype} has no safetensors name (convert it, e.g. .float())",
+            f"tensor of dtype {tensor.dtype}",
         )
 
 
@@ -373,6 +378,7 @@ def _numpy_to_tensor(array: np.ndarray, path: str) -> torch.Tensor:
         # ascontiguousarray turns a 0-dim array into 1-dim; reshape keeps numpy scalars 0-dim.
         return torch.from_numpy(np.ascontiguousarray(array).reshape(array.shape))
     except TypeError as exc:
-        raise CheckpointError(
-            f"cannot store {path}: numpy dtype {array.dtype} has no tensor equivalent"
+        raise UnstorableValue(
+            f"cannot store {path}: numpy dtype {array.dtype} has no tensor equivalent",
+            f"numpy array of dtype {array.dtype}",
         ) from exc
