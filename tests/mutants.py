@@ -150,6 +150,22 @@ MUTANTS = (
         ("tests/resume/test_resume_inprocess.py",),
     ),
     Mutant(
+        "staged-wait",
+        "2. exact resume: the optimizer steps before a save's background copy of its state is made",
+        "src/steadyfit/trainer.py",
+        "self.checkpoints.wait_staged()  # the last save's copy of the optimizer state (_save)",
+        "pass",
+        ("tests/unit/test_checkpoint_staging.py",),
+    ),
+    Mutant(
+        "callback-staged",
+        "2. exact resume: a callback runs before a save's background copy of the optimizer state is made",
+        "src/steadyfit/callbacks.py",
+        "self.before_handlers()",
+        "pass",
+        ("tests/unit/test_checkpoint_staging.py",),
+    ),
+    Mutant(
         "content-damage",
         "3. a checkpoint whose content does not fit the run is loaded anyway, not skipped",
         "src/steadyfit/checkpoint/manager.py",

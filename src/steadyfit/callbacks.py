@@ -32,7 +32,7 @@ its state saved with every checkpoint and restored on resume (see
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -117,10 +117,16 @@ class CallbackList:
             ]
             for event in EVENTS
         }
+        # Called before the handlers of any event that has some: the trainer makes everything a callback
+        # may touch its own again (a checkpoint's background copy of the optimizer state is finished).
+        self.before_handlers: Callable[[], None] | None = None
 
     def has(self, event: str) -> bool:
         return bool(self._by_event[event])
 
     def fire(self, event: str, *args: Any) -> None:
-        for handler in self._by_event[event]:
+        handlers = self._by_event[event]
+        if handlers and self.before_handlers is not None:
+            self.before_handlers()
+        for handler in handlers:
             handler(*args)

@@ -244,6 +244,7 @@ class Trainer:
         self._config_yaml = yaml.safe_dump(config_data, sort_keys=False).encode()
         self.run_directory = RunDirectory(run_dir, self.dist, self._config_yaml, config_data, config.loggers)
         self.checkpoints = CheckpointManager(run_dir, self.dist, keep_last=config.keep_last)
+        self.callbacks.before_handlers = self.checkpoints.wait_staged
         self._checkpointed = self._components()
         with (
             deterministic_algorithms(config.deterministic),
@@ -452,6 +453,7 @@ class Trainer:
             return
         else:
             record.applied = True
+        self.checkpoints.wait_staged()  # the last save's copy of the optimizer state (_save)
         self.precision.step(optimizer)  # the optimizer step
         self.precision.update()
         if self.ema is not None:
@@ -625,8 +627,25 @@ class Trainer:
         here = self._boundary_key()
         if self._saved_at == here:
             return
-        self.checkpoints.save(self.state.step, self._checkpointed, **self._save_arguments())
+        self.checkpoints.save(
+            self.state.step,
+            self._checkpointed,
+            **self._save_arguments(),
+            copy_later=self._written_by_the_optimizer_step(),
+        )
         self._saved_at = here
+
+    def _written_by_the_optimizer_step(self) -> list[torch.Tensor]:
+        """The optimizer's state, which nothing but its ``step()`` writes: a save leaves its copy to the
+        writer thread, overlapping the next step's forward and backward, and the loop waits for that copy
+        before the next optimizer step (``_train_step``) or any callback. The weights are copied at once: a
+        forward may write them (an Embedding with ``max_norm`` renormalises its rows in place)."""
+        return [
+            value
+            for per_parameter in self.optimizer.state.values()
+            for value in per_parameter.values()
+            if isinstance(value, torch.Tensor)
+        ]
 
     def _boundary_key(self) -> tuple[str, int]:
         state = self.state.to_dict()

@@ -1,10 +1,12 @@
-"""AsyncCheckpointWriter: the caller only snapshots state to host memory; a background thread writes it."""
+"""AsyncCheckpointWriter: the caller snapshots state to host memory, or leaves part of that copy to the
+background thread that writes it."""
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Self
 
@@ -12,6 +14,7 @@ import torch
 
 from steadyfit.checkpoint.errors import CheckpointError
 from steadyfit.checkpoint.payload import snapshot
+from steadyfit.checkpoint.staging import DeferredCopies
 from steadyfit.checkpoint.store import CheckpointStore
 
 
@@ -19,13 +22,16 @@ class AsyncCheckpointWriter:
     """Saves checkpoints through a :class:`CheckpointStore` in a background thread, one at a time.
 
     :meth:`submit` blocks the caller only while it waits for the previous save and copies every tensor to
-    CPU memory; the caller may mutate its tensors as soon as it returns. A failed background save is
-    re-raised as :class:`CheckpointError` (with the original exception as ``__cause__``) by the next
-    :meth:`submit`, :meth:`wait` or :meth:`close`. The writer thread is not a daemon, so an interpreter
-    that exits normally still finishes the save in flight.
+    CPU memory; the caller may mutate its tensors as soon as it returns. Tensors named in ``copy_later``
+    are copied by the background thread instead, overlapping the caller's work (a training step's forward
+    and backward): the caller calls :meth:`wait_staged` before it modifies any of them (before its next
+    optimizer step). A failed background save is re-raised as :class:`CheckpointError` (with the original
+    exception as ``__cause__``) by the next :meth:`submit`, :meth:`wait` or :meth:`close`. The writer
+    thread is not a daemon, so an interpreter that exits normally still finishes the save in flight.
 
     Attributes:
-        blocked_s: seconds the last :meth:`submit` blocked its caller (waiting plus snapshot).
+        blocked_s: seconds the last save blocked its caller: its :meth:`submit` (waiting plus snapshot) and
+            its :meth:`wait_staged`.
         last_path: the most recently committed checkpoint directory, or None.
 
     Example:
@@ -37,6 +43,14 @@ class AsyncCheckpointWriter:
         ...     path = writer.wait()
         >>> path.name
         'step-00000010'
+
+        With the optimizer state copied while the next step computes its gradients::
+
+            writer.submit(step, model.state_dict(), {"optimizer": optimizer.state_dict()},
+                          copy_later=optimizer_state_tensors)
+            loss.backward()  # the next step's forward and backward: the copy overlaps them
+            writer.wait_staged()
+            optimizer.step()
     """
 
     def __init__(self, store: CheckpointStore) -> None:
@@ -45,6 +59,8 @@ class AsyncCheckpointWriter:
         self.last_path: Path | None = None
         self._thread: threading.Thread | None = None
         self._error: tuple[int, BaseException] | None = None
+        # Set by the writer thread once the copies submit left to it are made.
+        self._staged: threading.Event | None = None
         self._closed = False
         # The host copies of the last save, refilled by the next one once it is written (see snapshot): the
         # cost is one host copy of the state held between saves, released by close().
@@ -57,6 +73,7 @@ class AsyncCheckpointWriter:
         components: Mapping[str, Any],
         extra_files: Mapping[str, bytes] | None = None,
         on_done: Callable[[Path], None] | None = None,
+        copy_later: Iterable[torch.Tensor] = (),
     ) -> None:
         """Snapshot the state and start saving it in the background.
 
@@ -64,6 +81,8 @@ class AsyncCheckpointWriter:
             step, model_state, components, extra_files: as :meth:`CheckpointStore.save`.
             on_done: called as ``on_done(path)`` in the writer thread after the commit (e.g. to rotate);
                 an exception it raises counts as a failed save.
+            copy_later: tensors the background thread copies before it writes (any entry of the state
+                that lives in their memory); the caller must not modify them before :meth:`wait_staged`.
 
         Raises:
             CheckpointError: the previous save failed, or a value cannot be stored (nothing submitted).
@@ -74,17 +93,33 @@ class AsyncCheckpointWriter:
             raise RuntimeError("AsyncCheckpointWriter is closed; create a new one to save again")
         self._join()
         staging: dict[str, torch.Tensor] = {}
-        model_copy = snapshot(dict(model_state), where="model", reuse=self._staging, kept=staging)
-        components_copy = snapshot(dict(components), where="components", reuse=self._staging, kept=staging)
+        deferred = DeferredCopies(copy_later)
+        copy = functools.partial(snapshot, reuse=self._staging, kept=staging, deferred=deferred)
+        model_copy = copy(dict(model_state), where="model")
+        components_copy = copy(dict(components), where="components")
         self._staging = staging  # positions gone from the state are dropped
         extra_copy = {name: bytes(data) for name, data in (extra_files or {}).items()}
+        self._staged = threading.Event()
         self._thread = threading.Thread(
             target=self._run,
-            args=(step, model_copy, components_copy, extra_copy, on_done),
+            args=(step, deferred, self._staged, model_copy, components_copy, extra_copy, on_done),
             name=f"steadyfit-checkpoint-{step}",
         )
         self._thread.start()
         self.blocked_s = time.perf_counter() - start
+
+    def wait_staged(self) -> None:
+        """Block until the background thread has copied the tensors the last :meth:`submit` left to it
+        (``copy_later``); from then on the caller may modify them. Cheap when there is nothing to wait for.
+        """
+        staged = self._staged
+        if staged is None:
+            return
+        if not staged.is_set():
+            start = time.perf_counter()
+            staged.wait()
+            self.blocked_s += time.perf_counter() - start
+        self._staged = None
 
     def wait(self) -> Path | None:
         """Block until no save is in flight; return the last committed path.
@@ -122,12 +157,18 @@ class AsyncCheckpointWriter:
     def _run(
         self,
         step: int,
+        deferred: DeferredCopies,
+        staged: threading.Event,
         model_state: dict[str, torch.Tensor],
         components: dict[str, Any],
         extra_files: dict[str, bytes],
         on_done: Callable[[Path], None] | None,
     ) -> None:
         try:
+            try:
+                deferred.run()
+            finally:
+                staged.set()
             path = self.store.save(step, model_state, components, extra_files=extra_files)
             self.last_path = path
             if on_done is not None:
@@ -139,6 +180,7 @@ class AsyncCheckpointWriter:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._staged = None
         if self._error is not None:
             step, exc = self._error
             self._error = None

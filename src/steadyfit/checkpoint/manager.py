@@ -106,13 +106,15 @@ class CheckpointManager:
         *,
         extra_files: Mapping[str, bytes] | None = None,
         protect: Iterable[Path] = (),
+        copy_later: Iterable[torch.Tensor] = (),
     ) -> None:
         """Checkpoint this boundary as ``step-<step>``, replacing a checkpoint of the same step.
 
-        Every component's state is copied to host memory now; rank 0 writes, fsyncs and commits it in the
-        background. A held best checkpoint of an earlier step is committed first. Under FSDP the save is
-        sharded and synchronous: every rank writes its shard, rank 0 commits, every rank returns after it.
-        A collective under several ranks.
+        Every component's state is copied to host memory now, but for what lives in ``copy_later``'s
+        tensors, which the writer thread copies while the caller goes on until :meth:`wait_staged`; rank 0
+        writes, fsyncs and commits it in the background. A held best checkpoint of an earlier step is
+        committed first. Under FSDP the save is sharded and synchronous: every rank writes its shard, rank
+        0 commits, every rank returns after it. A collective under several ranks.
 
         Raises:
             CheckpointError: an earlier background save failed, or (sharded) this one did.
@@ -124,7 +126,12 @@ class CheckpointManager:
         if sharded is not None:
             self._save_sharded(step, components, extra_files, list(protect))
             return
-        self._submit(self._capture(step, components, extra_files, protect))
+        self._submit(self._capture(step, components, extra_files, protect), copy_later)
+
+    def wait_staged(self) -> None:
+        """Block until the last save's ``copy_later`` tensors are copied: the caller may modify them after.
+        Local to the rank (only rank 0 copies); free when nothing is left to copy."""
+        self.writer.wait_staged()
 
     def hold_best(
         self,
@@ -220,7 +227,7 @@ class CheckpointManager:
             return _Capture(step)
         return _Capture(step, states.pop(MODEL, {}), states, dict(extra_files or {}), list(protect))
 
-    def _submit(self, capture: _Capture) -> None:
+    def _submit(self, capture: _Capture, copy_later: Iterable[torch.Tensor] = ()) -> None:
         self.last_checkpoint = str(self.path_for(capture.step))
         self.last_saved_step = max(capture.step, self.last_saved_step or 0)
         if not self.dist.is_main:
@@ -237,6 +244,7 @@ class CheckpointManager:
             {STATE: capture.states},
             capture.extra_files,
             on_done=committed,
+            copy_later=copy_later,
         )
 
     def _save_sharded(

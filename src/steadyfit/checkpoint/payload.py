@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from steadyfit.checkpoint.errors import CheckpointError, UnstorableValue
+from steadyfit.checkpoint.staging import DeferredCopies
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -246,6 +247,7 @@ def snapshot(
     where: str = "state",
     reuse: Mapping[str, torch.Tensor] | None = None,
     kept: dict[str, torch.Tensor] | None = None,
+    deferred: DeferredCopies | None = None,
 ) -> Any:
     """Deep copy of ``state`` with every tensor copied to CPU memory, so the caller may keep mutating it.
 
@@ -256,6 +258,9 @@ def snapshot(
     tensor of the same shape, dtype and strides is copied into the buffer at its position instead of a new
     one (fresh memory is zeroed page by page by the kernel on first touch: for a large state that costs as
     much as the copy itself). ``kept`` receives this snapshot's buffers by position, for the next one.
+
+    ``deferred``: a tensor it :meth:`~DeferredCopies.takes` gets its host buffer now and its copy when the
+    caller runs it (the caller must not modify that tensor before), every other one is copied now.
 
     Example:
         >>> weights = torch.ones(2)
@@ -268,16 +273,22 @@ def snapshot(
     def copy(value: Any, path: str) -> Any:
         if isinstance(value, torch.Tensor):
             _check_storable(value, path)
-            # One copy, straight to host memory: training may modify the original right after this.
+            source = value.detach()
             buffer = reuse.get(path) if reuse is not None else None
-            if buffer is None or (buffer.shape, buffer.dtype, buffer.stride()) != (
-                value.shape,
-                value.dtype,
-                value.stride(),
+            if buffer is not None and (buffer.shape, buffer.dtype, buffer.stride()) != (
+                source.shape,
+                source.dtype,
+                source.stride(),
             ):
-                buffer = value.detach().to("cpu", copy=True)
+                buffer = None
+            if deferred is not None and deferred.takes(source):
+                buffer = torch.empty_like(source, device="cpu") if buffer is None else buffer
+                deferred.add(source, buffer)
+            elif buffer is None:
+                # One copy, straight to host memory: training may modify the original right after this.
+                buffer = source.to("cpu", copy=True)
             else:
-                buffer.copy_(value.detach())
+                buffer.copy_(source)
             if kept is not None:
                 kept[path] = buffer
             return buffer

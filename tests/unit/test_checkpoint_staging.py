@@ -1,0 +1,150 @@
+"""A save leaves the copy of the optimizer state to the writer thread, overlapping the next step's forward
+and backward: the loop waits for it before the optimizer step and before any callback, so the checkpoint
+still holds the state of its own boundary. The copies are slowed down here, so that a missing wait would
+let the next step (or a callback) write the state before it is copied."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import assert_bitwise_equal, base_config, final_weights, make_mlp, make_regression
+from steadyfit import Callback, Trainer, seed_everything
+from steadyfit.checkpoint import AsyncCheckpointWriter, CheckpointStore, async_writer
+from steadyfit.checkpoint.payload import snapshot
+from steadyfit.checkpoint.staging import DeferredCopies
+
+CE = torch.nn.functional.cross_entropy
+
+
+def test_a_deferred_tensor_is_copied_when_the_copies_run_every_other_one_at_once() -> None:
+    weights, moment = torch.ones(3), torch.full((2, 2), 5.0)
+    later = DeferredCopies([moment])
+    copy = snapshot({"w": weights, "state": {"m": moment, "m_row": moment[0]}}, deferred=later)
+    assert later.nbytes == (4 + 2) * 4  # the moment and a view of it: both live in its memory
+    weights.zero_()
+    moment.fill_(7.0)  # before run(): what run() copies
+    assert torch.equal(copy["w"], torch.ones(3))
+    later.run()
+    assert torch.equal(copy["state"]["m"], torch.full((2, 2), 7.0))
+    assert torch.equal(copy["state"]["m_row"], torch.full((2,), 7.0))
+    assert later.nbytes == 0
+
+
+def test_deferred_copies_refill_the_host_buffers_of_the_save_before(tmp_path: Path) -> None:
+    moment = torch.zeros(1000)
+    seen = []
+
+    class Recording(CheckpointStore):
+        def save(self, step, model_state, components, **kwargs) -> Path:
+            seen.append(components["optimizer"]["m"])
+            return super().save(step, model_state, components, **kwargs)
+
+    store = Recording(tmp_path)
+    with AsyncCheckpointWriter(store) as writer:
+        for step in (1, 2):
+            moment.fill_(float(step))
+            writer.submit(step, {"w": torch.ones(1)}, {"optimizer": {"m": moment}}, copy_later=[moment])
+            writer.wait_staged()
+            moment.fill_(-1.0)
+            writer.wait()
+    assert seen[0] is seen[1]
+    for step in (1, 2):
+        _, components, _ = store.load(store.path_for(step))
+        assert torch.equal(components["optimizer"]["m"], torch.full((1000,), float(step)))
+
+
+def test_wait_staged_blocks_until_the_background_copy_is_made(tmp_path: Path, monkeypatch) -> None:
+    gate, copying = threading.Event(), threading.Event()
+
+    class GatedCopies(DeferredCopies):
+        def run(self) -> None:
+            copying.set()
+            gate.wait()
+            super().run()
+
+    monkeypatch.setattr(async_writer, "DeferredCopies", GatedCopies)
+    moment = torch.full((4,), 3.0)
+    writer = AsyncCheckpointWriter(CheckpointStore(tmp_path))
+    writer.submit(1, {"w": torch.ones(1)}, {"optimizer": {"m": moment}}, copy_later=[moment])
+    copying.wait()
+    returned = threading.Event()
+    waiter = threading.Thread(target=lambda: (writer.wait_staged(), returned.set()))
+    waiter.start()
+    # A negative check: while the copy is held back, wait_staged must not return.
+    assert not returned.wait(timeout=0.3)
+    gate.set()
+    waiter.join()
+    assert writer.blocked_s >= 0.3
+    moment.zero_()  # the caller's next optimizer step
+    _, components, _ = writer.store.load(writer.wait())
+    assert torch.equal(components["optimizer"]["m"], torch.full((4,), 3.0))
+    writer.wait_staged()  # nothing left to wait for: returns at once
+
+
+@pytest.fixture
+def slow_copies(monkeypatch):
+    """Every background copy starts 0.2 s late: far longer than the tiny model's next forward and
+    backward, so without the loop's waits its optimizer step would write the state first."""
+
+    class SlowCopies(DeferredCopies):
+        def run(self) -> None:
+            if self.nbytes:
+                time.sleep(0.2)
+            super().run()
+
+    monkeypatch.setattr(async_writer, "DeferredCopies", SlowCopies)
+
+
+def _fit(run_dir: Path, callbacks=(), **overrides) -> Trainer:
+    seed_everything(0)
+    values = {"batch_size": 8, "max_steps": 6, "max_epochs": 2, "save_every": 1, "keep_last": 10}
+    values.update(overrides)
+    config = base_config(run_dir, **values)
+    data = make_regression(40)
+    trainer = Trainer(make_mlp(), config, train_data=data, loss_fn=CE, callbacks=list(callbacks))
+    trainer.fit()
+    return trainer
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_every_checkpoint_resumes_exactly_with_its_state_copied_during_the_next_step(
+    tmp_path: Path, slow_copies, optimizer: str
+) -> None:
+    overrides = {"optimizer": optimizer, "momentum": 0.9 if optimizer == "sgd" else 0.0, "lr": 0.05}
+    _fit(tmp_path / "full", **overrides)
+    expected = final_weights(tmp_path / "full" / "run")
+    for step in (2, 4):
+        checkpoint = tmp_path / "full" / "run" / "checkpoints" / f"step-{step:08d}"
+        _fit(tmp_path / f"from-{step}", resume=str(checkpoint), **overrides)
+        assert_bitwise_equal(final_weights(tmp_path / f"from-{step}" / "run"), expected)
+
+
+class ResetMomentsAtEpochStart(Callback):
+    """Lightning users' habit: reset the optimizer's moments when a new phase starts (here every epoch)."""
+
+    def __init__(self) -> None:
+        self.before_reset: list[torch.Tensor] = []
+
+    def on_epoch_start(self, trainer, state) -> None:
+        moments = [s["exp_avg"] for s in trainer.optimizer.state.values()]
+        if moments:
+            self.before_reset.append(moments[0].clone())
+            for moment in moments:
+                moment.zero_()
+
+
+def test_a_callback_after_a_save_sees_the_copy_finished(tmp_path: Path, slow_copies) -> None:
+    reset = ResetMomentsAtEpochStart()
+    # 40 samples of batch 8: 5 steps an epoch, the epoch's end saved and then the next epoch's start.
+    trainer = _fit(tmp_path, callbacks=[reset], max_steps=7, save_every="epoch")
+    store = CheckpointStore(tmp_path / "run")
+    _, components, _ = store.load(store.path_for(5))
+    saved = components["state"]["optimizer"]["state"][0]["exp_avg"]
+    assert len(reset.before_reset) == 1 and saved.abs().sum() > 0
+    assert torch.equal(saved, reset.before_reset[0])
+    assert trainer.state.step == 7
