@@ -21,9 +21,15 @@ from steadyfit.checkpoint.staging import DeferredCopies
 CE = torch.nn.functional.cross_entropy
 
 
+class EveryCopyDeferred(DeferredCopies):
+    """The tests' states are small: defer them all the same (a real run defers from MIN_BYTES up)."""
+
+    MIN_BYTES = 0
+
+
 def test_a_deferred_tensor_is_copied_when_the_copies_run_every_other_one_at_once() -> None:
     weights, moment = torch.ones(3), torch.full((2, 2), 5.0)
-    later = DeferredCopies([moment])
+    later = EveryCopyDeferred([moment])
     copy = snapshot({"w": weights, "state": {"m": moment, "m_row": moment[0]}}, deferred=later)
     assert later.nbytes == (4 + 2) * 4  # the moment and a view of it: both live in its memory
     weights.zero_()
@@ -35,7 +41,17 @@ def test_a_deferred_tensor_is_copied_when_the_copies_run_every_other_one_at_once
     assert later.nbytes == 0
 
 
-def test_deferred_copies_refill_the_host_buffers_of_the_save_before(tmp_path: Path) -> None:
+def test_a_small_state_is_copied_at_once() -> None:
+    moment = torch.zeros(DeferredCopies.MIN_BYTES // 4 - 1)
+    later = DeferredCopies([moment])
+    copy = snapshot({"m": moment}, deferred=later)
+    assert later.nbytes == 0
+    moment.fill_(1.0)
+    assert copy["m"].abs().sum() == 0
+
+
+def test_deferred_copies_refill_the_host_buffers_of_the_save_before(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(async_writer, "DeferredCopies", EveryCopyDeferred)
     moment = torch.zeros(1000)
     seen = []
 
@@ -61,7 +77,7 @@ def test_deferred_copies_refill_the_host_buffers_of_the_save_before(tmp_path: Pa
 def test_wait_staged_blocks_until_the_background_copy_is_made(tmp_path: Path, monkeypatch) -> None:
     gate, copying = threading.Event(), threading.Event()
 
-    class GatedCopies(DeferredCopies):
+    class GatedCopies(EveryCopyDeferred):
         def run(self) -> None:
             copying.set()
             gate.wait()
@@ -91,13 +107,17 @@ def slow_copies(monkeypatch):
     """Every background copy starts 0.2 s late: far longer than the tiny model's next forward and
     backward, so without the loop's waits its optimizer step would write the state first."""
 
-    class SlowCopies(DeferredCopies):
+    deferred: list[int] = []
+
+    class SlowCopies(EveryCopyDeferred):
         def run(self) -> None:
+            deferred.append(self.nbytes)
             if self.nbytes:
                 time.sleep(0.2)
             super().run()
 
     monkeypatch.setattr(async_writer, "DeferredCopies", SlowCopies)
+    return deferred
 
 
 def _fit(run_dir: Path, callbacks=(), **overrides) -> Trainer:
@@ -117,6 +137,13 @@ def test_every_checkpoint_resumes_exactly_with_its_state_copied_during_the_next_
 ) -> None:
     overrides = {"optimizer": optimizer, "momentum": 0.9 if optimizer == "sgd" else 0.0, "lr": 0.05}
     _fit(tmp_path / "full", **overrides)
+    # Every save but the first (made before the first step creates the state) and the last (nothing
+    # follows it) left the optimizer state, all of it, to the writer thread.
+    parameters = list(make_mlp().parameters())
+    values = sum(p.numel() for p in parameters)
+    # AdamW: two moments and a float32 step count per parameter; SGD: one momentum buffer.
+    state_bytes = 4 * (2 * values + len(parameters)) if optimizer == "adamw" else 4 * values
+    assert slow_copies[1:-1] == [state_bytes] * 4
     expected = final_weights(tmp_path / "full" / "run")
     for step in (2, 4):
         checkpoint = tmp_path / "full" / "run" / "checkpoints" / f"step-{step:08d}"
