@@ -14,7 +14,7 @@ interleaved order, on the same state, with ``os.sync()`` before each; the table 
   is left of that copy) before the optimizer step; at every save after a run's first, which refills the
   host buffers of the save before; ``(first save)``: the first, which allocates them; ``(everything at
   submit)``: ``submit`` copying the optimizer state too, as before the writer thread copied it;
-  ``steadyfit async, total``: the later submit until its commit.
+  ``steadyfit async, total``: the later submit until its commit (the training step it overlaps included).
 - ``training step, no save`` and ``training step, save in flight``: that forward and backward alone, and
   from the ``submit`` before it to the ``wait_staged`` after it: their difference is what a save costs
   the loop, the writer thread's competition for cores and memory bandwidth included; ``(everything at
@@ -140,7 +140,8 @@ def one_repetition(
     times["steadyfit load"], _ = timed(lambda: store.load(path))
 
     async_store = CheckpointStore(workdir / f"async-{rep}")
-    moments = [value for state in optimizer.state.values() for value in state.values() if value.dim() > 0]
+    # What the Trainer leaves to the writer thread: every tensor of the optimizer's state.
+    moments = [value for state in optimizer.state.values() for value in state.values()]
     batch = torch.randn(64, model[0].in_features)
 
     def forward_backward() -> None:

@@ -51,6 +51,7 @@ from steadyfit import data as data_mod
 from steadyfit.accumulation import WindowBackward
 from steadyfit.callbacks import Callback, CallbackList
 from steadyfit.checkpoint.manager import CheckpointManager, Stateful
+from steadyfit.checkpoint.staging import memory_of
 from steadyfit.components import (
     CallbackState,
     ModelWeights,
@@ -492,10 +493,11 @@ class Trainer:
         if epoch_ended:
             self.callbacks.fire("on_epoch_end", self, state)
         self._agree_on_stop()
+        # Before this boundary's save, whose copy of the optimizer state on_checkpoint_saved would wait for.
+        self._announce_committed()
         # A step of unknown-length data can end its epoch one boundary later, saved again with the new epoch.
         if is_due(config.save_every, state.step, stepped or epoch_ended, epoch_ended):
             self._save()
-        self._announce_committed()
         # Under several ranks the vote of the last step's all-reduce: read here, where every rank reads.
         votes = self._preempt_votes
         signum = preemption.signum if votes is None else voted_signal(float(votes), self.dist.world_size)
@@ -639,12 +641,16 @@ class Trainer:
         """The optimizer's state, which nothing but its ``step()`` writes: a save leaves its copy to the
         writer thread, overlapping the next step's forward and backward, and the loop waits for that copy
         before the next optimizer step (``_train_step``) or any callback. The weights are copied at once: a
-        forward may write them (an Embedding with ``max_norm`` renormalises its rows in place)."""
+        forward may write them (an Embedding with ``max_norm`` renormalises its rows in place), and so are
+        state tensors that share a weight's memory (an optimizer keeping an alias of its parameter)."""
+        if self.dist.is_sharded:
+            return []  # sharded saves write from the live shards, synchronously
+        weights = {memory_of(parameter) for parameter in self.model.parameters()}
         return [
             value
             for per_parameter in self.optimizer.state.values()
             for value in per_parameter.values()
-            if isinstance(value, torch.Tensor)
+            if isinstance(value, torch.Tensor) and memory_of(value) not in weights
         ]
 
     def _boundary_key(self) -> tuple[str, int]:

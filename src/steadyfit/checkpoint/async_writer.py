@@ -59,8 +59,9 @@ class AsyncCheckpointWriter:
         self.last_path: Path | None = None
         self._thread: threading.Thread | None = None
         self._error: tuple[int, BaseException] | None = None
-        # Set by the writer thread once the copies submit left to it are made.
+        # Set by the writer thread once the copies submit left to it are made, and once it is done.
         self._staged: threading.Event | None = None
+        self._done = threading.Event()
         self._closed = False
         # The host copies of the last save, refilled by the next one once it is written (see snapshot): the
         # cost is one host copy of the state held between saves, released by close().
@@ -99,13 +100,17 @@ class AsyncCheckpointWriter:
         components_copy = copy(dict(components), where="components")
         self._staging = staging  # positions gone from the state are dropped
         extra_copy = {name: bytes(data) for name, data in (extra_files or {}).items()}
-        self._staged = threading.Event()
+        self._staged, self._done = threading.Event(), threading.Event()
         self._thread = threading.Thread(
             target=self._run,
-            args=(step, deferred, self._staged, model_copy, components_copy, extra_copy, on_done),
+            args=(step, deferred, self._staged, self._done, model_copy, components_copy, extra_copy, on_done),
             name=f"steadyfit-checkpoint-{step}",
         )
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:
+            self._thread = self._staged = None
+            raise
         self.blocked_s = time.perf_counter() - start
 
     def wait_staged(self) -> None:
@@ -117,7 +122,7 @@ class AsyncCheckpointWriter:
             return
         if not staged.is_set():
             start = time.perf_counter()
-            staged.wait()
+            _wait_through_interrupts(staged)
             self.blocked_s += time.perf_counter() - start
         self._staged = None
 
@@ -152,13 +157,14 @@ class AsyncCheckpointWriter:
         # Already unwinding: finish the save but let the original exception propagate.
         self._closed = True
         if self._thread is not None:
-            self._thread.join()
+            self._join_thread(self._thread)
 
     def _run(
         self,
         step: int,
         deferred: DeferredCopies,
         staged: threading.Event,
+        done: threading.Event,
         model_state: dict[str, torch.Tensor],
         components: dict[str, Any],
         extra_files: dict[str, bytes],
@@ -175,13 +181,42 @@ class AsyncCheckpointWriter:
                 on_done(path)
         except BaseException as exc:  # handed to the main thread, which re-raises it
             self._error = (step, exc)
+        finally:
+            done.set()
 
     def _join(self) -> None:
         if self._thread is not None:
-            self._thread.join()
+            self._join_thread(self._thread)
             self._thread = None
         self._staged = None
         if self._error is not None:
             step, exc = self._error
             self._error = None
             raise CheckpointError(f"background checkpoint save of step {step} failed: {exc}") from exc
+
+    def _join_thread(self, thread: threading.Thread) -> None:
+        try:
+            # An event, not thread.join(): a join interrupted by a Ctrl-C leaves the thread looking finished
+            # to the next join (Python 3.11), which would then return while the save is still written.
+            self._done.wait()
+        except BaseException:
+            # Interrupted: the write may go on, but the caller runs on only once the thread no longer reads
+            # its live tensors.
+            if self._staged is not None:
+                _wait_through_interrupts(self._staged)
+            raise
+        thread.join()
+
+
+def _wait_through_interrupts(copied: threading.Event) -> None:
+    """Wait for the writer thread's copies even through Ctrl-C, then re-raise it: they read the caller's
+    live tensors, and they are a memory copy, over in moments."""
+    interrupted: BaseException | None = None
+    while True:
+        try:
+            copied.wait()
+            break
+        except BaseException as exc:  # KeyboardInterrupt, or whatever a signal handler raised
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted

@@ -28,15 +28,15 @@ class DeferredCopies:
         True
     """
 
-    # Sources smaller than this in all are copied at once: handing a copy to another thread costs a few
-    # hundred microseconds (the thread's start, the GIL), which a copy of less saves nowhere (bench/README.md,
-    # "An async save's copy of the optimizer state during the next step").
+    # Sources smaller than this in all are copied at once: deferred, the loop would wait for the writer
+    # thread to take the GIL and make the copy, some hundreds of microseconds that a copy of less does not
+    # save (bench/README.md, "An async save's optimizer state, copied during the next step").
     MIN_BYTES = 4 << 20
 
     def __init__(self, sources: Iterable[torch.Tensor] = ()) -> None:
         storages = {}
         for tensor in sources:
-            key = _storage_key(tensor)
+            key = memory_of(tensor)
             if key is not None:
                 storages[key] = tensor.untyped_storage().nbytes()
         self._storages = set(storages) if sum(storages.values()) >= self.MIN_BYTES else set()
@@ -46,7 +46,7 @@ class DeferredCopies:
 
     def takes(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` lives in the memory of one of the sources."""
-        return bool(self._storages) and _storage_key(tensor) in self._storages
+        return bool(self._storages) and memory_of(tensor) in self._storages
 
     def add(self, source: torch.Tensor, buffer: torch.Tensor) -> None:
         """Copy ``source`` into the host tensor ``buffer`` (same shape and dtype) when :meth:`run` runs."""
@@ -78,9 +78,15 @@ class DeferredCopies:
         self._pending = []
 
 
-def _storage_key(tensor: torch.Tensor) -> tuple[torch.device, int] | None:
-    """The tensor's memory, or None for a tensor without plain storage of its own (sparse, meta, wrapper
-    subclasses such as DTensor), which is then copied at once."""
+def memory_of(tensor: torch.Tensor) -> tuple[torch.device, int] | None:
+    """Where the tensor's storage is (the same for every view of it), or None for a tensor without plain
+    storage of its own (sparse, meta, wrapper subclasses such as DTensor), which a snapshot copies at once.
+
+    Example:
+        >>> weights = torch.ones(4)
+        >>> memory_of(weights[2:]) == memory_of(weights)
+        True
+    """
     if type(tensor) not in (torch.Tensor, torch.nn.Parameter) or tensor.layout != torch.strided:
         return None
     if tensor.device.type not in ("cpu", "cuda"):
