@@ -166,6 +166,14 @@ MUTANTS = (
         ("tests/unit/test_checkpoint_staging.py",),
     ),
     Mutant(
+        "weights-deferred",
+        "2. exact resume: weights an optimizer keeps in its state are copied after the next forward writes",
+        "src/steadyfit/trainer.py",
+        "if isinstance(value, torch.Tensor) and memory_of(value) not in weights",
+        "if isinstance(value, torch.Tensor)",
+        ("tests/unit/test_checkpoint_staging.py",),
+    ),
+    Mutant(
         "content-damage",
         "3. a checkpoint whose content does not fit the run is loaded anyway, not skipped",
         "src/steadyfit/checkpoint/manager.py",

@@ -245,3 +245,49 @@ def test_a_callback_after_a_save_sees_the_copy_finished(tmp_path: Path, slow_cop
     assert len(reset.before_reset) == 1 and saved.abs().sum() > 0
     assert torch.equal(saved, reset.before_reset[0])
     assert trainer.state.step == 7
+
+
+class AliasingSGD(torch.optim.SGD):
+    """An optimizer that keeps its parameter itself in its state (as some mixed-precision optimizers keep
+    a float32 master, which for a float32 parameter is the parameter)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for parameter in group["params"]:
+                self.state[parameter]["master"] = parameter
+        return loss
+
+
+class WritingForward(torch.nn.Module):
+    """A forward that writes its weights, as an Embedding with max_norm does (which renormalises the rows
+    it looks up, the same however often); this one shifts them, so a copy after it would show."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(6, 3)
+
+    def forward(self, inputs):
+        with torch.no_grad():
+            self.linear.bias.add_(0.125)
+        return self.linear(inputs)
+
+
+def test_weights_a_forward_writes_are_copied_at_once_even_when_the_optimizer_aliases_them(
+    tmp_path: Path, slow_copies
+) -> None:
+    def fit(run_dir: Path, **overrides) -> None:
+        seed_everything(0)
+        values = {"batch_size": 8, "max_steps": 6, "save_every": 1, "keep_last": 10}
+        config = base_config(run_dir, **{**values, **overrides})
+        model = WritingForward()
+        optimizer = AliasingSGD(model.parameters(), lr=0.1)
+        Trainer(model, config, train_data=make_regression(40), loss_fn=CE, optimizer=optimizer).fit()
+
+    fit(tmp_path / "full")
+    checkpoint = tmp_path / "full" / "run" / "checkpoints" / "step-00000003"
+    fit(tmp_path / "resumed", resume=str(checkpoint))
+    expected = final_weights(tmp_path / "full" / "run")
+    assert_bitwise_equal(final_weights(tmp_path / "resumed" / "run"), expected)
