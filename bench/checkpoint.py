@@ -25,11 +25,18 @@ interleaved order, on the same state, with ``os.sync()`` before each; the table 
 - ``..., fresh process``: the same two loads, each in a new process (its imports not timed), as a resume
   loads: every tensor's memory comes fresh from the kernel.
 
+``--handoff`` measures instead where leaving the optimizer state's copy to the writer thread starts to pay
+(``DeferredCopies.MIN_BYTES``): for two-layer MLPs of growing width, with their AdamW state after one step,
+the median of 15 saves each way, alternating, of how long a save blocks the loop (``blocked_s``, after a
+forward and backward of a batch of 64): the state copied at submit against left to the writer thread (the
+threshold set to 0 for the measurement).
+
 Usage::
 
     python bench/checkpoint.py                     # 3 repetitions, markdown table
     python bench/checkpoint.py --reps 5 --json checkpoint.json
     python bench/checkpoint.py --smoke             # a ~2 MB model, 1 repetition (CI; no timing claims)
+    python bench/checkpoint.py --handoff           # the blocked time by state size, deferred or not
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ if str(SRC_DIR) not in sys.path:
     sys.path.insert(0, str(SRC_DIR))  # run from a checkout without installing steadyfit
 
 from steadyfit.checkpoint import AsyncCheckpointWriter, CheckpointStore  # noqa: E402
+from steadyfit.checkpoint.staging import DeferredCopies  # noqa: E402
 
 # Targets from the checkpoint issue: the fsync is the honest cost of a durable save.
 SYNC_SAVE_TARGET = 1.0
@@ -241,17 +249,77 @@ def markdown_table(summary: dict[str, dict[str, float]], size_bytes: int, reps: 
     return "\n".join(lines)
 
 
+def handoff(widths: tuple[int, ...], saves: int, workdir: Path) -> list[dict[str, float]]:
+    """Per width: the optimizer state's bytes and the median blocked time of a save, copied at submit and
+    deferred (see the module docstring)."""
+    rows = []
+    for width in widths:
+        torch.manual_seed(0)
+        layers = torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, 10)
+        model = torch.nn.Sequential(*layers)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        batch = torch.randn(64, width)
+        model(batch).square().mean().backward()
+        optimizer.step()
+        state = [value for per_parameter in optimizer.state.values() for value in per_parameter.values()]
+        components = {"optimizer": optimizer.state_dict()}
+        blocked: dict[bool, list[float]] = {False: [], True: []}
+        store = CheckpointStore(workdir / f"handoff-{width}")
+        with AsyncCheckpointWriter(store) as writer:
+            for deferred in (False, True) * saves:
+                writer.submit(1, model.state_dict(), components, copy_later=state if deferred else ())
+                model(batch).square().mean().backward()
+                writer.wait_staged()
+                blocked[deferred].append(writer.blocked_s)
+                optimizer.step()
+                optimizer.zero_grad()
+                writer.wait()
+        shutil.rmtree(store.run_dir)
+        rows.append(
+            {
+                "width": width,
+                "state_bytes": sum(value.numel() * value.element_size() for value in state),
+                "at_submit_s": statistics.median(blocked[False]),
+                "deferred_s": statistics.median(blocked[True]),
+            }
+        )
+    return rows
+
+
+def handoff_table(rows: list[dict[str, float]]) -> str:
+    lines = [
+        "| width | optimizer state MB | blocked, copied at submit, µs | blocked, deferred, µs |",
+        "|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['width']} | {row['state_bytes'] / 1e6:.2f} | {row['at_submit_s'] * 1e6:.0f} "
+            f"| {row['deferred_s'] * 1e6:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions (default 3)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary dir)")
     parser.add_argument("--smoke", action="store_true", help="a ~2 MB state, 1 repetition, for CI")
+    parser.add_argument("--handoff", action="store_true", help="blocked time by state size, deferred or not")
     parser.add_argument("--time-load", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.time_load:
         kind, path = args.time_load
         print(time_load(kind, Path(path)))
+        return 0
+    if args.handoff:
+        widths, saves = ((64,), 2) if args.smoke else ((256, 384, 512, 640, 768, 1024, 1536), 15)
+        DeferredCopies.MIN_BYTES = 0  # every size deferred when asked: the measurement behind the threshold
+        with tempfile.TemporaryDirectory(prefix="bench-handoff-", dir=args.dir) as workdir:
+            rows = handoff(widths, saves, Path(workdir))
+        print(handoff_table(rows))
+        if args.json is not None:
+            args.json.write_text(json.dumps({"smoke": args.smoke, "handoff": rows}, indent=2) + "\n")
         return 0
     if args.reps < 1:
         raise SystemExit("--reps: must be at least 1")

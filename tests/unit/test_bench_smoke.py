@@ -76,11 +76,25 @@ def test_checkpoint_smoke_prints_every_operation(tmp_path: Path) -> None:
         "steadyfit load",
         "steadyfit load, fresh process",
         "steadyfit async, blocked",
+        "steadyfit async, blocked (everything at submit)",
         "steadyfit async, total",
+        "training step, no save",
+        "training step, save in flight",
+        "training step, save in flight (everything at submit)",
     ):
         assert f"| {operation} |" in proc.stdout
         assert summary[operation]["min_s"] <= summary[operation]["median_s"] <= summary[operation]["max_s"]
     assert "Targets:" in proc.stdout
+
+
+def test_checkpoint_handoff_smoke_times_both_ways(tmp_path: Path) -> None:
+    report_path = tmp_path / "handoff.json"
+    proc = run_bench("checkpoint.py", "--handoff", "--smoke", "--json", str(report_path))
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(report_path.read_text())["handoff"]
+    assert row["width"] == 64 and row["state_bytes"] > 0
+    assert row["at_submit_s"] > 0 and row["deferred_s"] > 0
+    assert "| 64 |" in proc.stdout
 
 
 def test_eval_workers_smoke_times_both_eval_loaders(tmp_path: Path) -> None:
