@@ -43,11 +43,11 @@ def test_a_deferred_tensor_is_copied_when_the_copies_run_every_other_one_at_once
     assert later.nbytes == 0
 
 
-def test_from_4_mib_of_state_up_the_copy_is_deferred() -> None:
-    moments = [torch.zeros(1 << 19), torch.zeros(1 << 19)]  # 2 + 2 MiB
+def test_from_8_mib_of_state_up_the_copy_is_deferred() -> None:
+    moments = [torch.zeros(1 << 20), torch.zeros(1 << 20)]  # 4 + 4 MiB
     later = DeferredCopies(moments)
     snapshot({"m": moments}, deferred=later)
-    assert later.nbytes == 4 << 20
+    assert later.nbytes == 8 << 20
 
 
 def test_a_small_state_is_copied_at_once() -> None:

@@ -31,7 +31,7 @@ class DeferredCopies:
     # Sources smaller than this in all are copied at once: deferred, the loop would wait for the writer
     # thread to take the GIL and make the copy, some hundreds of microseconds that a copy of less does not
     # save (bench/README.md, "An async save's optimizer state, copied during the next step").
-    MIN_BYTES = 4 << 20
+    MIN_BYTES = 8 << 20
 
     def __init__(self, sources: Iterable[torch.Tensor] = ()) -> None:
         storages = {}
