@@ -11,8 +11,8 @@ Where the events fire (see trainer.py for the loop itself)::
             on_step_end
             [evaluate -> on_log: the eval row -> on_evaluate]   (best tracking, early stopping: the loop's)
             [on_epoch_end]                  (after the epoch's last step)
-            [on_checkpoint_saved]           (each checkpoint committed since the last boundary)
-            [save]                          (committed in the background: announced at a later boundary)
+            [on_checkpoint_saved]           (each checkpoint committed since it last fired)
+            [save -> on_checkpoint_saved]   (for what committed by then: a save commits in the background)
     [on_log: the final train and eval rows, then the summary row]
     on_fit_end                              (on_exception instead, if anything raised)
 

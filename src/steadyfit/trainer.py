@@ -493,11 +493,15 @@ class Trainer:
         if epoch_ended:
             self.callbacks.fire("on_epoch_end", self, state)
         self._agree_on_stop()
-        # Before this boundary's save, whose copy of the optimizer state on_checkpoint_saved would wait for.
+        # What committed during the steps since the last boundary, announced before this boundary's save:
+        # on_checkpoint_saved after it would wait for its copy of the optimizer state (_save).
         self._announce_committed()
         # A step of unknown-length data can end its epoch one boundary later, saved again with the new epoch.
         if is_due(config.save_every, state.step, stepped or epoch_ended, epoch_ended):
             self._save()
+            # A sharded save, committed in it, or a previous save it had to wait for: announced now, not a
+            # boundary later (or never, if a later step raises).
+            self._announce_committed()
         # Under several ranks the vote of the last step's all-reduce: read here, where every rank reads.
         votes = self._preempt_votes
         signum = preemption.signum if votes is None else voted_signal(float(votes), self.dist.world_size)
@@ -645,7 +649,8 @@ class Trainer:
         state tensors that share a weight's memory (an optimizer keeping an alias of its parameter)."""
         if self.dist.is_sharded:
             return []  # sharded saves write from the live shards, synchronously
-        weights = {memory_of(parameter) for parameter in self.model.parameters()}
+        # detach(): a Parameter subclass's memory as the plain tensor its state_dict() entry is.
+        weights = {memory_of(parameter.detach()) for parameter in self.model.parameters()}
         return [
             value
             for per_parameter in self.optimizer.state.values()

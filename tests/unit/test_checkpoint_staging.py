@@ -173,6 +173,35 @@ def test_a_ctrl_c_returns_to_the_caller_only_after_the_copies(
     assert torch.equal(components["optimizer"]["m"], torch.full((4,), 3.0))
 
 
+def test_a_ctrl_c_while_the_thread_starts_waits_for_its_copies(tmp_path: Path, monkeypatch) -> None:
+    """Thread.start() waits for the new thread to run: a Ctrl-C there reaches the caller once the thread
+    already copies its tensors."""
+    copied = threading.Event()
+
+    class SlowCopies(EveryCopyDeferred):
+        def run(self) -> None:
+            time.sleep(0.3)
+            super().run()
+            copied.set()
+
+    class InterruptedStart(threading.Thread):
+        def start(self) -> None:
+            super().start()
+            raise Interrupted
+
+    monkeypatch.setattr(async_writer, "DeferredCopies", SlowCopies)
+    monkeypatch.setattr(async_writer.threading, "Thread", InterruptedStart)
+    moment = torch.full((4,), 3.0)
+    writer = AsyncCheckpointWriter(CheckpointStore(tmp_path))
+    with pytest.raises(Interrupted):
+        writer.submit(1, {"w": torch.ones(1)}, {"optimizer": {"m": moment}}, copy_later=[moment])
+    assert copied.is_set()
+    moment.zero_()
+    assert writer.close() == writer.store.path_for(1)
+    _, components, _ = writer.store.load(writer.store.path_for(1))
+    assert torch.equal(components["optimizer"]["m"], torch.full((4,), 3.0))
+
+
 @pytest.fixture
 def slow_copies(monkeypatch):
     """Every background copy starts 0.2 s late: far longer than the tiny model's next forward and
@@ -256,18 +285,23 @@ class AliasingSGD(torch.optim.SGD):
         loss = super().step(closure)
         for group in self.param_groups:
             for parameter in group["params"]:
-                self.state[parameter]["master"] = parameter
+                self.state[parameter]["master"] = parameter.detach()
         return loss
+
+
+class TaggedParameter(torch.nn.Parameter):
+    """A Parameter subclass, as libraries define them to mark parameters (quantised, sharded, tied)."""
 
 
 class WritingForward(torch.nn.Module):
     """A forward that writes its weights, as an Embedding with max_norm does (which renormalises the rows
     it looks up, the same however often); this one shifts them, so a copy after it would show."""
 
-    def __init__(self) -> None:
+    def __init__(self, bias_kind: type = torch.nn.Parameter) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.linear = torch.nn.Linear(6, 3)
+        self.linear.bias = bias_kind(self.linear.bias.detach().clone())
 
     def forward(self, inputs):
         with torch.no_grad():
@@ -275,14 +309,15 @@ class WritingForward(torch.nn.Module):
         return self.linear(inputs)
 
 
+@pytest.mark.parametrize("bias_kind", [torch.nn.Parameter, TaggedParameter])
 def test_weights_a_forward_writes_are_copied_at_once_even_when_the_optimizer_aliases_them(
-    tmp_path: Path, slow_copies
+    tmp_path: Path, slow_copies, bias_kind: type
 ) -> None:
     def fit(run_dir: Path, **overrides) -> None:
         seed_everything(0)
         values = {"batch_size": 8, "max_steps": 6, "save_every": 1, "keep_last": 10}
         config = base_config(run_dir, **{**values, **overrides})
-        model = WritingForward()
+        model = WritingForward(bias_kind)
         optimizer = AliasingSGD(model.parameters(), lr=0.1)
         Trainer(model, config, train_data=make_regression(40), loss_fn=CE, optimizer=optimizer).fit()
 
@@ -291,3 +326,26 @@ def test_weights_a_forward_writes_are_copied_at_once_even_when_the_optimizer_ali
     fit(tmp_path / "resumed", resume=str(checkpoint))
     expected = final_weights(tmp_path / "full" / "run")
     assert_bitwise_equal(final_weights(tmp_path / "resumed" / "run"), expected)
+
+
+def test_a_checkpoint_committed_while_a_save_waited_is_announced_at_that_boundary(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Writes slower than a step: each save waits for the previous one's commit, which on_checkpoint_saved
+    hears of at that boundary, not one later (when a raising step would lose it)."""
+    write = CheckpointStore.save
+
+    def slow_write(self, *args, **kwargs):
+        time.sleep(0.2)
+        return write(self, *args, **kwargs)
+
+    monkeypatch.setattr(CheckpointStore, "save", slow_write)
+    heard: list[tuple[int, str]] = []
+
+    class Announced(Callback):
+        def on_checkpoint_saved(self, trainer, state, path) -> None:
+            heard.append((state.step, Path(path).name))
+
+    _fit(tmp_path, callbacks=[Announced()], max_steps=5)
+    assert heard[:3] == [(2, "step-00000001"), (3, "step-00000002"), (4, "step-00000003")]
+    assert [name for _, name in heard] == [f"step-{step:08d}" for step in range(1, 6)]

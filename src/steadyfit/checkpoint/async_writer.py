@@ -83,7 +83,8 @@ class AsyncCheckpointWriter:
             on_done: called as ``on_done(path)`` in the writer thread after the commit (e.g. to rotate);
                 an exception it raises counts as a failed save.
             copy_later: tensors the background thread copies before it writes (any entry of the state
-                that lives in their memory); the caller must not modify them before :meth:`wait_staged`.
+                that lives in their memory; all of them at once when their storages hold less than
+                ``DeferredCopies.MIN_BYTES``); the caller must not modify them before :meth:`wait_staged`.
 
         Raises:
             CheckpointError: the previous save failed, or a value cannot be stored (nothing submitted).
@@ -109,7 +110,10 @@ class AsyncCheckpointWriter:
         try:
             self._thread.start()
         except BaseException:
-            self._thread = self._staged = None
+            if self._thread.ident is None:  # it never ran: nothing reads the caller's tensors
+                self._thread = self._staged = None
+            else:  # interrupted once it ran (start() waits for that): it copies the caller's tensors now
+                _wait_through_interrupts(self._staged)
             raise
         self.blocked_s = time.perf_counter() - start
 

@@ -13,7 +13,7 @@ class DeferredCopies:
     ``sources``: the tensors the caller promises not to modify until :meth:`run` has returned (the training
     loop waits for it before its next optimizer step). A snapshot asks :meth:`takes` of each tensor it
     meets; one of these (or a view of one) gets a host buffer now and its copy later, everything else is
-    copied at once, and so is everything when the sources hold less than :attr:`MIN_BYTES` in all. CUDA
+    copied at once, and so is everything when the sources' storages hold less than :attr:`MIN_BYTES`. CUDA
     tensors are copied on a stream of the copying thread's own, after everything the caller's stream had
     queued when the snapshot took them, so the copy overlaps the caller's kernels.
 
