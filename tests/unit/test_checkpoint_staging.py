@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -130,6 +131,19 @@ class Interrupted(Exception):
     """What the test's SIGINT handler raises, standing for a Ctrl-C's KeyboardInterrupt."""
 
 
+def _blocked_in(thread_id: int, function: str) -> bool:
+    """Whether the thread waits on a threading primitive called from ``function`` (inside its try)."""
+    frame = sys._current_frames().get(thread_id)
+    waiting = False
+    while frame is not None:
+        if frame.f_code.co_name == "wait":
+            waiting = True
+        elif frame.f_code.co_name == function:
+            return waiting
+        frame = frame.f_back
+    return False
+
+
 @pytest.mark.parametrize("waiting_in", ["wait_staged", "close"])
 def test_a_ctrl_c_returns_to_the_caller_only_after_the_copies(
     tmp_path: Path, monkeypatch, waiting_in
@@ -153,8 +167,14 @@ def test_a_ctrl_c_returns_to_the_caller_only_after_the_copies(
     writer.submit(1, {"w": torch.ones(1)}, {"optimizer": {"m": moment}}, copy_later=[moment])
     copying.wait()
 
+    caller = threading.get_ident()
+    # Where the caller blocks: wait_staged in _wait_through_interrupts, close in _join_thread.
+    blocking_function = "_wait_through_interrupts" if waiting_in == "wait_staged" else "_join_thread"
+
     def ctrl_c_then_release() -> None:
-        time.sleep(0.2)  # the caller is waiting by then
+        deadline = time.monotonic() + 10  # a caller that never blocks there fails the test, not hangs it
+        while not _blocked_in(caller, blocking_function) and time.monotonic() < deadline:
+            time.sleep(0.005)
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.3)
         gate.set()
