@@ -142,6 +142,9 @@ def preempt_one_rank(
     def signal_one(pids: dict[int, int]) -> None:
         os.kill(pids[rank], signum)
 
+    if cue.startswith("step "):  # the worker that prints it waits a second for the signal
+        _, cue_rank, cue_step = cue.split()
+        overrides = {**overrides, "pause_at": f"{cue_rank}:{cue_step}"}
     output = run_until(torchrun(*script((run_dir, overrides))), lambda line: line == cue, signal_one)
     status = str({TERM: 143, signal.SIGINT: 130}[signum])
     assert sorted(printed(output, "exit")) == [["0", status], ["1", status]], output

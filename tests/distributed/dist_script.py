@@ -16,10 +16,11 @@ linear layer it never calls, whose parameters get no gradient and so no optimize
 the process exits, as a user script's global `trainer` does). `user_loader` (1: the training data is the
 user's own DataLoader with a shuffling DistributedSampler, whose order steadyfit does not own).
 
-Prints, flushed, for the tests to synchronise on (never sleeps): `pid RANK PID` at start, `step RANK N`
-after each optimizer step, `saved PATH` after each committed checkpoint (rank 0), `exit RANK STATUS` when a
-preemption ends the run, `result RANK {json}` at the end of each run and `threads RANK AT_START AT_EXIT` last
-(the threads of the process when main() began and when the interpreter is about to finalize).
+Prints, flushed, for the tests to synchronise on (it never sleeps, but for `pause_at`): `pid RANK PID` at
+start, `step RANK N` after each optimizer step, `saved PATH` after each committed checkpoint (rank 0),
+`exit RANK STATUS` when a preemption ends the run, `result RANK {json}` at the end of each run and
+`threads RANK AT_START AT_EXIT` last (the threads of the process when main() began and when the
+interpreter is about to finalize).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import json
 import os
 import pickle
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,6 +61,7 @@ SCRIPT_KEYS = {
     "unused_branch": 0,
     "stop_on_log_at": 0,
     "user_loader": 0,
+    "pause_at": "",
 }
 DEFAULTS = {
     "seed": 7,
@@ -164,10 +167,15 @@ def forbid_unpickling_on_resume() -> None:
 
 
 class Announce(Callback):
-    """Prints what the tests wait for, and tells the poisoned loss which step is running."""
+    """Prints what the tests wait for, and tells the poisoned loss which step is running.
 
-    def __init__(self) -> None:
+    ``pause_at`` ("RANK:STEP"): that rank pauses a second after printing that step, for a test that signals
+    it on reading the line: on a loaded machine the test may read it only steps later, after the boundary
+    it means to interrupt."""
+
+    def __init__(self, pause_at: str = "") -> None:
         self.steps_done = 0
+        self.pause_at = pause_at
 
     def on_fit_start(self, trainer, state):
         self.steps_done = state.step
@@ -175,6 +183,8 @@ class Announce(Callback):
     def on_step_end(self, trainer, state):
         self.steps_done = state.step
         say(f"step {rank()} {state.step}")
+        if self.pause_at == f"{rank()}:{state.step}":
+            time.sleep(1.0)
 
     def on_checkpoint_saved(self, trainer, state, path):
         say(f"saved {path}")
@@ -228,7 +238,7 @@ def build_trainer(run_dir: str, overrides: dict[str, Any]) -> tuple[Trainer, str
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         sampler = DistributedSampler(train, num_replicas=world_size, rank=rank(), shuffle=True, seed=3)
         train = DataLoader(train, batch_size=config.batch_size, sampler=sampler)
-    announce = Announce()
+    announce = Announce(str(script["pause_at"]))
     loss_fn: Any = token_loss if loss == "pair" else torch.nn.functional.cross_entropy
     if script["nan_at"]:
         loss_fn = PoisonOnce(loss_fn, announce, int(script["nan_at"]))
